@@ -1,0 +1,38 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create the
+# virtual environment on first use and reuse it afterwards (the stamp file below is
+# refreshed only when pyproject.toml or the constraints change).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+# CPU wheel of torch for CI and the demo; GPU clusters install without this file.
+CONSTRAINTS ?= constraints/cpu.txt
+DEMO_CONFIG ?= jobs/configs/namd_debug.yaml
+PYTEST_ARGS ?=
+
+.PHONY: install demo test bench clean-demo help
+
+help:
+	@echo "make demo   - install, then run the main job on the embedded default (local Ray, synthetic cohort, local MLflow)"
+	@echo "make test   - install, then run the test suite"
+	@echo "make bench  - install, then run the benchmarks in benchmarks/"
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c $(CONSTRAINTS) -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(PY) jobs/prepare_cohort.py --config $(DEMO_CONFIG)
+
+test: install
+	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
+
+bench: install
+	$(PY) benchmarks/ingest_throughput.py
+
+clean-demo:
+	rm -rf runs/demo

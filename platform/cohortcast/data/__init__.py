@@ -1,0 +1,1 @@
+"""Data: manifest schema, DICOM/NIfTI readers, synthetic cohort, Ray Data ingestion."""

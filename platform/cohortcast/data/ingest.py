@@ -1,0 +1,202 @@
+"""`cohortcast ingest`: manifest -> sharded Parquet with tensor columns, on Ray Data.
+
+Output folder (written under a temp name, renamed when complete):
+
+    nodules/{train,val,test}/*.parquet   one row per (study, nodule): ids, dates, the 13
+                                         EHR features, label, `crop` (H, W), `patch` (P, P, P)
+    studies/{train,val,test}/*.parquet   one row per study: `volume` (Z, Y, X), `mask`,
+                                         report text, source and resampled geometry
+    quarantine.parquet                   every study or finding that could not be used, why
+    card.json                            rows, shapes, manifest hash, config, counts
+
+Subjects and studies are keyed by keyed-hash pseudonyms; no DICOM header value is read
+into any output. A rerun with the same manifest and config finds the card and does
+nothing; a changed manifest or config rebuilds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Any, Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cohortcast import __version__
+from cohortcast.config import IngestConfig, PrivacyConfig, RayConfig, to_dict
+from cohortcast.data.atomic import atomic_folder, clear_stale_temps, write_text_atomic
+from cohortcast.data.manifest import EHR_FEATURES, NODULE_EHR, PATIENT_EHR, Manifest, load_manifest
+from cohortcast.data.privacy import Pseudonymizer
+from cohortcast.data.split import SPLITS, assign_split
+from cohortcast.data.study_processing import OK, QUARANTINED, process_study
+
+log = logging.getLogger(__name__)
+
+CARD = "card.json"
+QUARANTINE_SCHEMA = pa.schema([("patient", pa.string()), ("study", pa.string()), ("nodule_id", pa.string()),
+                               ("path", pa.string()), ("reason", pa.string()), ("message", pa.string())])
+# Config fields that do not change what is written.
+_NON_CONTENT_FIELDS = {"manifest", "output", "overwrite", "num_cpus_per_task", "rows_per_file"}
+
+
+def _clean(value: Any) -> Any:
+    return None if value is None or value != value else value  # NaN -> None
+
+
+def build_tasks(manifest: Manifest, pseudo: Pseudonymizer, cfg: IngestConfig) -> list[dict[str, Any]]:
+    """One JSON-friendly task per study, already pseudonymised: the only thing that
+    leaves the driver for the workers (besides file paths)."""
+    patients = manifest.patients.set_index("patient_id")
+    labels = {(p, n): int(m) for p, n, m in manifest.labels[["patient_id", "nodule_id", "malignant"]].itertuples(
+        index=False)}
+    findings_by_study: dict[str, list[dict]] = {}
+    for row in manifest.findings.to_dict("records"):
+        findings_by_study.setdefault(row["study_id"], []).append(row)
+    tasks = []
+    for patient_id, studies in manifest.studies.sort_values(["patient_id", "study_date"]).groupby(
+            "patient_id", sort=True):
+        subject = pseudo(patient_id)
+        split = assign_split(subject, cfg.split)
+        ehr_patient = {k: _clean(patients.loc[patient_id, k]) for k in PATIENT_EHR}
+        baseline = studies["study_date"].iloc[0]
+        for exam_index, study in enumerate(studies.to_dict("records")):
+            findings = []
+            for f in findings_by_study.get(study["study_id"], []):
+                findings.append({
+                    "nodule_id": str(f["nodule_id"]), "malignant": labels.get((patient_id, f["nodule_id"]), -1),
+                    "center_x_mm": f["center_x_mm"], "center_y_mm": f["center_y_mm"], "center_z_mm": f["center_z_mm"],
+                    **{k: _clean(f[k]) for k in NODULE_EHR}, **ehr_patient})
+            tasks.append({
+                "patient": subject, "study": pseudo(study["study_id"], kind="study"), "split": split,
+                "study_date": study["study_date"].isoformat(), "exam_index": exam_index, "num_exams": len(studies),
+                "days_since_baseline": (study["study_date"] - baseline).days, "modality": study["modality"],
+                "path": str(manifest.resolve(study["path"])), "rel_path": study["path"],
+                "mask_path": str(manifest.resolve(study["mask_path"])) if study.get("mask_path") else "",
+                "mask_path_rel": study.get("mask_path") or "", "report_text": study.get("report_text") or "",
+                "findings_json": json.dumps(findings)})
+    return tasks
+
+
+def content_fingerprint(manifest: Manifest, cfg: IngestConfig, pseudo: Pseudonymizer) -> str:
+    """What the output depends on: manifest tables, content-relevant config, and the
+    pseudonym secret (via a pseudonym of a constant, which reveals nothing)."""
+    content = {k: v for k, v in to_dict(cfg).items() if k not in _NON_CONTENT_FIELDS}
+    blob = json.dumps([manifest.fingerprint(), content, pseudo("__fingerprint__"), __version__], sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def explode_nodules(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
+    """Study result -> one row per usable finding (the NAMD training rows)."""
+    if result["status"] != OK:
+        return
+    usable = [f for f in json.loads(result["findings_json"]) if f["status"] == OK]
+    for f, crop, patch in zip(usable, result["crops"], result["patches"]):
+        yield {"patient": result["patient"], "study": result["study"], "split": result["split"],
+               "nodule_id": f["nodule_id"], "study_date": result["study_date"],
+               "days_since_baseline": int(result["days_since_baseline"]), "exam_index": int(result["exam_index"]),
+               "num_exams": int(result["num_exams"]), "modality": result["modality"], "malignant": int(f["malignant"]),
+               **{k: f[k] for k in EHR_FEATURES},
+               "center_x_mm": f["center_x_mm"], "center_y_mm": f["center_y_mm"], "center_z_mm": f["center_z_mm"],
+               "crop": crop, "patch": patch}
+
+
+def study_row(result: dict[str, Any]) -> dict[str, Any]:
+    keep = ("patient", "study", "split", "study_date", "days_since_baseline", "exam_index", "num_exams", "modality",
+            "report_text", "has_mask", "volume", "mask", "source_shape", "source_affine", "volume_affine")
+    return {k: result[k] for k in keep}
+
+
+def quarantine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
+    base = {"patient": result["patient"], "study": result["study"], "path": result["rel_path"]}
+    if result["status"] == QUARANTINED:
+        return [{**base, "nodule_id": None, "reason": result["reason"], "message": result["message"]}]
+    return [{**base, "nodule_id": f["nodule_id"], "reason": f["reason"], "message": f["message"]}
+            for f in json.loads(result["findings_json"]) if f["status"] == QUARANTINED]
+
+
+def _write_split_tables(ds, folder: Path, cfg: IngestConfig) -> dict[str, int]:
+    counts = {}
+    for split in SPLITS:
+        part = ds.filter(expr=f"split == '{split}'")
+        n = part.count()
+        counts[split] = n
+        if n:
+            part.write_parquet(str(folder / split), min_rows_per_file=cfg.rows_per_file)
+    return counts
+
+
+def run_ingest(cfg: IngestConfig, privacy: PrivacyConfig | None = None, ray_cfg: RayConfig | None = None,
+               manifest: Manifest | None = None) -> dict[str, Any]:
+    """Ingest `cfg.manifest` into `cfg.output`; returns the dataset card."""
+    import ray
+
+    from cohortcast.ray_runtime import ensure_ray
+
+    out = Path(cfg.output)
+    manifest = manifest or load_manifest(cfg.manifest)
+    pseudo = Pseudonymizer.from_config(privacy or PrivacyConfig())
+    fingerprint = content_fingerprint(manifest, cfg, pseudo)
+    card_path = out / CARD
+    if card_path.is_file() and not cfg.overwrite:
+        card = json.loads(card_path.read_text())
+        if card.get("fingerprint") == fingerprint:
+            log.info("%s is up to date (fingerprint %s); nothing to do", out, fingerprint[:12])
+            return {**card, "reused": True}
+        log.info("%s was built from another manifest or config; rebuilding", out)
+    if clear_stale_temps(out):
+        log.info("removed the partial output of an interrupted run next to %s", out)
+
+    tasks = build_tasks(manifest, pseudo, cfg)
+    ensure_ray(ray_cfg)
+    results = (ray.data.from_items(tasks, override_num_blocks=max(1, min(len(tasks), 200)))
+               .map(process_study, fn_kwargs={"cfg": cfg}, num_cpus=cfg.num_cpus_per_task)
+               .materialize())
+    quarantine = [row for r in results.select_columns(
+        ["patient", "study", "rel_path", "status", "reason", "message", "findings_json"]).iter_rows()
+                  for row in quarantine_rows(r)]
+    for row in quarantine:
+        log.warning("quarantined %s%s: %s", row["study"], f" nodule {row['nodule_id']}" if row["nodule_id"] else "",
+                    row["message"])
+
+    with atomic_folder(out, overwrite=True) as tmp:
+        nodule_counts = _write_split_tables(results.flat_map(explode_nodules), tmp / "nodules", cfg)
+        ok_studies = results.filter(expr=f"status == '{OK}'").map(study_row)
+        study_counts = _write_split_tables(ok_studies, tmp / "studies", cfg)
+        pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), tmp / "quarantine.parquet")
+        card = _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts)
+        write_text_atomic(tmp / CARD, json.dumps(card, indent=2))
+    return {**card, "reused": False}
+
+
+def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts) -> dict[str, Any]:
+    bad_studies = sum(1 for q in quarantine if q["nodule_id"] is None)
+    n_findings = sum(len(json.loads(t["findings_json"])) for t in tasks)
+    return {
+        "cohortcast_version": __version__,
+        "fingerprint": fingerprint,
+        "manifest_fingerprint": manifest.fingerprint(),
+        "config": to_dict(cfg),
+        "counts": {
+            "patients": len({t["patient"] for t in tasks}),
+            "studies": len(tasks),
+            "studies_ingested": len(tasks) - bad_studies,
+            "studies_quarantined": bad_studies,
+            "findings": n_findings,
+            "findings_quarantined": len(quarantine) - bad_studies,
+            "nodule_rows": nodule_counts,
+            "study_rows": study_counts,
+        },
+        "quarantine_reasons": dict(Counter(q["reason"] for q in quarantine)),
+        "tables": {
+            "nodules": {"crop": [cfg.crop_size, cfg.crop_size], "patch": [cfg.patch_size] * 3,
+                        "crop_spacing_mm": cfg.crop_spacing_mm, "patch_spacing_mm": cfg.patch_spacing_mm},
+            "studies": {"volume": list(cfg.volume_shape), "mask": list(cfg.volume_shape)},
+            "intensity": {"hu_window": list(cfg.hu_window), "normalise": cfg.normalise},
+        },
+        "split": dataclasses.asdict(cfg.split),
+    }

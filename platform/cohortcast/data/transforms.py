@@ -1,0 +1,87 @@
+"""Sampling in world coordinates: nodule-centred 2D crops (NAMD inputs), isotropic 3D
+patches and fixed-shape volumes (CLDM inputs), HU windowing.
+
+Crops are sampled on a grid laid out in patient space (mm) and mapped back into each
+image's voxel space through its affine, so studies with different spacing or
+orientation give crops with the same physical size and axes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from cohortcast.data.errors import FindingOutsideImageError
+from cohortcast.data.volume import Volume
+
+AIR_HU = -1024.0
+
+
+def _sample(volume: Volume, points_lps: np.ndarray, order: int, cval: float) -> np.ndarray:
+    """Interpolate volume at (..., 3) LPS points; returns (...) values."""
+    shape = points_lps.shape[:-1]
+    ijk = volume.world_to_voxel(points_lps.reshape(-1, 3))
+    if volume.shape[0] == 1:
+        ijk[:, 2] = 0.0  # 2D image: sample in its own plane
+    coords = ijk[:, ::-1].T  # map_coordinates wants (k, j, i) to match array axes
+    out = ndimage.map_coordinates(volume.array, coords, order=order, mode="constant", cval=cval, prefilter=False)
+    return out.reshape(shape).astype(np.float32)
+
+
+def check_inside(volume: Volume, centre_lps: np.ndarray, where: str) -> None:
+    ijk = volume.world_to_voxel(np.asarray(centre_lps)[None])[0]
+    limits = np.array(volume.shape[::-1], dtype=float)  # (X, Y, Z) matches (i, j, k)
+    if volume.shape[0] == 1:
+        ijk[2], limits[2] = 0.0, 1.0
+    if np.any(ijk < -0.5) or np.any(ijk > limits - 0.5):
+        raise FindingOutsideImageError(where, f"centre {np.round(centre_lps, 1).tolist()} mm maps to voxel "
+                                              f"{np.round(ijk, 1).tolist()}, outside image of size {limits.astype(int).tolist()}")
+
+
+def _plane_axes(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
+    """In-plane unit axes (columns, rows) of a crop: axial LPS x/y for CT volumes, the
+    image's own row/column directions for a single 2D image (a radiograph)."""
+    if volume.shape[0] == 1:
+        return volume.direction[:, 0], volume.direction[:, 1]
+    return np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
+
+
+def axial_crop(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: float) -> np.ndarray:
+    """(size, size) crop centred on the finding, rows along +y (posterior), columns +x."""
+    offsets = (np.arange(size) - (size - 1) / 2.0) * spacing_mm
+    col_axis, row_axis = _plane_axes(volume)
+    pts = (np.asarray(centre_lps)[None, None, :] + offsets[None, :, None] * col_axis
+           + offsets[:, None, None] * row_axis)
+    return _sample(volume, pts, order=1, cval=AIR_HU)
+
+
+def patch_3d(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: float) -> np.ndarray:
+    """(size, size, size) isotropic patch indexed (z, y, x) in LPS, z towards the head."""
+    offsets = (np.arange(size) - (size - 1) / 2.0) * spacing_mm
+    zz, yy, xx = np.meshgrid(offsets, offsets, offsets, indexing="ij")
+    pts = np.stack([xx, yy, zz], axis=-1) + np.asarray(centre_lps)
+    return _sample(volume, pts, order=1, cval=AIR_HU)
+
+
+def resample_to_shape(volume: Volume, shape: tuple[int, int, int], order: int = 1,
+                      cval: float = AIR_HU) -> Volume:
+    """Resample the whole image onto a (Z, Y, X) grid spanning the same physical
+    extent and orientation; the returned affine describes the new grid."""
+    old = np.array(volume.shape, dtype=float)
+    new = np.array(shape, dtype=float)
+    # Voxel-centre alignment: new index n maps to old index (n + 0.5) * old/new - 0.5.
+    scale = old / new
+    axes = [(np.arange(n) + 0.5) * s - 0.5 for n, s in zip(shape, scale)]
+    grid = np.meshgrid(*axes, indexing="ij")
+    data = ndimage.map_coordinates(volume.array, grid, order=order, mode="nearest", cval=cval, prefilter=False)
+    affine = volume.affine.copy()
+    scale_ijk = scale[::-1]  # (i, j, k) order
+    affine[:3, :3] = volume.affine[:3, :3] * scale_ijk
+    affine[:3, 3] = volume.voxel_to_world(0.5 * scale_ijk - 0.5)[0]
+    return Volume(data.astype(np.float32), affine, modality=volume.modality, metadata=dict(volume.metadata))
+
+
+def window(hu: np.ndarray, low: float, high: float, mode: str = "minus_one_one") -> np.ndarray:
+    """Clip to the HU window and scale to [-1, 1] (diffusion convention) or [0, 1]."""
+    unit = (np.clip(hu, low, high) - low) / (high - low)
+    return (unit * 2.0 - 1.0 if mode == "minus_one_one" else unit).astype(np.float32)

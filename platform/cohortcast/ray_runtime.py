@@ -1,0 +1,24 @@
+"""Connecting to Ray: one place decides local vs cluster, and says which."""
+
+from __future__ import annotations
+
+import logging
+
+from cohortcast.config import RayConfig
+
+log = logging.getLogger(__name__)
+
+
+def ensure_ray(cfg: RayConfig | None = None) -> None:
+    """Join the running Ray instance if this process has one (tests, `ray job submit`),
+    else connect to `cfg.address`, else start a local instance."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    cfg = cfg or RayConfig()
+    kwargs = {"include_dashboard": False, "log_to_driver": True}
+    if cfg.address is None and cfg.num_cpus is not None:
+        kwargs["num_cpus"] = cfg.num_cpus
+    ray.init(address=cfg.address, **kwargs)
+    log.info("Ray: %s with %s", cfg.address or "local instance", ray.cluster_resources())
