@@ -83,7 +83,7 @@ class SplitConfig:
 class IngestConfig:
     """Manifest -> nodule crops, 3D patches, study volumes (sharded Parquet)."""
 
-    manifest: str = "runs/demo/cohort/manifest"
+    manifest: str = "runs/demo/cohort"
     output: str = "runs/demo/ingested"
     # NAMD inputs: nodule-centred axial crops.
     crop_size: int = 64
@@ -127,11 +127,9 @@ class RayConfig:
 
 @dataclass
 class CohortcastConfig:
-    """Root config. `cohort_dir` is where `synth` writes and what `ingest` reads when
-    `ingest.manifest` points inside it."""
+    """Root config. A synthetic cohort, when generated, is written to `ingest.manifest`."""
 
     run_name: str = "demo"
-    cohort_dir: str = "runs/demo/cohort"
     synthesize_if_missing: bool = True
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)

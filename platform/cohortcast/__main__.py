@@ -1,0 +1,5 @@
+import sys
+
+from cohortcast.cli import main
+
+sys.exit(main())

@@ -1,0 +1,44 @@
+"""The cohort-preparation stage: synthesise a cohort if asked and none exists, then
+ingest it. What `make demo` runs until training exists."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cohortcast.config import CohortcastConfig
+from cohortcast.data.ingest import run_ingest
+from cohortcast.data.synthetic import generate_cohort
+
+log = logging.getLogger(__name__)
+
+
+def prepare_cohort(cfg: CohortcastConfig) -> dict[str, Any]:
+    manifest = Path(cfg.ingest.manifest)
+    if not manifest.exists():
+        if not cfg.synthesize_if_missing:
+            raise FileNotFoundError(f"manifest folder {manifest} does not exist (set synthesize_if_missing "
+                                    "to generate a synthetic cohort there)")
+        log.info("no manifest at %s: generating a synthetic cohort of %d patients", manifest, cfg.synth.patients)
+        generate_cohort(cfg.synth, manifest)
+    return run_ingest(cfg.ingest, cfg.privacy, cfg.ray)
+
+
+def format_summary(card: dict[str, Any]) -> str:
+    c = card["counts"]
+    lines = [
+        f"ingestion {'reused (up to date)' if card.get('reused') else 'complete'}: {card['config']['output']}",
+        f"  patients {c['patients']}, studies {c['studies']}: {c['studies_ingested']} ingested, "
+        f"{c['studies_quarantined']} quarantined",
+        f"  findings {c['findings']}: {c['findings'] - c['findings_quarantined']} cropped, "
+        f"{c['findings_quarantined']} quarantined",
+        "  nodule rows by split: " + ", ".join(f"{k} {v}" for k, v in c["nodule_rows"].items()),
+        "  study rows by split:  " + ", ".join(f"{k} {v}" for k, v in c["study_rows"].items()),
+        f"  crop {card['tables']['nodules']['crop']}, patch {card['tables']['nodules']['patch']}, "
+        f"volume {card['tables']['studies']['volume']}",
+    ]
+    if card.get("quarantine_reasons"):
+        lines.append("  quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in card["quarantine_reasons"].items()))
+    lines.append(f"  manifest {card['manifest_fingerprint'][:12]}, output fingerprint {card['fingerprint'][:12]}")
+    return "\n".join(lines)

@@ -1,0 +1,57 @@
+import pytest
+
+from cohortcast.config import ConfigError, IngestConfig, dump_yaml, flatten, load_config
+
+
+def test_defaults_validate_and_flatten():
+    cfg = load_config()
+    flat = flatten(cfg)
+    assert flat["ingest.crop_size"] == cfg.ingest.crop_size
+    assert flat["ingest.split.train"] == pytest.approx(0.7)
+    assert all("." in key or key in {"run_name", "synthesize_if_missing"} for key in flat)
+
+
+def test_yaml_then_overrides(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("ingest:\n  crop_size: 48\n  hu_window: [-1200, 600]\nsynth:\n  patients: 3\n")
+    cfg = load_config(path, ["ingest.crop_size=96", "synth.seed=5", "ingest.hu_window=[-900, 300]"])
+    assert cfg.ingest.crop_size == 96  # override beats file
+    assert cfg.synth.patients == 3 and cfg.synth.seed == 5
+    assert cfg.ingest.hu_window == (-900.0, 300.0)
+
+
+def test_round_trip_through_yaml(tmp_path):
+    cfg = load_config(None, ["ingest.patch_size=24", "privacy.pseudonym_length=20"])
+    dump_yaml(cfg, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == cfg
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("ingest.crop_sise=64", "ingest.crop_sise: unknown field (did you mean 'crop_size'?)"),
+    ("ingest.crop_size=big", "ingest.crop_size: expected an integer, got 'big'"),
+    ("ingest.normalise=zscore", "ingest.normalise: 'zscore' is not one of"),
+    ("ingest.hu_window=[400, -1000]", "ingest.hu_window: low must be below high"),
+    ("ingest.split.train=0.9", "ingest.split.train: train + val + test must be 1"),
+    ("synth.min_exams=1", "synth.min_exams"),
+    ("ingest.volume_shape=[16, 32]", "ingest.volume_shape: expected 3 items"),
+    ("nonsense", "expected KEY=VALUE"),
+])
+def test_errors_name_the_field(override, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    assert fragment in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_bool_is_not_an_int():
+    with pytest.raises(ConfigError, match="expected an integer"):
+        load_config(None, ["ingest.crop_size=true"])
+    assert isinstance(IngestConfig().crop_size, int)
