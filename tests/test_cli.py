@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,9 +19,15 @@ def test_every_option_has_help():
 
 
 def test_console_script_help_runs():
-    out = subprocess.run([sys.executable, "-m", "cohortcast", "--help"], capture_output=True, text=True, check=True)
+    # `pip install -e .` must have put the `cohortcast` command next to this Python.
+    script = Path(sys.executable).parent / "cohortcast"
+    assert script.exists(), "console script missing: reinstall with pip install -e ."
+    out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in ("synth", "ingest", "validate-manifest", "config"):
         assert command in out.stdout
+    out = subprocess.run([sys.executable, "-m", "cohortcast", "ingest", "--help"], capture_output=True, text=True,
+                         check=True)
+    assert "--set KEY=VALUE" in out.stdout
 
 
 def test_bad_override_is_a_clear_error(capsys):
