@@ -1,0 +1,112 @@
+"""Nodule-aligned VAE: a diffusers AutoencoderKL plus the linear malignancy probe
+(NAMD Eq. 5) on its latent.
+
+CT crops have one channel; SD1.5's VAE expects three. Rather than repeating the
+channel at every call, the 3-channel weights are folded once, exactly: feeding a
+grey image repeated to RGB equals feeding the grey image to a conv_in whose weights
+are summed over the RGB inputs, and averaging the decoded RGB equals a conv_out with
+averaged weights and bias. So the folded 1-channel model computes the same function
+as "repeat in, average out" on the pretrained one (tested).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL
+from torch import nn
+
+from cohortcast.config.models import VAEConfig
+
+log = logging.getLogger(__name__)
+
+
+def build_autoencoder(cfg: VAEConfig) -> AutoencoderKL:
+    levels = len(cfg.block_out_channels)
+    return AutoencoderKL(
+        in_channels=cfg.in_channels, out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size,
+        scaling_factor=cfg.scaling_factor)
+
+
+def fold_rgb_to_grey(rgb: AutoencoderKL) -> AutoencoderKL:
+    """3-channel AutoencoderKL -> 1-channel one computing repeat-in / average-out."""
+    config = dict(rgb.config)
+    if config["in_channels"] != 3 or config["out_channels"] != 3:
+        raise ValueError(f"expected a 3-channel VAE, got in={config['in_channels']} out={config['out_channels']}")
+    config.update(in_channels=1, out_channels=1)
+    grey = AutoencoderKL.from_config(config)
+    state = rgb.state_dict()
+    state["encoder.conv_in.weight"] = state["encoder.conv_in.weight"].sum(dim=1, keepdim=True)
+    state["decoder.conv_out.weight"] = state["decoder.conv_out.weight"].mean(dim=0, keepdim=True)
+    state["decoder.conv_out.bias"] = state["decoder.conv_out.bias"].mean(dim=0, keepdim=True)
+    grey.load_state_dict(state)
+    return grey
+
+
+def load_pretrained_autoencoder(path: str | Path, in_channels: int) -> AutoencoderKL:
+    """A local diffusers-format VAE folder (config.json + weights), e.g. SD1.5's `vae/`."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a diffusers model folder (no config.json); the model hub is not "
+                                "used, download the weights and point vae.pretrained_path at the folder")
+    model = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
+    if model.config.in_channels == in_channels:
+        return model
+    if in_channels == 1:
+        log.info("folding the 3-channel VAE at %s to 1 channel (exact: repeat-in / average-out)", path)
+        return fold_rgb_to_grey(model)
+    raise ValueError(f"{path}: VAE has {model.config.in_channels} input channels, config asks for {in_channels}")
+
+
+@dataclass
+class VAEOutput:
+    reconstruction: torch.Tensor  # (B, C, H, W)
+    mean: torch.Tensor  # (B, c, h, w) posterior mean
+    logvar: torch.Tensor  # (B, c, h, w)
+    latent: torch.Tensor  # (B, c, h, w) sample (or mean)
+    probe_logit: torch.Tensor  # (B,)
+
+
+class NoduleVAE(nn.Module):
+    """AutoencoderKL + linear probe on the flattened posterior mean."""
+
+    def __init__(self, cfg: VAEConfig, autoencoder: AutoencoderKL | None = None):
+        super().__init__()
+        self.cfg = cfg
+        self.autoencoder = autoencoder or (load_pretrained_autoencoder(cfg.pretrained_path, cfg.in_channels)
+                                           if cfg.pretrained_path else build_autoencoder(cfg))
+        side = cfg.sample_size // cfg.downsample_factor
+        self.probe = nn.Linear(cfg.latent_channels * side * side, 1)
+
+    @property
+    def scaling_factor(self) -> float:
+        return float(self.autoencoder.config.scaling_factor)
+
+    def encode(self, x: torch.Tensor):
+        return self.autoencoder.encode(x).latent_dist
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.autoencoder.decode(z).sample
+
+    def probe_logit(self, mean: torch.Tensor) -> torch.Tensor:
+        return self.probe(mean.flatten(1)).squeeze(-1)
+
+    def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None) -> VAEOutput:
+        posterior = self.encode(x)
+        z = posterior.sample(generator=generator) if sample else posterior.mean
+        return VAEOutput(self.decode(z), posterior.mean, posterior.logvar, z, self.probe_logit(posterior.mean))
+
+    @torch.no_grad()
+    def encode_for_diffusion(self, x: torch.Tensor) -> torch.Tensor:
+        """Posterior mean times the scaling factor: the latent the diffusion model sees."""
+        return self.encode(x).mean * self.scaling_factor
+
+    @torch.no_grad()
+    def decode_from_diffusion(self, z: torch.Tensor) -> torch.Tensor:
+        return self.decode(z / self.scaling_factor)
