@@ -5,6 +5,7 @@ and U-Net, MedGemma 4B). Both are the same code."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from cohortcast.config.loader import ConfigError
 
@@ -61,3 +62,19 @@ class VAEConfig:
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.block_out_channels) - 1)
+
+
+@dataclass
+class ConditionerConfig:
+    """Frozen causal LM from a local folder (MedGemma 1.5 4B in production) with
+    `num_soft_prompts` learnable vectors prepended to its input embeddings (NAMD Eq. 7).
+    `llm_path` None means no EHR conditioning (the EHR slot gets its null token)."""
+
+    llm_path: str | None = None
+    num_soft_prompts: int = 8
+    max_length: int = 128
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+
+    def validate(self) -> None:
+        _require(self.num_soft_prompts >= 1, "num_soft_prompts", "must be >= 1")
+        _require(self.max_length >= 8, "max_length", "must be >= 8")
