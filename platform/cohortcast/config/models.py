@@ -73,8 +73,89 @@ class ConditionerConfig:
     llm_path: str | None = None
     num_soft_prompts: int = 8
     max_length: int = 128
+    # Pad every text to max_length: the pooled vector then never depends on how long
+    # the other texts in its batch are (bit-identical forecasts, see scheduler.micro_batch).
+    pad_to_max_length: bool = True
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
 
     def validate(self) -> None:
         _require(self.num_soft_prompts >= 1, "num_soft_prompts", "must be >= 1")
         _require(self.max_length >= 8, "max_length", "must be >= 8")
+
+
+@dataclass
+class TemporalConfig:
+    """CLDM temporal transformer over prior exams (Sec. 3): each token is a projected
+    prior latent concatenated with a learnable date embedding; a [CLS] token summarises."""
+
+    d_model: int = 64
+    date_dim: int = 16
+    num_layers: int = 2
+    num_heads: int = 4
+    max_exams: int = 8
+    time_scale_days: float = 365.25
+
+    def validate(self) -> None:
+        _require(0 < self.date_dim < self.d_model, "date_dim", "must be in (0, d_model)")
+        _require(self.d_model % self.num_heads == 0, "num_heads", "must divide d_model")
+        _require(self.max_exams >= 1, "max_exams", "must be >= 1")
+
+
+@dataclass
+class DenoiserConfig:
+    """diffusers UNet2DConditionModel. Input: noisy follow-up latent channel-concatenated
+    with the baseline latent (2 x latent_channels, NAMD App. B); cross-attention to
+    [EHR token, temporal [CLS], target-date embedding]. Defaults are tiny; the SD1.5
+    preset is (320, 640, 1280, 1280), 2 layers per block, 8 heads, context 768."""
+
+    block_out_channels: tuple[int, ...] = (32, 64)
+    layers_per_block: int = 1
+    attention_head_dim: int = 8
+    norm_num_groups: int = 8
+    cross_attention_dim: int = 64
+    condition_dropout: float = 0.1
+
+    def validate(self) -> None:
+        _require(len(self.block_out_channels) >= 1, "block_out_channels", "needs at least one level")
+        _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
+                 "must divide every block_out_channels entry")
+        _require(0.0 <= self.condition_dropout < 1.0, "condition_dropout", "must be in [0, 1)")
+
+
+@dataclass
+class SchedulerConfig:
+    """DDPM for training (NAMD App. B: 1000 steps, linear betas, epsilon prediction),
+    DDIM for inference."""
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: Literal["linear", "scaled_linear"] = "linear"
+    prediction_type: Literal["epsilon"] = "epsilon"
+    inference_steps: int = 50
+    eta: float = 0.0
+    guidance_scale: float = 1.0
+    num_samples: int = 20
+    # Every network call at inference runs on exactly this many rows (the last chunk is
+    # padded): kernels pick reduction orders by batch size (we measured ~1e-6 drift on
+    # CPU between batch sizes 1 and 8), so a fixed size makes each sample bit-identical
+    # whatever else shares its batch. Keep it constant across calls; a multiple of
+    # num_samples avoids padding.
+    micro_batch: int = 20
+
+    def validate(self) -> None:
+        _require(0 < self.beta_start < self.beta_end < 1, "beta_start", "need 0 < beta_start < beta_end < 1")
+        _require(1 <= self.inference_steps <= self.num_train_timesteps, "inference_steps",
+                 "must be in 1..num_train_timesteps")
+        _require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _require(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
+        _require(self.micro_batch >= 1, "micro_batch", "must be >= 1")
+
+
+@dataclass
+class ForecasterConfig:
+    vae: VAEConfig = field(default_factory=VAEConfig)
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    temporal: TemporalConfig = field(default_factory=TemporalConfig)
+    denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cohortcast.config.loader import ConfigError
+from cohortcast.config.models import ForecasterConfig
 
 
 def _require(ok: bool, where: str, message: str) -> None:
@@ -135,3 +136,4 @@ class CohortcastConfig:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
+    model: ForecasterConfig = field(default_factory=ForecasterConfig)

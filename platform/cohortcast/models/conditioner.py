@@ -65,7 +65,8 @@ class SoftPromptConditioner(nn.Module):
     def forward(self, texts: list[str]) -> torch.Tensor:
         """texts -> (B, hidden_size) pooled context embeddings."""
         device = self.soft_prompts.device
-        enc = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.cfg.max_length,
+        padding = "max_length" if self.cfg.pad_to_max_length else True
+        enc = self.tokenizer(list(texts), padding=padding, truncation=True, max_length=self.cfg.max_length,
                              return_tensors="pt")
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
         # Real tokens first, padding last, order kept (stable sort on "is padding").

@@ -1,0 +1,1 @@
+"""Inference: seeded multi-sample DDIM forecasting (batch jobs and serving build on it)."""

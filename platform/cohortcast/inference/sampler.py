@@ -1,0 +1,95 @@
+"""Seeded multi-sample DDIM forecasting.
+
+B cases x N samples run as one batch of B*N (in micro-batches if asked). Sample k of
+case c starts from noise drawn from its own generator, seeded by a hash of
+(base seed, case id, k), on the CPU; with eta > 0 its per-step noise comes from its own
+generator too. So a sample's trajectory never depends on what else is in the batch:
+a case gives the same forecast alone or inside any batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from diffusers import DDIMScheduler
+
+from cohortcast.models.denoiser import ConditionalDenoiser
+
+
+def sample_seed(base_seed: int, case_id: str, k: int) -> int:
+    digest = hashlib.sha256(f"{base_seed}\x1f{case_id}\x1f{k}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") & ((1 << 63) - 1)
+
+
+def run_fixed_chunks(fn, tensors: list[torch.Tensor], chunk: int) -> torch.Tensor:
+    """fn over rows in chunks of exactly `chunk` rows (the last padded by repeating its
+    final row, padding outputs dropped), so every row sees the same kernel shapes."""
+    n = tensors[0].shape[0]
+    outputs = []
+    for start in range(0, n, chunk):
+        part = [t[start:start + chunk] for t in tensors]
+        real = part[0].shape[0]
+        if real < chunk:
+            part = [torch.cat([p, p[-1:].expand(chunk - real, *p.shape[1:])]) for p in part]
+        outputs.append(fn(*part)[:real])
+    return torch.cat(outputs)
+
+
+def seeded_noise(seeds: list[int], shape: tuple[int, ...], device, dtype) -> torch.Tensor:
+    """(len(seeds), *shape); drawn on the CPU so the same seed gives the same noise on any device."""
+    noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
+    return torch.stack(noise).to(device=device, dtype=dtype)
+
+
+@torch.no_grad()
+def ddim_loop(denoiser: ConditionalDenoiser, scheduler: DDIMScheduler, noise: torch.Tensor, baseline: torch.Tensor,
+              context: torch.Tensor, steps: int, guidance_scale: float = 1.0, eta: float = 0.0,
+              generators: list[torch.Generator] | None = None) -> torch.Tensor:
+    """The DDIM reverse process for a batch; classifier-free guidance when scale != 1."""
+    scheduler.set_timesteps(steps, device=noise.device)
+    x = noise * scheduler.init_noise_sigma
+    null = denoiser.null(x.shape[0])
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(x, t)
+        if guidance_scale != 1.0:
+            eps_uncond, eps_cond = denoiser(torch.cat([model_in, model_in]), t, torch.cat([baseline, baseline]),
+                                            torch.cat([null, context])).chunk(2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        else:
+            eps = denoiser(model_in, t, baseline, context)
+        x = scheduler.step(eps, t, x, eta=eta, generator=generators if eta > 0 else None).prev_sample
+    return x
+
+
+@dataclass
+class LatentForecast:
+    samples: torch.Tensor  # (B, N, c, h, w)
+    mean: torch.Tensor  # (B, c, h, w)
+    variance: torch.Tensor  # (B, c, h, w), pixel-wise over the N samples (unbiased when N > 1)
+
+
+def forecast_latents(denoiser: ConditionalDenoiser, scheduler: DDIMScheduler, baseline: torch.Tensor,
+                     context: torch.Tensor, case_ids: list[str], num_samples: int, base_seed: int, steps: int,
+                     guidance_scale: float = 1.0, eta: float = 0.0, micro_batch: int | None = None) -> LatentForecast:
+    """baseline (B, c, h, w) and context (B, T, D) for B cases -> N samples each. Pass a
+    fixed `micro_batch` for batch-independent results (None: one batch of B*N)."""
+    if len(case_ids) != baseline.shape[0] or context.shape[0] != baseline.shape[0]:
+        raise ValueError(f"{len(case_ids)} case ids, {baseline.shape[0]} baselines, {context.shape[0]} contexts")
+    if len(set(case_ids)) != len(case_ids):
+        raise ValueError("case ids must be unique within a call (they seed the samples)")
+    seeds = [sample_seed(base_seed, c, k) for c in case_ids for k in range(num_samples)]
+    noise = seeded_noise(seeds, tuple(baseline.shape[1:]), baseline.device, baseline.dtype)
+    base = baseline.repeat_interleave(num_samples, dim=0)
+    ctx = context.repeat_interleave(num_samples, dim=0)
+    seed_rows = torch.tensor(seeds, dtype=torch.int64).view(-1, 1)  # travels with its rows through padding
+
+    def run(noise_part, base_part, ctx_part, seed_part):
+        generators = [torch.Generator(device=noise.device).manual_seed(int(s) ^ 0x5EED) for s in seed_part[:, 0]]
+        return ddim_loop(denoiser, scheduler, noise_part, base_part, ctx_part, steps, guidance_scale, eta, generators)
+
+    samples = run_fixed_chunks(run, [noise, base, ctx, seed_rows], micro_batch or len(seeds))
+    samples = samples.view(baseline.shape[0], num_samples, *baseline.shape[1:])
+    variance = samples.var(dim=1) if num_samples > 1 else torch.zeros_like(samples[:, 0])
+    return LatentForecast(samples, samples.mean(dim=1), variance)

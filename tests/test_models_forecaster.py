@@ -1,0 +1,164 @@
+"""Temporal context, conditional denoiser, seeded multi-sample DDIM and the Forecaster."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cohortcast.config.models import ConditionerConfig, ForecasterConfig, TemporalConfig
+from cohortcast.inference.sampler import ddim_loop, forecast_latents, sample_seed
+from cohortcast.models.forecaster import Forecaster, ForecasterLoadError
+from cohortcast.models.temporal import TemporalContextEncoder
+from cohortcast.models.tiny_llm import write_tiny_gemma3
+
+TEXTS = ["solid nodule right upper lobe 9 mm", "part solid nodule lingula 14 mm spiculated", "ground glass 6 mm"]
+
+
+@pytest.fixture(scope="module")
+def llm_path(tmp_path_factory):
+    return str(write_tiny_gemma3(tmp_path_factory.mktemp("llm") / "gemma", TEXTS))
+
+
+@pytest.fixture(scope="module")
+def forecaster(llm_path):
+    torch.manual_seed(0)
+    return Forecaster(ForecasterConfig(conditioner=ConditionerConfig(llm_path=llm_path, num_soft_prompts=2))).eval()
+
+
+def test_temporal_encoder_ignores_padding_exams():
+    torch.manual_seed(0)
+    enc = TemporalContextEncoder(TemporalConfig(), latent_numel=16, out_dim=24).eval()
+    latents = torch.randn(1, 2, 4, 2, 2)
+    days = torch.tensor([[700.0, 365.0]])
+    summary, target = enc(latents, days, torch.ones(1, 2, dtype=torch.bool), torch.tensor([365.0]))
+    padded = torch.cat([latents, torch.randn(1, 2, 4, 2, 2)], 1)
+    mask = torch.tensor([[True, True, False, False]])
+    summary_p, _ = enc(padded, torch.tensor([[700.0, 365.0, 5.0, 9.0]]), mask, torch.tensor([365.0]))
+    torch.testing.assert_close(summary, summary_p, rtol=1e-5, atol=1e-5)
+    other, _ = enc(latents, torch.tensor([[900.0, 365.0]]), torch.ones(1, 2, dtype=torch.bool), torch.tensor([365.0]))
+    assert not torch.allclose(summary, other)  # dates matter
+    assert summary.shape == target.shape == (1, 24)
+    with pytest.raises(ValueError, match="at least one prior exam"):
+        enc(latents, days, torch.zeros(1, 2, dtype=torch.bool), torch.tensor([1.0]))
+
+
+def test_training_step_gradients_reach_every_trainable_part(forecaster):
+    f = forecaster.train()
+    images = torch.rand(3, 1, 32, 32) * 2 - 1
+    baseline = f.vae.encode_for_diffusion(images)
+    target = torch.randn_like(baseline)
+    horizon = torch.tensor([365.0, 400.0, 300.0])
+    ctx = f.context(TEXTS, *f.encode_priors(baseline, horizon, None, None, None), horizon,
+                    drop=torch.tensor([False, True, False]))
+    sched = f.train_scheduler()
+    noise = torch.randn_like(target)
+    t = torch.randint(0, sched.config.num_train_timesteps, (3,))
+    loss = F.mse_loss(f.denoiser(sched.add_noise(target, noise, t), t, baseline, ctx), noise)
+    f.zero_grad()
+    loss.backward()
+    for name in ("denoiser.unet.conv_in.weight", "denoiser.ehr_proj.weight", "denoiser.null_context",
+                 "temporal.latent_proj.weight", "temporal.target_date.proj.weight", "conditioner.soft_prompts"):
+        grad = dict(f.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    assert all(p.grad is None for p in f.conditioner.lm.parameters())
+    assert f.denoiser.unet.conv_in.in_channels == 8  # noisy + baseline latents (NAMD App. B)
+    f.eval()
+
+
+def _reference_diffusers_loop(unet, scheduler, latents, cond, steps):
+    """The loop diffusers' latent pipelines run (scale_model_input -> unet -> step)."""
+    scheduler.set_timesteps(steps)
+    latents = latents * scheduler.init_noise_sigma
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(latents, t)
+        noise_pred = unet(model_in, t, encoder_hidden_states=cond["context"], return_dict=False)[0]
+        latents = scheduler.step(noise_pred, t, latents, return_dict=False)[0]
+    return latents
+
+
+def test_ddim_loop_equals_diffusers_loop(forecaster):
+    f = forecaster
+    torch.manual_seed(1)
+    baseline, noise, ctx = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 3, 64)
+
+    class ConcatUNet(torch.nn.Module):  # the unet diffusers sees: baseline concatenated inside
+        def forward(self, x, t, encoder_hidden_states, return_dict=False):
+            return (f.denoiser.unet(torch.cat([x, baseline], 1), t, encoder_hidden_states=encoder_hidden_states).sample,)
+
+    with torch.no_grad():
+        ours = ddim_loop(f.denoiser, f.inference_scheduler(), noise, baseline, ctx, steps=10)
+        ref = _reference_diffusers_loop(ConcatUNet(), f.inference_scheduler(), noise, {"context": ctx}, 10)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+
+
+def _forecast(f, case_ids, texts, seed=3, **kw):
+    torch.manual_seed(123)  # the sampler must not depend on the global RNG: reset it differently below
+    images = torch.stack([torch.full((1, 32, 32), 0.1 * (i + 1)) for i in range(len(case_ids))])
+    horizon = torch.tensor([365.0 + 30 * i for i in range(len(case_ids))])
+    return f.forecast(images, horizon, case_ids, ehr_texts=texts, num_samples=4, seed=seed, steps=6, **kw)
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5])
+def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
+    batch = _forecast(forecaster, ["c0", "c1", "c2"], TEXTS, eta=eta)
+    torch.manual_seed(999)
+    alone = forecaster.forecast(torch.full((1, 1, 32, 32), 0.2), torch.tensor([395.0]), ["c1"], ehr_texts=TEXTS[1:2],
+                                num_samples=4, seed=3, steps=6, eta=eta)
+    assert torch.equal(alone.samples[0], batch.samples[1])
+    # More cases than one micro-batch holds (scheduler.micro_batch = 20 rows, 4 samples each).
+    many = forecaster.forecast(torch.full((7, 1, 32, 32), 0.2), torch.full((7,), 395.0), [f"x{i}" for i in range(6)]
+                               + ["c1"], ehr_texts=[TEXTS[0]] * 6 + [TEXTS[1]], num_samples=4, seed=3, steps=6, eta=eta)
+    assert torch.equal(many.samples[6], alone.samples[0])
+
+
+def test_samples_mean_variance_and_seeds(forecaster):
+    out = _forecast(forecaster, ["c0", "c1"], TEXTS[:2])
+    assert out.samples.shape == (2, 4, 1, 32, 32) and out.latents.shape == (2, 4, 4, 4, 4)
+    torch.testing.assert_close(out.mean, out.samples.mean(1))
+    torch.testing.assert_close(out.variance, out.samples.var(1))
+    assert (out.variance > 0).all()  # different seeds, different samples
+    assert not torch.equal(out.samples, _forecast(forecaster, ["c0", "c1"], TEXTS[:2], seed=4).samples)
+    assert len({sample_seed(0, "c0", k) for k in range(100)}) == 100
+
+
+def test_guidance_scale_changes_the_forecast(forecaster):
+    plain = _forecast(forecaster, ["c0"], TEXTS[:1])
+    guided = _forecast(forecaster, ["c0"], TEXTS[:1], guidance_scale=3.0)
+    assert not torch.allclose(plain.samples, guided.samples)
+
+
+def test_save_load_round_trip(forecaster, tmp_path):
+    forecaster.save(tmp_path / "fc")
+    meta = json.loads((tmp_path / "fc" / "forecaster.json").read_text())
+    assert meta["format_version"] == 1 and meta["llm"]["model_type"] == "gemma3_text"
+    assert (tmp_path / "fc" / "scheduler" / "scheduler_config.json").is_file()
+    loaded = Forecaster.load(tmp_path / "fc")
+    a, b = _forecast(forecaster, ["c0", "c1"], TEXTS[:2]), _forecast(loaded, ["c0", "c1"], TEXTS[:2])
+    assert torch.equal(a.samples, b.samples)
+
+
+def test_load_errors_are_clear(forecaster, tmp_path, llm_path):
+    with pytest.raises(ForecasterLoadError, match="not a Forecaster folder"):
+        Forecaster.load(tmp_path)
+    forecaster.save(tmp_path / "fc")
+    meta_path = tmp_path / "fc" / "forecaster.json"
+    meta = json.loads(meta_path.read_text())
+    meta["config"]["denoiser"]["block_out_channels"] = [16, 32]
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ForecasterLoadError, match="weights do not fit the config.*denoiser.unet"):
+        Forecaster.load(tmp_path / "fc")
+    meta["format_version"] = 99
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ForecasterLoadError, match="format version 99"):
+        Forecaster.load(tmp_path / "fc")
+    other_llm = write_tiny_gemma3(tmp_path / "other", TEXTS, hidden_size=48)
+    forecaster.save(tmp_path / "fc2")
+    with pytest.raises(ForecasterLoadError, match="the Forecaster was trained with"):
+        Forecaster.load(tmp_path / "fc2", llm_path=str(other_llm))
+
+
+def test_forecast_latents_validates_inputs(forecaster):
+    with pytest.raises(ValueError, match="unique"):
+        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, 4, 4, 4),
+                         torch.zeros(2, 3, 64), ["a", "a"], 2, 0, 2)
