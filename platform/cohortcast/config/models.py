@@ -114,6 +114,10 @@ class DenoiserConfig:
     norm_num_groups: int = 8
     cross_attention_dim: int = 64
     condition_dropout: float = 0.1
+    # Local diffusers-format SD1.5 `unet/` folder (4 input channels): loaded, then conv_in
+    # widened to 8 channels with zero weights for the baseline half, so the widened
+    # model starts out computing exactly the pretrained one.
+    pretrained_path: str | None = None
 
     def validate(self) -> None:
         _require(len(self.block_out_channels) >= 1, "block_out_channels", "needs at least one level")

@@ -9,6 +9,8 @@ unconditional pre-training stage uses the nulls throughout and a zero baseline.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from diffusers import UNet2DConditionModel
 from torch import nn
@@ -18,7 +20,37 @@ from cohortcast.config.models import DenoiserConfig
 CONTEXT_SLOTS = ("ehr", "temporal", "target_date")
 
 
+def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditionModel:
+    """Extra input channels with zero weights (InstructPix2Pix-style): same function at init."""
+    old = unet.conv_in
+    if in_channels == old.in_channels:
+        return unet
+    if in_channels < old.in_channels:
+        raise ValueError(f"cannot narrow conv_in from {old.in_channels} to {in_channels} channels")
+    new = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding)
+    with torch.no_grad():
+        new.weight.zero_()
+        new.weight[:, : old.in_channels] = old.weight
+        new.bias.copy_(old.bias)
+    unet.conv_in = new
+    unet.register_to_config(in_channels=in_channels)
+    return unet
+
+
+def load_pretrained_unet(path: str | Path, latent_channels: int) -> UNet2DConditionModel:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a diffusers model folder (no config.json); the model hub is not "
+                                "used, point denoiser.pretrained_path at a local unet/ folder")
+    unet = UNet2DConditionModel.from_pretrained(str(path), local_files_only=True)
+    if unet.config.out_channels != latent_channels:
+        raise ValueError(f"{path}: U-Net predicts {unet.config.out_channels} channels, VAE latents have {latent_channels}")
+    return widen_conv_in(unet, 2 * latent_channels)
+
+
 def build_unet(cfg: DenoiserConfig, latent_channels: int, sample_size: int) -> UNet2DConditionModel:
+    if cfg.pretrained_path:
+        return load_pretrained_unet(cfg.pretrained_path, latent_channels)
     levels = len(cfg.block_out_channels)
     return UNet2DConditionModel(
         sample_size=sample_size, in_channels=2 * latent_channels, out_channels=latent_channels,
