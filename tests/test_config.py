@@ -55,3 +55,17 @@ def test_bool_is_not_an_int():
     with pytest.raises(ConfigError, match="expected an integer"):
         load_config(None, ["ingest.crop_size=true"])
     assert isinstance(IngestConfig().crop_size, int)
+
+
+def test_shipped_configs_load():
+    from pathlib import Path
+
+    from cohortcast.config.presets import sd15_forecaster
+
+    root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
+    for path in sorted(root.glob("*.yaml")):
+        load_config(path)
+    nlst = load_config(root / "namd_nlst.yaml").model
+    preset = sd15_forecaster()
+    assert nlst.denoiser.block_out_channels == preset.denoiser.block_out_channels
+    assert nlst.vae.block_out_channels == preset.vae.block_out_channels

@@ -162,3 +162,22 @@ def test_forecast_latents_validates_inputs(forecaster):
     with pytest.raises(ValueError, match="unique"):
         forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, 4, 4, 4),
                          torch.zeros(2, 3, 64), ["a", "a"], 2, 0, 2)
+
+
+def test_condition_dropout_rate_and_null_rows(forecaster):
+    from cohortcast.models.denoiser import condition_dropout_mask
+
+    mask = condition_dropout_mask(20000, 0.1, torch.Generator().manual_seed(0))
+    assert abs(mask.float().mean().item() - 0.1) < 0.01
+    temporal, target = torch.randn(2, 64), torch.randn(2, 64)
+    ctx = forecaster.denoiser.build_context(None, temporal, target, drop=torch.tensor([True, False]))
+    torch.testing.assert_close(ctx[0], forecaster.denoiser.null_context)
+    torch.testing.assert_close(ctx[1, 1:], torch.stack([temporal[1], target[1]]))
+
+
+def test_ehr_text_without_conditioner_is_an_error():
+    f = Forecaster(ForecasterConfig()).eval()
+    with pytest.raises(ValueError, match="no LLM conditioner"):
+        f.forecast(torch.zeros(1, 1, 32, 32), torch.tensor([365.0]), ["a"], ehr_texts=["text"], num_samples=1, steps=1)
+    out = f.forecast(torch.zeros(1, 1, 32, 32), torch.tensor([365.0]), ["a"], num_samples=1, steps=1)
+    assert out.samples.shape == (1, 1, 1, 32, 32) and torch.equal(out.variance, torch.zeros(1, 1, 32, 32))

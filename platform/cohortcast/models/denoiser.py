@@ -61,6 +61,12 @@ def build_unet(cfg: DenoiserConfig, latent_channels: int, sample_size: int) -> U
         cross_attention_dim=cfg.cross_attention_dim)
 
 
+def condition_dropout_mask(batch: int, p: float, generator: torch.Generator | None = None,
+                           device=None) -> torch.Tensor:
+    """(B,) bool: which rows train on the null context this step (classifier-free guidance)."""
+    return torch.rand(batch, generator=generator, device=device) < p
+
+
 class ConditionalDenoiser(nn.Module):
     def __init__(self, cfg: DenoiserConfig, latent_channels: int, sample_size: int, ehr_dim: int | None):
         super().__init__()

@@ -106,6 +106,11 @@ class Forecaster(nn.Module):
         Every network call runs in fixed micro-batches (scheduler.micro_batch), so a case's
         forecast is bit-identical whatever other cases share the call."""
         s = self.cfg.scheduler
+        if ehr_texts is not None and self.conditioner is None:
+            raise ValueError("this Forecaster has no LLM conditioner (model.conditioner.llm_path unset): "
+                             "it cannot use EHR text; pass ehr_texts=None")
+        if ehr_texts is not None and len(ehr_texts) != len(case_ids):
+            raise ValueError(f"{len(ehr_texts)} EHR texts for {len(case_ids)} cases")
         baseline = self._chunked(self.vae.encode_for_diffusion, baseline_images)
         if prior_images is not None:
             b, k = prior_images.shape[:2]
