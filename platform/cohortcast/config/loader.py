@@ -24,6 +24,12 @@ class ConfigError(ValueError):
     """A config value is missing, unknown or invalid; the message names the field."""
 
 
+def require(ok: bool, where: str, message: str) -> None:
+    """For `validate()` methods: raise ConfigError naming the field unless `ok`."""
+    if not ok:
+        raise ConfigError(f"{where}: {message}")
+
+
 def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 

@@ -7,12 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cohortcast.config.loader import ConfigError
-
-
-def _require(ok: bool, where: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{where}: {message}")
+from cohortcast.config.loader import require as _require
 
 
 @dataclass

@@ -10,13 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from cohortcast.config.loader import ConfigError
+from cohortcast.config.loader import require as _require
 from cohortcast.config.models import ForecasterConfig
-
-
-def _require(ok: bool, where: str, message: str) -> None:
-    if not ok:
-        raise ConfigError(f"{where}: {message}")
 
 
 @dataclass

@@ -11,12 +11,12 @@ attends to everything under causal attention - does not depend on the batch.
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from cohortcast.config.models import ConditionerConfig
+from cohortcast.models.local_weights import local_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -27,10 +27,7 @@ def load_frozen_lm(cfg: ConditionerConfig):
     """Base model (no LM head: no vocabulary-sized logits) and tokenizer from a local folder."""
     from transformers import AutoModel, AutoTokenizer
 
-    path = Path(cfg.llm_path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a Hugging Face model folder (no config.json); the model hub is not "
-                                "used, point conditioner.llm_path at local weights")
+    path = local_model_folder(cfg.llm_path, "model.conditioner.llm_path")
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=_DTYPES[cfg.dtype])
     model.requires_grad_(False)

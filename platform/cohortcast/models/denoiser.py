@@ -16,6 +16,7 @@ from diffusers import UNet2DConditionModel
 from torch import nn
 
 from cohortcast.config.models import DenoiserConfig
+from cohortcast.models.local_weights import local_model_folder
 
 CONTEXT_SLOTS = ("ehr", "temporal", "target_date")
 
@@ -38,10 +39,7 @@ def widen_conv_in(unet: UNet2DConditionModel, in_channels: int) -> UNet2DConditi
 
 
 def load_pretrained_unet(path: str | Path, latent_channels: int) -> UNet2DConditionModel:
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a diffusers model folder (no config.json); the model hub is not "
-                                "used, point denoiser.pretrained_path at a local unet/ folder")
+    path = local_model_folder(path, "model.denoiser.pretrained_path")
     unet = UNet2DConditionModel.from_pretrained(str(path), local_files_only=True)
     if unet.config.out_channels != latent_channels:
         raise ValueError(f"{path}: U-Net predicts {unet.config.out_channels} channels, VAE latents have {latent_channels}")

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from cohortcast.config.models import VAEConfig
+from cohortcast.models.local_weights import local_model_folder
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,7 @@ def fold_rgb_to_grey(rgb: AutoencoderKL) -> AutoencoderKL:
 
 def load_pretrained_autoencoder(path: str | Path, in_channels: int) -> AutoencoderKL:
     """A local diffusers-format VAE folder (config.json + weights), e.g. SD1.5's `vae/`."""
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise FileNotFoundError(f"{path}: not a diffusers model folder (no config.json); the model hub is not "
-                                "used, download the weights and point vae.pretrained_path at the folder")
+    path = local_model_folder(path, "model.vae.pretrained_path")
     model = AutoencoderKL.from_pretrained(str(path), local_files_only=True)
     if model.config.in_channels == in_channels:
         return model
