@@ -1,0 +1,24 @@
+"""Build and run a Ray Train TorchTrainer for one stage. Re-running with the same
+storage path and name resumes from the stage's latest checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+from cohortcast.config.training import ScalingSettings
+
+
+def run_stage(name: str, worker_loop: Callable[[dict], None], loop_config: dict[str, Any], datasets: dict,
+              scaling: ScalingSettings):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    trainer = TorchTrainer(
+        worker_loop, train_loop_config=loop_config, datasets=datasets,
+        scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                     resources_per_worker={"CPU": scaling.cpus_per_worker}),
+        run_config=RunConfig(name=name, storage_path=str(Path(scaling.storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep)))
+    return trainer.fit()
