@@ -38,3 +38,15 @@ def tiny_cohort(tmp_path_factory):
     out = tmp_path_factory.mktemp("cohort") / "manifest"
     generate_cohort(tiny_synth_config(), out, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_ingested(ray_session, tiny_cohort, tmp_path_factory):
+    """The tiny cohort ingested with 32 px crops, every patient in `train` (training tests)."""
+    from cohortcast.config import IngestConfig, SplitConfig
+    from cohortcast.data.ingest import run_ingest
+
+    out = tmp_path_factory.mktemp("train-ingest") / "ingested"
+    run_ingest(IngestConfig(manifest=str(tiny_cohort), output=str(out), crop_size=32, crop_spacing_mm=1.5,
+                            patch_size=8, volume_shape=(8, 16, 16), split=SplitConfig(1.0, 0.0, 0.0)))
+    return out

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from cohortcast.config.models import VAEConfig, VAELossConfig
 from cohortcast.config.training import ScalingSettings, StageConfig
+from cohortcast.models.vae import NoduleVAE
+from cohortcast.training.export import consolidated_state_dict
 from cohortcast.training.runner import run_stage
 from cohortcast.training.vae_stage import vae_dataset, vae_worker_loop
 
@@ -13,16 +16,9 @@ pytestmark = pytest.mark.ray
 
 
 @pytest.fixture(scope="module")
-def fixed_batch(ray_session, tiny_cohort, tmp_path_factory):
+def fixed_batch(ray_session, tiny_ingested):
     """4 ingested 32 px crops: with 2 workers x micro-batch 2, every step sees the same rows."""
-    from cohortcast.config import IngestConfig, SplitConfig
-    from cohortcast.data.ingest import run_ingest
-
-    out = tmp_path_factory.mktemp("train-ingest") / "ingested"
-    run_ingest(IngestConfig(manifest=str(tiny_cohort), output=str(out), crop_size=32, crop_spacing_mm=1.5,
-                            patch_size=8, volume_shape=(8, 16, 16), split=SplitConfig(1.0, 0.0, 0.0)))
-    rows = vae_dataset(out).take(4)
-    return ray_session.data.from_items(rows)
+    return ray_session.data.from_items(vae_dataset(tiny_ingested).take(4))
 
 
 def _stage(**kw):
@@ -53,6 +49,12 @@ def test_zero2_on_two_cpu_workers_loss_falls(fixed_batch, tmp_path):
     # ZeRO-2 sharded optimizer state: one shard per rank inside the checkpoint.
     shards = sorted(p.name for p in (tmp_path / "ray_results").rglob("*optim_states.pt"))
     assert any("zero_pp_rank_0" in s for s in shards) and any("zero_pp_rank_1" in s for s in shards)
+    # The trained weights come back out of the sharded checkpoint and load into the model.
+    trained = NoduleVAE(MODEL)
+    initial = {k: v.clone() for k, v in trained.state_dict().items()}
+    trained.load_state_dict(consolidated_state_dict(result.checkpoint))
+    changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, initial[k])]
+    assert "probe.weight" in changed and "autoencoder.encoder.conv_in.weight" in changed
 
 
 def test_rerun_resumes_from_the_saved_step(fixed_batch, tmp_path):

@@ -108,3 +108,37 @@ class NoduleVAE(nn.Module):
     @torch.no_grad()
     def decode_from_diffusion(self, z: torch.Tensor) -> torch.Tensor:
         return self.decode(z / self.scaling_factor)
+
+
+VAE_CONFIG_FILE, VAE_WEIGHTS_FILE = "vae.json", "vae.safetensors"
+
+
+def save_vae(vae: NoduleVAE, folder: str | Path) -> None:
+    """VAE + probe as one folder (config JSON + safetensors), written atomically."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from cohortcast.config import to_dict
+    from cohortcast.data.atomic import atomic_folder
+
+    with atomic_folder(folder, overwrite=True) as tmp:
+        (tmp / VAE_CONFIG_FILE).write_text(json.dumps(to_dict(vae.cfg), indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in vae.state_dict().items()}, str(tmp / VAE_WEIGHTS_FILE))
+
+
+def load_vae(folder: str | Path) -> NoduleVAE:
+    import json
+
+    from safetensors.torch import load_file
+
+    from cohortcast.config import from_dict
+
+    folder = Path(folder)
+    if not (folder / VAE_CONFIG_FILE).is_file():
+        raise FileNotFoundError(f"{folder}: no {VAE_CONFIG_FILE}; not a saved NoduleVAE")
+    cfg = from_dict(VAEConfig, json.loads((folder / VAE_CONFIG_FILE).read_text()))
+    cfg.pretrained_path = None  # the saved weights replace whatever it started from
+    vae = NoduleVAE(cfg)
+    vae.load_state_dict(load_file(str(folder / VAE_WEIGHTS_FILE)))
+    return vae.eval()
