@@ -25,7 +25,9 @@ def vae_dataset(ingested: str | Path, split: str = "train"):
     import ray.data
 
     ds = ray.data.read_parquet(str(Path(ingested) / "nodules" / f"split={split}"))
-    return ds.map_batches(to_vae_batch, batch_format="numpy")
+    # Materialised before training, as in ldm_stage.latent_dataset: Train workers hold
+    # their CPUs and a lazy pipeline's read tasks could not be scheduled on a small machine.
+    return ds.map_batches(to_vae_batch, batch_format="numpy").materialize()
 
 
 def vae_worker_loop(config: dict) -> None:

@@ -1,0 +1,32 @@
+"""Stage c on Ray Train + DeepSpeed: unconditional pre-training on the latent cache."""
+
+import pytest
+import torch
+
+from cohortcast.config.models import ForecasterConfig, VAEConfig
+from cohortcast.config.training import ScalingSettings, StageConfig
+from cohortcast.data.latent_cache import build_latent_cache
+from cohortcast.models.vae import NoduleVAE, save_vae
+from cohortcast.training.export import consolidated_state_dict
+from cohortcast.training.ldm_stage import build_denoiser, latent_dataset, ldm_unconditional_worker_loop
+from cohortcast.training.runner import run_stage
+
+pytestmark = pytest.mark.ray
+
+
+def test_unconditional_stage_trains_the_denoiser_from_the_cache(tiny_ingested, tmp_path):
+    torch.manual_seed(0)
+    save_vae(NoduleVAE(VAEConfig()), tmp_path / "vae")
+    cache = build_latent_cache(tiny_ingested, tmp_path / "vae", tmp_path / "cache", actors=1)
+    model = ForecasterConfig()
+    stage = StageConfig(max_steps=4, micro_batch_size=2, lr=1e-3, warmup_steps=1, zero_stage=1, checkpoint_every=2)
+    result = run_stage("ldm-uncond", ldm_unconditional_worker_loop, {"stage": stage, "model": model},
+                       {"train": latent_dataset(cache["path"])},
+                       ScalingSettings(num_workers=2, storage_path=str(tmp_path / "runs")))
+    assert result.error is None and result.metrics["step"] == 4
+    loss = result.metrics["loss/total"]
+    assert 0 < loss < 10  # epsilon-MSE of a fresh model is about 1
+    denoiser = build_denoiser(model)
+    before = denoiser.unet.conv_in.weight.clone()
+    denoiser.load_state_dict(consolidated_state_dict(result.checkpoint))
+    assert not torch.equal(before, denoiser.unet.conv_in.weight)
