@@ -33,6 +33,7 @@ test: install
 
 bench: install
 	$(PY) benchmarks/ingest_throughput.py
+	$(PY) benchmarks/ddim_batching.py
 
 clean-demo:
 	rm -rf runs/demo

@@ -181,3 +181,15 @@ def test_ehr_text_without_conditioner_is_an_error():
         f.forecast(torch.zeros(1, 1, 32, 32), torch.tensor([365.0]), ["a"], ehr_texts=["text"], num_samples=1, steps=1)
     out = f.forecast(torch.zeros(1, 1, 32, 32), torch.tensor([365.0]), ["a"], num_samples=1, steps=1)
     assert out.samples.shape == (1, 1, 1, 32, 32) and torch.equal(out.variance, torch.zeros(1, 1, 32, 32))
+
+
+def test_prior_exams_feed_the_temporal_context(forecaster):
+    """Several prior exams (padded, masked) are encoded and change the forecast."""
+    images = torch.full((1, 1, 32, 32), 0.2)
+    common = dict(ehr_texts=TEXTS[:1], num_samples=2, seed=1, steps=3)
+    single = forecaster.forecast(images, torch.tensor([365.0]), ["p"], **common)
+    priors = torch.stack([torch.full((1, 32, 32), -0.5), torch.full((1, 32, 32), 0.2), torch.zeros(1, 32, 32)])[None]
+    multi = forecaster.forecast(images, torch.tensor([365.0]), ["p"], prior_images=priors,
+                                days_before_target=torch.tensor([[730.0, 365.0, 0.0]]),
+                                exam_mask=torch.tensor([[True, True, False]]), **common)
+    assert multi.samples.shape == single.samples.shape and not torch.equal(multi.samples, single.samples)

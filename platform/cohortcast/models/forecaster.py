@@ -84,13 +84,14 @@ class Forecaster(nn.Module):
 
     def encode_priors(self, baseline_latents: torch.Tensor, horizon_days: torch.Tensor,
                       prior_images: torch.Tensor | None, days_before_target: torch.Tensor | None,
-                      exam_mask: torch.Tensor | None):
-        """Prior exams for the temporal encoder; NAMD's single baseline when none are given."""
+                      exam_mask: torch.Tensor | None, encode=None):
+        """Prior exams for the temporal encoder; NAMD's single baseline when none are given.
+        `encode` maps images to diffusion latents (default: the VAE, unchunked)."""
         if prior_images is None:
             return baseline_latents[:, None], horizon_days[:, None].float(), torch.ones(
                 baseline_latents.shape[0], 1, dtype=torch.bool, device=baseline_latents.device)
         b, k = prior_images.shape[:2]
-        latents = self.vae.encode_for_diffusion(prior_images.flatten(0, 1)).view(b, k, *self.latent_shape)
+        latents = (encode or self.vae.encode_for_diffusion)(prior_images.flatten(0, 1)).view(b, k, *self.latent_shape)
         return latents, days_before_target.float(), exam_mask.bool()
 
     def _chunked(self, fn, tensor: torch.Tensor) -> torch.Tensor:
@@ -112,12 +113,8 @@ class Forecaster(nn.Module):
         if ehr_texts is not None and len(ehr_texts) != len(case_ids):
             raise ValueError(f"{len(ehr_texts)} EHR texts for {len(case_ids)} cases")
         baseline = self._chunked(self.vae.encode_for_diffusion, baseline_images)
-        if prior_images is not None:
-            b, k = prior_images.shape[:2]
-            latents = self._chunked(self.vae.encode_for_diffusion, prior_images.flatten(0, 1))
-            priors = (latents.view(b, k, *self.latent_shape), days_before_target.float(), exam_mask.bool())
-        else:
-            priors = self.encode_priors(baseline, horizon_days, None, None, None)
+        priors = self.encode_priors(baseline, horizon_days, prior_images, days_before_target, exam_mask,
+                                    encode=lambda x: self._chunked(self.vae.encode_for_diffusion, x))
         ehr = None
         if self.conditioner is not None and ehr_texts is not None:
             index = torch.arange(len(ehr_texts)).view(-1, 1)

@@ -4,6 +4,7 @@ alone is not enough there: DeepSpeed's zero_to_fp32 gathers them)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -13,7 +14,8 @@ from cohortcast.training.checkpoints import TAG
 
 def consolidated_state_dict(checkpoint) -> dict[str, torch.Tensor]:
     """`checkpoint`: a ray.train.Checkpoint (or a local folder) written by save_and_report."""
-    folder_ctx = checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else _Local(checkpoint)
+    folder_ctx = (checkpoint.as_directory() if hasattr(checkpoint, "as_directory")
+                  else contextlib.nullcontext(str(checkpoint)))
     with folder_ctx as folder:
         tag_dir = Path(folder) / TAG
         if any(tag_dir.glob("*optim_states.pt")):
@@ -23,13 +25,3 @@ def consolidated_state_dict(checkpoint) -> dict[str, torch.Tensor]:
         model_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO stage 0: plain model states
         return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
 
-
-class _Local:
-    def __init__(self, path):
-        self.path = str(path)
-
-    def __enter__(self):
-        return self.path
-
-    def __exit__(self, *exc):
-        return False
