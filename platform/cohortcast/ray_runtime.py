@@ -12,13 +12,18 @@ log = logging.getLogger(__name__)
 def ensure_ray(cfg: RayConfig | None = None) -> None:
     """Join the running Ray instance if this process has one (tests, `ray job submit`),
     else connect to `cfg.address`, else start a local instance."""
+    import os
+
     import ray
 
     if ray.is_initialized():
         return
     cfg = cfg or RayConfig()
     kwargs = {"include_dashboard": False, "log_to_driver": True}
-    if cfg.address is None and cfg.num_cpus is not None:
+    # Under `ray job submit` RAY_ADDRESS names the cluster: join it (sizing it is not ours).
+    joining = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    if not joining and cfg.num_cpus is not None:
         kwargs["num_cpus"] = cfg.num_cpus
     ray.init(address=cfg.address, **kwargs)
-    log.info("Ray: %s with %s", cfg.address or "local instance", ray.cluster_resources())
+    log.info("Ray: %s with %s", cfg.address or os.environ.get("RAY_ADDRESS") or "local instance",
+             ray.cluster_resources())

@@ -12,6 +12,7 @@ from typing import Literal
 
 from cohortcast.config.loader import require as _require
 from cohortcast.config.models import ForecasterConfig
+from cohortcast.config.training import MLflowConfig, TrainingConfig
 
 
 @dataclass
@@ -123,12 +124,19 @@ class RayConfig:
 
 @dataclass
 class CohortcastConfig:
-    """Root config. A synthetic cohort, when generated, is written to `ingest.manifest`."""
+    """Root config. A synthetic cohort, when generated, is written to `ingest.manifest`.
+
+    Relative paths anywhere in the tree resolve against `workdir` (default: the current
+    directory). `ray job submit --working-dir .` runs the job in a copy of the project,
+    so local runs set `workdir` to the project folder to keep outputs there."""
 
     run_name: str = "demo"
+    workdir: str = "."
     synthesize_if_missing: bool = True
     synth: SynthConfig = field(default_factory=SynthConfig)
     ingest: IngestConfig = field(default_factory=IngestConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     model: ForecasterConfig = field(default_factory=ForecasterConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from cohortcast.config.loader import require as _require
@@ -60,3 +60,79 @@ class ScalingSettings:
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
         _require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = retry forever)")
         _require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
+
+
+@dataclass
+class LatentCacheConfig:
+    """Stage b: the frozen VAE encodes every crop on a Ray Data actor pool."""
+
+    root: str = "runs/demo/latents"
+    actors: int = 2
+    batch_size: int = 64
+
+    def validate(self) -> None:
+        _require(self.actors >= 1, "actors", "must be >= 1")
+        _require(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass
+class ValidationConfig:
+    """Validation on the `val` split, on world rank 0, every `every_epochs` epochs and at
+    the end of a stage: losses on up to `max_rows` rows, and for the conditional stage
+    `cases` forecasts with `samples` DDIM samples of `inference_steps` steps each, shown as
+    PNG grids (baseline | samples | real follow-up)."""
+
+    every_epochs: int = 1
+    max_rows: int = 64
+    cases: int = 4
+    samples: int = 2
+    inference_steps: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.every_epochs >= 1, "every_epochs", "must be >= 1")
+        _require(self.cases >= 1 and self.samples >= 1, "cases", "cases and samples must be >= 1")
+        _require(self.inference_steps >= 1, "inference_steps", "must be >= 1")
+
+
+STAGES = ("vae", "latents", "ldm_uncond", "ldm_cond")
+
+
+@dataclass
+class TrainingConfig:
+    """The NAMD job (jobs/train_namd.py): stages a-d, each skipped when its output exists.
+
+    `task_loss` is CLDM Eq. 1's L_task, weighted by `task_weight` (lambda): "probe_bce"
+    (the VAE probe's malignancy BCE on the predicted clean latent), "decoded_l1" (L1 of
+    the decoded prediction against the real follow-up) or "none" (lambda ignored)."""
+
+    output: str = "runs/demo/train"
+    stages: tuple[str, ...] = STAGES
+    vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=20, lr=1e-4))
+    ldm_uncond: StageConfig = field(default_factory=lambda: StageConfig(max_steps=20, lr=1e-4))
+    ldm_cond: StageConfig = field(default_factory=lambda: StageConfig(max_steps=20, lr=1e-4))
+    scaling: ScalingSettings = field(default_factory=ScalingSettings)
+    latent_cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
+    validation: ValidationConfig = field(default_factory=ValidationConfig)
+    task_loss: Literal["probe_bce", "decoded_l1", "none"] = "probe_bce"
+    task_weight: float = 1.0
+    # Debug/CI only: write a tiny randomly initialised Gemma 3 at model.conditioner.llm_path
+    # when nothing is there (no model hub here). Production configs point at MedGemma.
+    tiny_llm_if_missing: bool = False
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in STAGES]
+        _require(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(STAGES)}")
+        _require(self.task_weight >= 0, "task_weight", "must be >= 0")
+
+
+@dataclass
+class MLflowConfig:
+    """Where runs go. MLFLOW_TRACKING_URI (environment) wins over `tracking_uri`; with
+    neither, a local store under the working directory: `<workdir>/mlruns` (SQLite
+    backend + artifact folder). `registry_name` registers the final Forecaster."""
+
+    enabled: bool = True
+    experiment: str = "cohortcast-namd"
+    tracking_uri: str | None = None
+    registry_name: str | None = None

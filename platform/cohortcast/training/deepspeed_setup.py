@@ -61,3 +61,16 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def autocast_like(module: torch.nn.Module):
+    """DeepSpeed bf16/fp16 casts the weights but not the inputs; autocast to the weights'
+    dtype lets fp32 batches (and fp32 side computations like date embeddings) meet them.
+    A no-op for fp32 weights (CPU, CI)."""
+    import contextlib
+
+    dtype = next(module.parameters()).dtype
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    device = next(module.parameters()).device
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -6,21 +6,27 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from cohortcast.config.models import ForecasterConfig
 from cohortcast.config.training import StageConfig
 
+DENOISER_FILE = "denoiser.safetensors"
+
 
 def latent_dataset(cache: str | Path, split: str = "train"):
+    """The split's latents, or None when the split has no rows."""
     import ray.data
 
+    folder = Path(cache) / "nodules" / f"split={split}"
+    if not folder.is_dir():
+        return None
     # Only numeric columns reach the workers' torch batches. Materialised before training:
     # the Train workers hold their CPUs, and on a small machine the read tasks of a lazy
     # dataset would then wait for a CPU forever (seen on 2 CPUs). Latents are small.
-    return ray.data.read_parquet(str(Path(cache) / "nodules" / f"split={split}")).select_columns(
-        ["latent"]).materialize()
+    return ray.data.read_parquet(str(folder)).select_columns(["latent"]).materialize()
 
 
 def build_denoiser(cfg: ForecasterConfig):
@@ -35,21 +41,43 @@ def diffusion_loss(denoiser, scheduler, latents: torch.Tensor, baseline: torch.T
     """Epsilon-prediction MSE at uniformly drawn timesteps (DDPM, NAMD Eq. 1/9/10)."""
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    return F.mse_loss(denoiser(scheduler.add_noise(latents, noise, t), t, baseline, context), noise)
+    return F.mse_loss(denoiser(scheduler.add_noise(latents, noise, t), t, baseline, context).float(), noise.float())
+
+
+def unconditional_loss(engine, scheduler, latents: torch.Tensor) -> torch.Tensor:
+    null = engine.module.null(latents.shape[0])
+    latents = latents.to(null.dtype)
+    return diffusion_loss(engine, scheduler, latents, torch.zeros_like(latents), null)
+
+
+def validate_unconditional(engine, batches, scheduler, seed: int, max_rows: int):
+    device = next(engine.module.parameters()).device
+    total, seen = 0.0, 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # same timesteps and noise at every validation
+        for batch in batches:
+            latents = torch.from_numpy(np.asarray(batch["latent"], np.float32)).to(device)
+            total += float(unconditional_loss(engine, scheduler, latents)) * latents.shape[0]
+            seen += latents.shape[0]
+            if seen >= max_rows:
+                break
+    return ({"loss_diffusion": total / seen} if seen else {}), {}
 
 
 def ldm_unconditional_worker_loop(config: dict) -> None:
-    """Ray Train loop; config: {"stage": StageConfig, "model": ForecasterConfig}."""
+    """Ray Train loop; config: {"stage": StageConfig, "model": ForecasterConfig,
+    optional "validation": ValidationConfig, "tracking"}."""
     from cohortcast.models.schedulers import train_scheduler
-    from cohortcast.training.stage_loop import run_stage_loop
+    from cohortcast.training.stage_loop import StageHooks, run_stage_loop
 
     stage: StageConfig = config["stage"]
     model_cfg: ForecasterConfig = config["model"]
     scheduler = train_scheduler(model_cfg.scheduler)
-
-    def loss_fn(engine, batch):
-        latents = batch["latent"].float()
-        null = engine.module.null(latents.shape[0]).to(latents.dtype)
-        return {"total": diffusion_loss(engine, scheduler, latents, torch.zeros_like(latents), null)}
-
-    run_stage_loop(stage, lambda: build_denoiser(model_cfg), loss_fn)
+    val = config.get("validation")
+    hooks = StageHooks(tracking=config.get("tracking"))
+    if val is not None:
+        hooks.validate = lambda engine, batches: validate_unconditional(engine, batches, scheduler, val.seed,
+                                                                        val.max_rows)
+        hooks.validate_every_epochs = val.every_epochs
+    run_stage_loop(stage, lambda: build_denoiser(model_cfg),
+                   lambda engine, batch: {"total": unconditional_loss(engine, scheduler, batch["latent"])}, hooks)

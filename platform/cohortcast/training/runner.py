@@ -11,11 +11,15 @@ from cohortcast.config.training import ScalingSettings
 
 def run_stage(name: str, worker_loop: Callable[[dict], None], loop_config: dict[str, Any], datasets: dict,
               scaling: ScalingSettings):
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    """`datasets`: "train" is sharded across workers (`get_dataset_shard`); any other
+    (e.g. "val", read by rank 0 only) reaches each worker whole. None values are dropped."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    datasets = {k: v for k, v in datasets.items() if v is not None}
     trainer = TorchTrainer(
         worker_loop, train_loop_config=loop_config, datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(scaling.storage_path).resolve()),

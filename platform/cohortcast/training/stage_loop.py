@@ -1,37 +1,70 @@
 """The per-worker loop every stage shares: DeepSpeed engine, data shard, optimizer
 steps, metrics on every worker (Ray Train reports are collective), checkpoints every
-`checkpoint_every` steps and at the end, resume from the latest checkpoint.
+`checkpoint_every` steps and at the end, resume from the latest checkpoint, validation
+and MLflow logging on world rank 0.
 
 A stage supplies `build_model()` and `loss_fn(engine, batch) -> dict of scalar tensors
-with "total"`; everything else is here.
+with "total"`, and optionally `StageHooks`; everything else is here.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 
 from cohortcast.config.training import StageConfig
 from cohortcast.training.checkpoints import restore, save_and_report
-from cohortcast.training.deepspeed_setup import choose_precision, deepspeed_config, seed_everything
+from cohortcast.training.deepspeed_setup import autocast_like, choose_precision, deepspeed_config, seed_everything
 
 log = logging.getLogger(__name__)
 
+# validate(engine, val_batches) -> (scalar metrics, {name: uint8 image}); rank 0 only.
+Validate = Callable[[Any, Iterable[dict[str, np.ndarray]]], tuple[dict[str, float], dict[str, np.ndarray]]]
+
+
+@dataclass
+class StageHooks:
+    # Numpy batch + this epoch's generator -> model inputs (tensors moved to the device
+    # by the loop). Lets a stage draw per-epoch randomness (e.g. CLDM's target date).
+    prepare_batch: Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, Any]] | None = None
+    validate: Validate | None = None
+    validate_every_epochs: int = 1
+    val_batch_size: int = 16
+    tracking: dict[str, str] | None = None  # {"uri", "run_id"} of the stage's MLflow run
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _batches(shard, stage: StageConfig, hooks: StageHooks, device, rng: np.random.Generator):
+    if hooks.prepare_batch is None:
+        yield from shard.iter_torch_batches(batch_size=stage.micro_batch_size, drop_last=True, device=device)
+        return
+    for batch in shard.iter_batches(batch_size=stage.micro_batch_size, drop_last=True, batch_format="numpy"):
+        yield _to_device(hooks.prepare_batch(batch, rng), device)
+
 
 def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module],
-                   loss_fn: Callable[[Any, dict[str, torch.Tensor]], dict[str, torch.Tensor]],
-                   dataset_name: str = "train") -> None:
+                   loss_fn: Callable[[Any, dict[str, Any]], dict[str, torch.Tensor]],
+                   hooks: StageHooks | None = None, dataset_name: str = "train") -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
 
+    from cohortcast.tracking.stage_tracker import StageTracker
+
+    hooks = hooks or StageHooks()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     precision = choose_precision(stage.precision, device)
+    tracker = StageTracker.for_rank(hooks.tracking, rank)
     if rank == 0:
         log.info("precision %s (%s); ZeRO stage %d on %d worker(s)", precision.name, precision.reason,
                  stage.zero_stage, world)
@@ -46,32 +79,63 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
     resumed_from = engine.global_steps
     seed_everything(stage.seed + 1000 * rank + engine.global_steps)  # different noise per rank and restart
     shard = ray.train.get_dataset_shard(dataset_name)
+    val_shard = None
+    if hooks.validate and rank == 0:
+        try:
+            val_shard = ray.train.get_dataset_shard("val")
+        except KeyError:  # no validation split (e.g. a tiny cohort): validation is skipped
+            log.info("no 'val' dataset: validation skipped")
+
+    def validation() -> dict[str, float]:
+        if val_shard is None:
+            return {}
+        engine.eval()
+        with torch.no_grad(), autocast_like(engine.module):
+            metrics, images = hooks.validate(engine, val_shard.iter_batches(batch_size=hooks.val_batch_size,
+                                                                             batch_format="numpy"))
+        engine.train()
+        if tracker:
+            for name, image in images.items():
+                tracker.log_png(image, f"validation/epoch{epoch:03d}_step{engine.global_steps:05d}_{name}.png")
+        return {f"val/{k}": v for k, v in metrics.items()}
+
     samples, started = 0, time.perf_counter()
     while engine.global_steps < stage.max_steps:
         batches = 0
-        for batch in shard.iter_torch_batches(batch_size=stage.micro_batch_size, drop_last=True, device=device):
+        rng = np.random.default_rng([stage.seed, epoch, rank])  # fresh draws every epoch
+        for batch in _batches(shard, stage, hooks, device, rng):
             batches += 1
             before = engine.global_steps
-            terms = loss_fn(engine, batch)
+            with autocast_like(engine.module):
+                terms = loss_fn(engine, batch)
             engine.backward(terms["total"])
             engine.step()
             samples += stage.micro_batch_size
             if engine.global_steps == before:
                 continue  # accumulating: no optimizer step yet
             step = engine.global_steps
-            if step % stage.log_every and step % stage.checkpoint_every and step < stage.max_steps:
+            final = step >= stage.max_steps
+            if step % stage.log_every and step % stage.checkpoint_every and not final:
                 continue
             elapsed = time.perf_counter() - started
             metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
             metrics.update(step=step, epoch=epoch, lr=float(scheduler.get_last_lr()[0]),
                            samples_per_s=samples * world / max(elapsed, 1e-9), resumed_from=resumed_from)
-            if step % stage.checkpoint_every == 0 or step >= stage.max_steps:
+            if final:
+                metrics.update(validation())
+            if tracker:
+                tracker.log_metrics(metrics, step)
+            if step % stage.checkpoint_every == 0 or final:
                 save_and_report(engine, metrics, {"epoch": epoch, "step": step})
             else:
                 ray.train.report(metrics)
-            if step >= stage.max_steps:
+            if final:
                 break
         if batches == 0:
             raise RuntimeError(f"worker {rank} got no full batch of {stage.micro_batch_size} rows: the dataset is "
                                f"smaller than micro_batch_size x workers ({stage.micro_batch_size} x {world})")
         epoch += 1
+        if engine.global_steps < stage.max_steps and epoch % hooks.validate_every_epochs == 0:
+            val = validation()
+            if tracker and val:
+                tracker.log_metrics({**val, "epoch": epoch}, engine.global_steps)

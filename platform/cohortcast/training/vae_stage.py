@@ -22,19 +22,53 @@ def to_vae_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def vae_dataset(ingested: str | Path, split: str = "train"):
+    """The split's crops as VAE batches, or None when the split has no rows."""
     import ray.data
 
-    ds = ray.data.read_parquet(str(Path(ingested) / "nodules" / f"split={split}"))
+    folder = Path(ingested) / "nodules" / f"split={split}"
+    if not folder.is_dir():
+        return None
+    ds = ray.data.read_parquet(str(folder))
     # Materialised before training, as in ldm_stage.latent_dataset: Train workers hold
     # their CPUs and a lazy pipeline's read tasks could not be scheduled on a small machine.
     return ds.map_batches(to_vae_batch, batch_format="numpy").materialize()
 
 
+def validate_vae(engine, batches, max_rows: int, cases: int):
+    """Reconstruction L1 (posterior mean, no sampling), probe AUROC when both classes are
+    present (scikit-learn), and an input | reconstruction grid."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from cohortcast.training.image_grid import image_grid
+
+    device = next(engine.module.parameters()).device
+    l1, labels, scores, shown, seen = 0.0, [], [], None, 0
+    for batch in batches:
+        images = torch.from_numpy(np.asarray(batch["image"], np.float32)).to(device)
+        out = engine.module(images, sample=False)
+        l1 += float((out.reconstruction.float() - images).abs().mean()) * images.shape[0]
+        labels += [int(v) for v in batch["label"]]
+        scores += out.probe_logit.float().cpu().tolist()
+        shown = shown or (images[:cases], out.reconstruction[:cases])
+        seen += images.shape[0]
+        if seen >= max_rows:
+            break
+    if not seen:
+        return {}, {}
+    metrics = {"reconstruction_l1": l1 / seen}
+    known = [(y, s) for y, s in zip(labels, scores) if y >= 0]
+    if len({y for y, _ in known}) == 2:
+        metrics["probe_auroc"] = float(roc_auc_score([y for y, _ in known], [s for _, s in known]))
+    return metrics, {"input_reconstruction": image_grid(list(shown))}
+
+
 def vae_worker_loop(config: dict) -> None:
-    """Ray Train `train_loop_per_worker`; config: {"stage": StageConfig, "model": VAEConfig}."""
+    """Ray Train `train_loop_per_worker`; config: {"stage": StageConfig, "model": VAEConfig,
+    optional "validation": ValidationConfig, "tracking"}."""
     from cohortcast.models.vae import NoduleVAE
     from cohortcast.models.vae_loss import build_perceptual, vae_loss
-    from cohortcast.training.stage_loop import run_stage_loop
+    from cohortcast.training.stage_loop import StageHooks, run_stage_loop
 
     stage: StageConfig = config["stage"]
     model_cfg: VAEConfig = config["model"]
@@ -46,4 +80,9 @@ def vae_worker_loop(config: dict) -> None:
         out = engine(batch["image"])
         return vae_loss(out, batch["image"], batch["features"], batch["label"], model_cfg.loss, perceptual)
 
-    run_stage_loop(stage, lambda: NoduleVAE(model_cfg), loss_fn)
+    hooks = StageHooks(tracking=config.get("tracking"))
+    val = config.get("validation")
+    if val is not None:
+        hooks.validate = lambda engine, batches: validate_vae(engine, batches, val.max_rows, val.cases)
+        hooks.validate_every_epochs = val.every_epochs
+    run_stage_loop(stage, lambda: NoduleVAE(model_cfg), loss_fn, hooks)

@@ -1,0 +1,37 @@
+"""Relative paths in a config resolve against `workdir`, once, at the start of a job:
+afterwards every stage, Ray worker and MLflow param sees the same absolute paths."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from cohortcast.config.schema import CohortcastConfig
+
+# Every path-valued field (None means "not set" and stays None).
+PATH_FIELDS = (
+    "ingest.manifest", "ingest.output", "training.output", "training.scaling.storage_path",
+    "training.latent_cache.root", "model.vae.pretrained_path", "model.vae.loss.perceptual_vgg_path",
+    "model.vae.loss.perceptual_lpips_path", "model.conditioner.llm_path", "model.denoiser.pretrained_path",
+)
+
+
+def _is_uri(value: str) -> bool:
+    return "://" in value  # s3://, gs://: left to the library that reads them
+
+
+def resolve_paths(cfg: CohortcastConfig) -> CohortcastConfig:
+    """A copy of `cfg` with `workdir` and every relative path made absolute."""
+    cfg = copy.deepcopy(cfg)
+    workdir = Path(os.path.expanduser(cfg.workdir)).resolve()
+    cfg.workdir = str(workdir)
+    for dotted in PATH_FIELDS:
+        *parents, leaf = dotted.split(".")
+        owner = cfg
+        for name in parents:
+            owner = getattr(owner, name)
+        value = getattr(owner, leaf)
+        if value and not _is_uri(value):
+            setattr(owner, leaf, str(workdir / os.path.expanduser(value)))
+    return cfg

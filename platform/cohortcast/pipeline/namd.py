@@ -1,0 +1,244 @@
+"""The NAMD training job: cohort -> ingest -> (a) VAE -> (b) latent cache -> (c)
+unconditional LDM -> (d) conditional LDM -> Forecaster, all in one MLflow parent run.
+
+Each stage is skipped when its valid output exists (see stage_outputs) and resumes
+from its latest Ray Train checkpoint when it was interrupted."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from cohortcast.config import flatten
+from cohortcast.config.paths import resolve_paths
+from cohortcast.config.schema import CohortcastConfig
+from cohortcast.pipeline import stage_outputs as outputs
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageReport:
+    name: str
+    status: str  # "trained", "up to date", "reused" (unlisted stage, existing output), "built"
+    output: str
+    seconds: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class NAMDReport:
+    stages: list[StageReport]
+    forecaster: str | None
+    mlflow: str
+    parent_run_id: str | None
+
+
+class StageNotAvailable(RuntimeError):
+    pass
+
+
+def without_pretrained(model_cfg):
+    """A copy that builds the architecture only: weights come from our own stage outputs."""
+    cfg = copy.deepcopy(model_cfg)
+    cfg.vae.pretrained_path = None
+    cfg.denoiser.pretrained_path = None
+    return cfg
+
+
+class NAMDJob:
+    def __init__(self, cfg: CohortcastConfig):
+        self.cfg = cfg
+        self.output = Path(cfg.training.output)
+        self.reports: list[StageReport] = []
+
+    # ----- one training stage on Ray Train --------------------------------------------
+    def train_stage(self, runs, name: str, key: str, worker_loop, loop_config: dict, datasets: dict,
+                    export: Callable[[Any, Path], None], params: dict[str, Any]) -> Path:
+        from cohortcast.training.runner import run_stage
+
+        folder = self.output / name
+        run_id = runs.start_child(name, {**params, "stage_key": key})
+        if outputs.is_valid(folder, key):
+            marker = outputs.read_marker(folder)
+            self._report(runs, run_id, StageReport(name, "up to date", str(folder), 0.0, marker.get("first_loss"),
+                                                   marker.get("last_loss"), marker.get("metrics", {})))
+            return folder
+        if name not in self.cfg.training.stages:
+            return self._reuse_unlisted(runs, run_id, name, folder)
+        outputs.invalidate(folder)
+        started = time.perf_counter()
+        try:
+            result = run_stage(f"{name}-{key}", worker_loop, {**loop_config, "tracking": runs.tracking_for_workers(
+                run_id)}, datasets, self.cfg.training.scaling)
+            export(result.checkpoint, folder)
+        except BaseException:
+            runs.fail_child(run_id)
+            raise
+        losses = runs.loss_history(run_id) or [result.metrics["loss/total"]]
+        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
+        report = StageReport(name, "trained", str(folder), time.perf_counter() - started, losses[0], losses[-1],
+                             metrics)
+        outputs.write_marker(folder, key, {"first_loss": report.first_loss, "last_loss": report.last_loss,
+                                           "metrics": metrics, "seconds": report.seconds})
+        self._report(runs, run_id, report)
+        return folder
+
+    def _reuse_unlisted(self, runs, run_id, name: str, folder: Path) -> Path:
+        marker = outputs.read_marker(folder)
+        if marker is None:
+            runs.fail_child(run_id)
+            raise StageNotAvailable(f"stage {name!r} is not in training.stages and {folder} holds no finished "
+                                    f"output; add it to training.stages")
+        log.warning("stage %s is not in training.stages: using its existing output %s, trained with another "
+                    "config (key %s)", name, folder, marker.get("key"))
+        self._report(runs, run_id, StageReport(name, "reused", str(folder), 0.0, marker.get("first_loss"),
+                                               marker.get("last_loss"), marker.get("metrics", {})))
+        return folder
+
+    def _report(self, runs, run_id, report: StageReport) -> None:
+        self.reports.append(report)
+        runs.finish_child(run_id, report.status, {k: v for k, v in vars(report).items()})
+        log.info("stage %s: %s (%s)", report.name, report.status, report.output)
+
+    # ----- the stages ---------------------------------------------------------------
+    def stage_vae(self, runs, card: dict) -> Path:
+        from cohortcast.training.vae_stage import vae_dataset, vae_worker_loop
+
+        t, m = self.cfg.training, self.cfg.model
+        key = outputs.stage_key("vae", t.vae, m.vae, card["fingerprint"], t.scaling.num_workers)
+        ingested = card["config"]["output"]
+
+        def export(checkpoint, folder: Path) -> None:
+            from cohortcast.models.vae import NoduleVAE, save_vae
+            from cohortcast.training.export import consolidated_state_dict
+
+            vae = NoduleVAE(without_pretrained(m).vae)
+            vae.load_state_dict(consolidated_state_dict(checkpoint))
+            save_vae(vae, folder)
+
+        return self.train_stage(runs, "vae", key, vae_worker_loop,
+                                {"stage": t.vae, "model": m.vae, "validation": t.validation},
+                                {"train": vae_dataset(ingested, "train"), "val": vae_dataset(ingested, "val")},
+                                export, flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"))
+
+    def stage_latents(self, runs, card: dict, vae_folder: Path) -> dict:
+        from cohortcast.data.latent_cache import build_latent_cache
+
+        c = self.cfg.training.latent_cache
+        run_id = runs.start_child("latents", flatten(c, "training.latent_cache"))
+        started = time.perf_counter()
+        cache = build_latent_cache(card["config"]["output"], vae_folder, c.root, actors=c.actors,
+                                   batch_size=c.batch_size, use_gpu=self.cfg.training.scaling.use_gpu)
+        runs.log_dict(run_id, {k: v for k, v in cache.items() if k != "reused"}, "latent_card.json")
+        self._report(runs, run_id, StageReport("latents", "up to date" if cache["reused"] else "built",
+                                               cache["path"], time.perf_counter() - started,
+                                               metrics={"rows": cache["rows"]}))
+        return cache
+
+    def stage_ldm_uncond(self, runs, cache: dict) -> Path:
+        from cohortcast.training.ldm_stage import DENOISER_FILE, latent_dataset, ldm_unconditional_worker_loop
+
+        t, m = self.cfg.training, self.cfg.model
+        key = outputs.stage_key("ldm_uncond", t.ldm_uncond, m.vae, m.denoiser, m.scheduler, cache["key"],
+                                t.scaling.num_workers)
+
+        def export(checkpoint, folder: Path) -> None:
+            from safetensors.torch import save_file
+
+            from cohortcast.data.atomic import atomic_folder
+            from cohortcast.training.export import consolidated_state_dict
+
+            state = consolidated_state_dict(checkpoint)
+            with atomic_folder(folder, overwrite=True) as tmp:
+                save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / DENOISER_FILE))
+
+        return self.train_stage(runs, "ldm_uncond", key, ldm_unconditional_worker_loop,
+                                {"stage": t.ldm_uncond, "model": m,
+                                 "validation": t.validation},
+                                {"train": latent_dataset(cache["path"], "train"),
+                                 "val": latent_dataset(cache["path"], "val")},
+                                export, flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser,
+                                                                                                "model.denoiser."))
+
+    def stage_ldm_cond(self, runs, cache: dict, vae_folder: Path, denoiser_folder: Path) -> Path:
+        from cohortcast.training.ldm_conditional_stage import (build_conditional_forecaster,
+                                                               ldm_conditional_worker_loop)
+        from cohortcast.training.trajectories import trajectory_dataset
+
+        t, m = self.cfg.training, self.cfg.model
+        uncond_key = outputs.read_marker(denoiser_folder)["key"]
+        key = outputs.stage_key("ldm_cond", t.ldm_cond, m, t.task_loss, t.task_weight, cache["key"], uncond_key,
+                                t.scaling.num_workers)
+        model = without_pretrained(m)
+
+        def export(checkpoint, folder: Path) -> None:
+            from cohortcast.training.export import consolidated_state_dict
+
+            forecaster = build_conditional_forecaster(model, vae_folder, None)
+            state = {k.removeprefix("forecaster."): v for k, v in consolidated_state_dict(checkpoint).items()}
+            missing, unexpected = forecaster.load_state_dict(state, strict=False)
+            wrong = [k for k in missing if not k.startswith("vae.")] + list(unexpected)  # frozen VAE: from stage a
+            if wrong:
+                raise RuntimeError(f"stage-d checkpoint does not fit the Forecaster: {wrong[:5]}")
+            forecaster.save(folder)
+
+        return self.train_stage(
+            runs, "ldm_cond", key, ldm_conditional_worker_loop,
+            {"stage": t.ldm_cond, "model": model, "vae_folder": str(vae_folder),
+             "denoiser_folder": str(denoiser_folder), "task_loss": t.task_loss, "task_weight": t.task_weight,
+             "validation": t.validation},
+            {"train": trajectory_dataset(cache["path"], "train", m.temporal.max_exams),
+             "val": trajectory_dataset(cache["path"], "val", m.temporal.max_exams)},
+            export, flatten(t.ldm_cond, "training.ldm_cond") | {"training.task_loss": t.task_loss,
+                                                                 "training.task_weight": t.task_weight})
+
+
+def run_namd(cfg: CohortcastConfig) -> NAMDReport:
+    from cohortcast.data.prepare import prepare_cohort
+    from cohortcast.pipeline.tiny_llm_setup import ensure_debug_llm
+    from cohortcast.ray_runtime import ensure_ray
+    from cohortcast.tracking.job_runs import JobRuns, card_summary
+
+    cfg = resolve_paths(cfg)
+    ensure_ray(cfg.ray)
+    job = NAMDJob(cfg)
+    with JobRuns(cfg) as runs:
+        card = prepare_cohort(cfg)
+        runs.log_dict(runs.parent_id, card_summary(card), "dataset/ingest_card.json")
+        ensure_debug_llm(cfg, card)
+        vae = job.stage_vae(runs, card)
+        cache = job.stage_latents(runs, card, vae)
+        forecaster = None
+        if "ldm_uncond" in cfg.training.stages or "ldm_cond" in cfg.training.stages:
+            denoiser = job.stage_ldm_uncond(runs, cache)
+            if "ldm_cond" in cfg.training.stages:
+                forecaster = job.stage_ldm_cond(runs, cache, vae, denoiser)
+        if forecaster is not None and runs.enabled:
+            from cohortcast.tracking.forecaster_pyfunc import log_forecaster
+
+            trained = job.reports[-1].status == "trained"
+            if trained:
+                log_forecaster(str(forecaster), cfg.mlflow.registry_name)
+            runs.client.set_tag(runs.parent_id, "cohortcast.forecaster", str(forecaster))
+        return NAMDReport(job.reports, str(forecaster) if forecaster else None, runs.location(), runs.parent_id)
+
+
+def format_report(report: NAMDReport) -> str:
+    lines = ["NAMD job summary", f"{'stage':<11} {'status':<11} {'time':>7}  loss first -> last"]
+    for s in report.stages:
+        loss = (f"{s.first_loss:.4f} -> {s.last_loss:.4f}" if s.first_loss is not None else "-")
+        lines.append(f"{s.name:<11} {s.status:<11} {s.seconds:>6.0f}s  {loss}")
+        val = {k: v for k, v in s.metrics.items() if k.startswith("val/")}
+        if val:
+            lines.append(" " * 12 + "validation: " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(val.items())))
+    if report.forecaster:
+        lines.append(f"Forecaster: {report.forecaster}")
+    lines.append(report.mlflow)
+    return "\n".join(lines)

@@ -1,0 +1,52 @@
+"""The trained Forecaster as an MLflow pyfunc model: `mlflow.pyfunc.load_model(uri)`
+then `.predict(frame)`. The Forecaster folder travels as an artifact; the frozen LLM
+does not (it is large and licensed separately): set COHORTCAST_LLM_PATH where it lives
+on the serving machine if not at the path it was trained with.
+
+Input frame: `case_id` (pseudonym), `baseline` (crop, nested lists H x W, ingestion
+intensity range), `horizon_days`, optional `ehr_text`. Params: num_samples, seed, steps.
+Output frame: `case_id`, `mean`, `variance` (nested lists H x W)."""
+
+from __future__ import annotations
+
+import os
+
+import mlflow.pyfunc
+import numpy as np
+
+ARTIFACT = "forecaster"
+
+
+class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
+    def load_context(self, context) -> None:
+        from cohortcast.models.forecaster import Forecaster
+
+        self.forecaster = Forecaster.load(context.artifacts[ARTIFACT], llm_path=os.environ.get("COHORTCAST_LLM_PATH"))
+
+    def predict(self, context, model_input, params=None):
+        import pandas as pd
+        import torch
+
+        params = params or {}
+        baseline = torch.from_numpy(np.stack([np.asarray(b, np.float32) for b in model_input["baseline"]]))[:, None]
+        texts = list(model_input["ehr_text"]) if "ehr_text" in model_input.columns else None
+        forecast = self.forecaster.forecast(
+            baseline, torch.tensor(model_input["horizon_days"].to_numpy(), dtype=torch.float32),
+            [str(c) for c in model_input["case_id"]], ehr_texts=texts,
+            num_samples=int(params.get("num_samples", 4)), seed=int(params.get("seed", 0)),
+            steps=int(params["steps"]) if "steps" in params else None)
+        return pd.DataFrame({"case_id": list(model_input["case_id"]),
+                             "mean": [m[0].tolist() for m in forecast.mean],
+                             "variance": [v[0].tolist() for v in forecast.variance]})
+
+
+def log_forecaster(folder: str, registry_name: str | None = None):
+    """Log (and optionally register) the Forecaster folder as a pyfunc model in the active run."""
+    from cohortcast import __version__
+
+    return mlflow.pyfunc.log_model(
+        name="forecaster", python_model=ForecasterPyfunc(), artifacts={ARTIFACT: folder},
+        registered_model_name=registry_name,
+        # The package and its pinned stack are installed where this is served; listing
+        # them avoids MLflow's slow requirement inference from the environment.
+        pip_requirements=[f"cohortcast=={__version__}"])

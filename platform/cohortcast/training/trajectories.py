@@ -1,0 +1,82 @@
+"""Longitudinal training rows for stage d, from the latent cache.
+
+One row per (patient, nodule) trajectory: its exams sorted by date, padded to
+`max_exams + 1` (at most `max_exams` priors plus a target; older exams beyond that are
+dropped). Each epoch, `sample_targets` draws a fresh target exam per trajectory among
+its follow-ups (CLDM Sec. 3): the priors are every exam before it, the baseline the
+latest prior (channel-concatenated to the noisy latent), the horizon the time from
+that prior to the target. A trajectory with one exam has nothing to forecast and is
+left out.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from cohortcast.data.manifest import EHR_FEATURES
+
+
+def make_trajectory(group: dict[str, np.ndarray], max_exams: int) -> dict[str, np.ndarray]:
+    """Ray Data `map_groups` function: all cache rows of one nodule -> one trajectory row."""
+    from cohortcast.models.ehr_prompt import render_ehr_prompt
+
+    order = np.argsort(np.asarray(group["days_since_baseline"]), kind="stable")[-(max_exams + 1):]
+    n, slots = len(order), max_exams + 1
+    latents, crops = np.asarray(group["latent"], np.float32)[order], np.asarray(group["crop"], np.float32)[order]
+    padded_latents = np.zeros((1, slots, *latents.shape[1:]), np.float32)
+    padded_crops = np.zeros((1, slots, *crops.shape[1:]), np.float32)
+    padded_latents[0, :n], padded_crops[0, :n] = latents, crops
+    days = np.zeros((1, slots), np.float32)
+    days[0, :n] = np.asarray(group["days_since_baseline"], np.float32)[order]
+    texts = [render_ehr_prompt({k: group[k][i] for k in EHR_FEATURES}) for i in order]
+    labels = np.asarray(group["malignant"], np.int64)
+    return {"patient": np.asarray([group["patient"][0]]), "nodule_id": np.asarray([group["nodule_id"][0]]),
+            "num_exams": np.asarray([n], np.int64), "days": days, "latents": padded_latents, "crops": padded_crops,
+            "ehr_texts_json": np.asarray([json.dumps(texts)]), "malignant": np.asarray([labels.max()], np.int64)}
+
+
+def trajectory_dataset(cache: str | Path, split: str, max_exams: int):
+    """Materialised Ray Dataset of trajectories with at least one follow-up, or None if
+    the split has no rows (e.g. a tiny cohort with no validation patient)."""
+    import ray.data
+
+    folder = Path(cache) / "nodules" / f"split={split}"
+    if not folder.is_dir():
+        return None
+    ds = ray.data.read_parquet(str(folder))
+    trajectories = ds.groupby(["patient", "nodule_id"]).map_groups(
+        make_trajectory, fn_kwargs={"max_exams": max_exams}, batch_format="numpy")
+    return trajectories.filter(lambda row: row["num_exams"] >= 2).materialize()
+
+
+def sample_targets(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
+    """Trajectory rows -> one (priors, baseline, target) example each, target drawn by `rng`."""
+    import torch
+
+    n = np.asarray(batch["num_exams"])
+    rows = len(n)
+    target = rng.integers(1, n)  # a follow-up: index in 1..n-1
+    latents, crops, days = (np.asarray(batch[k], np.float32) for k in ("latents", "crops", "days"))
+    slots = latents.shape[1] - 1  # prior slots (= max_exams)
+    idx = np.arange(rows)
+    prior_mask = np.arange(slots)[None, :] < target[:, None]
+    target_days = days[idx, target]
+    days_before = np.where(prior_mask, target_days[:, None] - days[:, :slots], 0.0).astype(np.float32)
+    texts = [json.loads(t)[j - 1] for t, j in zip(batch["ehr_texts_json"], target)]
+    return {
+        "prior_latents": torch.from_numpy(latents[:, :slots] * prior_mask[:, :, None, None, None]),
+        "prior_crops": torch.from_numpy(crops[:, :slots, None] * prior_mask[:, :, None, None, None]),
+        "days_before_target": torch.from_numpy(days_before),
+        "exam_mask": torch.from_numpy(prior_mask),
+        "baseline": torch.from_numpy(latents[idx, target - 1]),
+        "baseline_crop": torch.from_numpy(crops[idx, target - 1][:, None]),
+        "target": torch.from_numpy(latents[idx, target]),
+        "target_crop": torch.from_numpy(crops[idx, target][:, None]),
+        "horizon_days": torch.from_numpy((target_days - days[idx, target - 1]).astype(np.float32)),
+        "label": torch.from_numpy(np.asarray(batch["malignant"], np.float32)),
+        "ehr_text": texts,
+        "case_id": [f"{p}/{q}" for p, q in zip(batch["patient"], batch["nodule_id"])],
+    }
