@@ -25,8 +25,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 
 install: $(STAMP)
 
+# The whole NAMD job (synthetic cohort -> ingest -> VAE -> latent cache -> both LDM
+# stages) submitted to a local Ray head with `ray job submit`, as on a cluster.
 demo: install
-	$(PY) jobs/prepare_cohort.py --config $(DEMO_CONFIG)
+	cluster/local_job.sh jobs/train_namd.py --config $(DEMO_CONFIG)
 
 test: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
@@ -36,4 +38,4 @@ bench: install
 	$(PY) benchmarks/ddim_batching.py
 
 clean-demo:
-	rm -rf runs/demo
+	rm -rf runs/demo mlruns

@@ -59,8 +59,9 @@ class NAMDJob:
         self.reports: list[StageReport] = []
 
     # ----- one training stage on Ray Train --------------------------------------------
-    def train_stage(self, runs, name: str, key: str, worker_loop, loop_config: dict, datasets: dict,
-                    export: Callable[[Any, Path], None], params: dict[str, Any]) -> Path:
+    def train_stage(self, runs, name: str, key: str, worker_loop, loop_config: dict,
+                    datasets: Callable[[], dict], export: Callable[[Any, Path], None], params: dict[str, Any]) -> Path:
+        """`datasets` is called only when the stage trains: a skipped stage reads no data."""
         from cohortcast.training.runner import run_stage
 
         folder = self.output / name
@@ -76,7 +77,7 @@ class NAMDJob:
         started = time.perf_counter()
         try:
             result = run_stage(f"{name}-{key}", worker_loop, {**loop_config, "tracking": runs.tracking_for_workers(
-                run_id)}, datasets, self.cfg.training.scaling)
+                run_id)}, datasets(), self.cfg.training.scaling)
             export(result.checkpoint, folder)
         except BaseException:
             runs.fail_child(run_id)
@@ -125,7 +126,7 @@ class NAMDJob:
 
         return self.train_stage(runs, "vae", key, vae_worker_loop,
                                 {"stage": t.vae, "model": m.vae, "validation": t.validation},
-                                {"train": vae_dataset(ingested, "train"), "val": vae_dataset(ingested, "val")},
+                                lambda: {"train": vae_dataset(ingested, "train"), "val": vae_dataset(ingested, "val")},
                                 export, flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"))
 
     def stage_latents(self, runs, card: dict, vae_folder: Path) -> dict:
@@ -162,8 +163,8 @@ class NAMDJob:
         return self.train_stage(runs, "ldm_uncond", key, ldm_unconditional_worker_loop,
                                 {"stage": t.ldm_uncond, "model": m,
                                  "validation": t.validation},
-                                {"train": latent_dataset(cache["path"], "train"),
-                                 "val": latent_dataset(cache["path"], "val")},
+                                lambda: {"train": latent_dataset(cache["path"], "train"),
+                                         "val": latent_dataset(cache["path"], "val")},
                                 export, flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser,
                                                                                                 "model.denoiser."))
 
@@ -194,8 +195,8 @@ class NAMDJob:
             {"stage": t.ldm_cond, "model": model, "vae_folder": str(vae_folder),
              "denoiser_folder": str(denoiser_folder), "task_loss": t.task_loss, "task_weight": t.task_weight,
              "validation": t.validation},
-            {"train": trajectory_dataset(cache["path"], "train", m.temporal.max_exams),
-             "val": trajectory_dataset(cache["path"], "val", m.temporal.max_exams)},
+            lambda: {"train": trajectory_dataset(cache["path"], "train", m.temporal.max_exams),
+                     "val": trajectory_dataset(cache["path"], "val", m.temporal.max_exams)},
             export, flatten(t.ldm_cond, "training.ldm_cond") | {"training.task_loss": t.task_loss,
                                                                  "training.task_weight": t.task_weight})
 

@@ -27,6 +27,13 @@ from cohortcast.config.models import ForecasterConfig
 from cohortcast.models.denoiser import condition_dropout_mask
 
 
+def predicted_clean_latent(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, eps: torch.Tensor,
+                           t: torch.Tensor) -> torch.Tensor:
+    """x0 from an epsilon prediction (DDPM Eq. 15), in fp32."""
+    a = alphas_cumprod.to(noisy.device)[t].view(-1, *([1] * (noisy.dim() - 1)))
+    return (noisy.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
+
+
 class ConditionalObjective(nn.Module):
     """Wraps the Forecaster so the DeepSpeed engine's forward is the stage-d loss."""
 
@@ -58,9 +65,8 @@ class ConditionalObjective(nn.Module):
         terms = {"diffusion": F.mse_loss(eps.float(), noise.float())}
         total = terms["diffusion"]
         if self.task_loss != "none":
-            a = self.alphas_cumprod.to(target.device)[t].view(-1, 1, 1, 1)
-            x0 = (noisy.float() - (1 - a).sqrt() * eps.float()) / a.sqrt()
-            terms["task"] = self._task(x0, batch, a.view(-1))
+            x0 = predicted_clean_latent(self.alphas_cumprod, noisy, eps, t)
+            terms["task"] = self._task(x0, batch, self.alphas_cumprod.to(target.device)[t])
             total = total + self.task_weight * terms["task"]
         terms["total"] = total
         return terms
