@@ -14,6 +14,9 @@ NUM_CPUS="${NUM_CPUS:-2}"
 DASHBOARD_PORT="${DASHBOARD_PORT:-8265}"
 GCS_PORT="${GCS_PORT:-6379}"
 export RAY_ADDRESS="http://127.0.0.1:${DASHBOARD_PORT}"
+# Ray 2.60 heads require a token (written to ~/.ray/auth_token by `ray start`); the
+# client side only sends it in token mode, so say so for both.
+export RAY_AUTH_MODE="${RAY_AUTH_MODE:-token}"
 # Processes Ray starts run `python` from the first PATH entry: this project's venv.
 export PATH="${PROJECT}/.venv/bin:${PATH}"
 
