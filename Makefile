@@ -36,6 +36,7 @@ test: install
 bench: install
 	$(PY) benchmarks/ingest_throughput.py
 	$(PY) benchmarks/ddim_batching.py
+	$(PY) benchmarks/training_throughput.py --steps 120
 
 clean-demo:
 	rm -rf runs/demo mlruns

@@ -4,11 +4,11 @@ PyTorch loop, same model (the stage-c denoiser), micro-batch, steps, loss and Ad
     python benchmarks/training_throughput.py [--steps 30] [--batch 8] [--crop 64]
 
 Ray path: `run_stage` + `ldm_unconditional_worker_loop` (ZeRO-2, gloo, fp32 on CPU) on a
-Ray Dataset of random latents, with 1 worker (same global batch as the plain loop) and
-2 workers (data parallel: twice the global batch). samples/s is measured inside the
+Ray Dataset of random latents, with 1 worker on all cores (same global batch as the
+plain loop) and one worker per core (data parallel: global batch x workers). samples/s is measured inside the
 loop (excluding start-up), and end to end (wall clock of `fit()`, start-up included).
 The plain loop uses every core for torch's intra-op threads; each Ray worker gets
-`cpus_per_worker` threads. Record the output in benchmarks/RESULTS.md.
+`cpus_per_worker` threads (Ray sets OMP_NUM_THREADS from it). Record the output in benchmarks/RESULTS.md.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ def plain_loop(model_cfg, steps: int, batch: int, latents: np.ndarray) -> float:
     return steps * batch / (time.perf_counter() - started)
 
 
-def ray_path(model_cfg, steps: int, batch: int, latents: np.ndarray, workers: int, storage: str) -> tuple[float, float]:
+def ray_path(model_cfg, steps: int, batch: int, latents: np.ndarray, workers: int, cpus: float,
+             storage: str) -> tuple[float, float]:
     import ray.data
 
     from cohortcast.config.training import ScalingSettings, StageConfig
@@ -59,7 +60,8 @@ def ray_path(model_cfg, steps: int, batch: int, latents: np.ndarray, workers: in
     started = time.perf_counter()
     result = run_stage(f"bench-{workers}w-{time.time_ns()}", ldm_unconditional_worker_loop,
                        {"stage": stage, "model": model_cfg}, {"train": dataset},
-                       ScalingSettings(num_workers=workers, storage_path=storage, max_failures=0))
+                       ScalingSettings(num_workers=workers, cpus_per_worker=cpus, storage_path=storage,
+                                       max_failures=0))
     wall = time.perf_counter() - started
     return float(result.metrics["samples_per_s"]), steps * batch * workers / wall
 
@@ -80,17 +82,20 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     rows = {"plain loop": (plain_loop(model_cfg, args.steps, args.batch, latents), None)}
     with tempfile.TemporaryDirectory() as storage:
-        for workers in (1, 2):
-            rows[f"Ray Train + DeepSpeed ZeRO-2, {workers} worker(s)"] = ray_path(
-                model_cfg, args.steps, args.batch, latents, workers, storage)
+        cpus = os.cpu_count()
+        # Same cores as the plain loop: one worker with all of them (same global batch),
+        # then data parallel with one core per worker (global batch x workers).
+        for workers, per_worker in ((1, cpus), (cpus, 1)):
+            rows[f"Ray Train + DeepSpeed ZeRO-2, {workers}w x {per_worker} CPU"] = ray_path(
+                model_cfg, args.steps, args.batch, latents, workers, per_worker, storage)
     base = rows["plain loop"][0]
     print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
                                  f"torch {torch.__version__}, Ray {ray.__version__}",
                       "steps": args.steps, "micro_batch": args.batch, "latent": [4, side, side]}))
-    print(f"{'path':<44} {'samples/s (loop)':>17} {'ratio':>7} {'samples/s (incl. start-up)':>27}")
+    print(f"{'path':<46} {'samples/s (loop)':>17} {'ratio':>7} {'samples/s (incl. start-up)':>27}")
     for name, (loop_rate, wall_rate) in rows.items():
         wall = f"{wall_rate:.1f}" if wall_rate is not None else "-"
-        print(f"{name:<44} {loop_rate:>17.1f} {loop_rate / base:>6.2f}x {wall:>27}")
+        print(f"{name:<46} {loop_rate:>17.1f} {loop_rate / base:>6.2f}x {wall:>27}")
 
 
 if __name__ == "__main__":

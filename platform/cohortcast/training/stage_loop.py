@@ -65,9 +65,14 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
     device = ray.train.torch.get_device()
     precision = choose_precision(stage.precision, device)
     tracker = StageTracker.for_rank(hooks.tracking, rank)
+    if device.type == "cpu":
+        # One intra-op thread per CPU this worker reserved: torch may have been imported
+        # before Ray set OMP_NUM_THREADS, and then it would use every core of the node.
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
+        torch.set_num_threads(max(1, int(cpus)))
     if rank == 0:
-        log.info("precision %s (%s); ZeRO stage %d on %d worker(s)", precision.name, precision.reason,
-                 stage.zero_stage, world)
+        log.info("precision %s (%s); ZeRO stage %d on %d worker(s); %d torch thread(s) per worker", precision.name,
+                 precision.reason, stage.zero_stage, world, torch.get_num_threads())
     seed_everything(stage.seed)  # identical initial weights on every rank
     model = build_model()
     params = [p for p in model.parameters() if p.requires_grad]
