@@ -8,7 +8,8 @@ def test_defaults_validate_and_flatten():
     flat = flatten(cfg)
     assert flat["ingest.crop_size"] == cfg.ingest.crop_size
     assert flat["ingest.split.train"] == pytest.approx(0.7)
-    assert all("." in key or key in {"run_name", "synthesize_if_missing"} for key in flat)
+    assert all("." in key or key in {"run_name", "workdir", "synthesize_if_missing"} for key in flat)
+    assert flat["training.ldm_cond.zero_stage"] == 2 and flat["training.task_weight"] == 1.0
 
 
 def test_yaml_then_overrides(tmp_path):
@@ -69,3 +70,23 @@ def test_shipped_configs_load():
     preset = sd15_forecaster()
     assert nlst.denoiser.block_out_channels == preset.denoiser.block_out_channels
     assert nlst.vae.block_out_channels == preset.vae.block_out_channels
+
+
+def test_training_section_rejects_bad_stages_and_weights():
+    with pytest.raises(ConfigError, match="training.stages: unknown stage"):
+        load_config(overrides=["training.stages=[vae,ldm_conditional]"])
+    with pytest.raises(ConfigError, match="training.task_weight"):
+        load_config(overrides=["training.task_weight=-1"])
+    with pytest.raises(ConfigError, match="training.task_loss"):
+        load_config(overrides=["training.task_loss=mse"])
+
+
+def test_relative_paths_resolve_against_workdir(tmp_path):
+    from cohortcast.config.paths import resolve_paths
+
+    cfg = resolve_paths(load_config(overrides=[f"workdir={tmp_path}", "model.conditioner.llm_path=models/llm",
+                                               "training.scaling.storage_path=/abs/ray", "ingest.output=s3://b/x"]))
+    assert cfg.ingest.manifest == str(tmp_path / "runs/demo/cohort")
+    assert cfg.model.conditioner.llm_path == str(tmp_path / "models/llm")
+    assert cfg.training.scaling.storage_path == "/abs/ray" and cfg.ingest.output == "s3://b/x"
+    assert cfg.model.denoiser.pretrained_path is None  # unset stays unset
