@@ -1,0 +1,1 @@
+"""NAMD evaluation: classification metrics over seeds, Frechet distance, prediction variance."""
