@@ -68,6 +68,20 @@ def cmd_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_forecast(args: argparse.Namespace) -> int:
+    from cohortcast.config.paths import resolve_paths
+    from cohortcast.inference.cohort_forecast import run_cohort_forecast
+    from cohortcast.ray_runtime import ensure_ray
+
+    extra = [f"forecast.{k}={v}" for k, v in (("forecaster", args.forecaster), ("ingested", args.ingested),
+                                               ("output", args.out), ("split", args.split),
+                                               ("num_samples", args.samples), ("seed", args.seed)) if v is not None]
+    cfg = resolve_paths(_load(args, extra))
+    ensure_ray(cfg.ray)
+    print(json.dumps(run_cohort_forecast(cfg.forecast, llm_path=cfg.model.conditioner.llm_path), indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cohortcast", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"cohortcast {__version__}")
@@ -95,6 +109,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", metavar="DIR", help="manifest folder")
     p.set_defaults(func=cmd_validate)
 
+    p = sub.add_parser("forecast", help="forecast every case of a split with a trained Forecaster (Ray Data actor "
+                                        "pool); Parquet + NIfTI + DICOM per case, finished cases skipped")
+    _add_config_args(p)
+    p.add_argument("--forecaster", metavar="DIR", help="Forecaster folder (forecast.forecaster)")
+    p.add_argument("--ingested", metavar="DIR", help="ingested cohort (forecast.ingested)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="which split's cases (forecast.split)")
+    p.add_argument("--samples", type=int, help="seeded DDIM samples per case (forecast.num_samples)")
+    p.add_argument("--seed", type=int, help="base seed (forecast.seed)")
+    p.add_argument("--out", metavar="DIR", help="output folder (forecast.output)")
+    p.set_defaults(func=cmd_forecast)
+
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)
     p.add_argument("--flat", action="store_true", help="flattened dotted keys as JSON (MLflow params, Tune spaces)")
@@ -105,13 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cohortcast.config import ConfigError
     from cohortcast.data.manifest import ManifestError
+    from cohortcast.models.errors import ForecasterLoadError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, FileExistsError, FileNotFoundError) as exc:
+    except (ConfigError, ManifestError, FileExistsError, FileNotFoundError, ForecasterLoadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

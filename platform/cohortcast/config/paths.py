@@ -14,6 +14,7 @@ PATH_FIELDS = (
     "ingest.manifest", "ingest.output", "training.output", "training.scaling.storage_path",
     "training.latent_cache.root", "model.vae.pretrained_path", "model.vae.loss.perceptual_vgg_path",
     "model.vae.loss.perceptual_lpips_path", "model.conditioner.llm_path", "model.denoiser.pretrained_path",
+    "forecast.forecaster", "forecast.ingested", "forecast.output",
 )
 
 

@@ -12,7 +12,7 @@ from typing import Literal
 
 from cohortcast.config.loader import require as _require
 from cohortcast.config.models import ForecasterConfig
-from cohortcast.config.training import MLflowConfig, TrainingConfig
+from cohortcast.config.training import ForecastJobConfig, MLflowConfig, TrainingConfig
 
 
 @dataclass
@@ -140,3 +140,4 @@ class CohortcastConfig:
     model: ForecasterConfig = field(default_factory=ForecasterConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    forecast: ForecastJobConfig = field(default_factory=ForecastJobConfig)

@@ -136,3 +136,29 @@ class MLflowConfig:
     experiment: str = "cohortcast-namd"
     tracking_uri: str | None = None
     registry_name: str | None = None
+
+
+@dataclass
+class ForecastJobConfig:
+    """Cohort forecasting (jobs/forecast_cohort.py): every (patient, nodule) of `split`
+    with a follow-up, forecast from its first exam to its first follow-up's date (NAMD's
+    T0 -> T1), `num_samples` seeded DDIM samples each."""
+
+    forecaster: str = "runs/demo/train/ldm_cond"
+    ingested: str = "runs/demo/ingested"
+    split: str = "test"
+    output: str = "runs/demo/forecasts"
+    num_samples: int = 20
+    inference_steps: int = 50
+    seed: int = 0
+    guidance_scale: float | None = None  # None: the Forecaster's scheduler config
+    actors: int = 1
+    cases_per_batch: int = 4
+    write_dicom: bool = True
+    max_cases: int | None = None  # forecast at most this many not-yet-done cases (then stop)
+
+    def validate(self) -> None:
+        _require(self.num_samples >= 1, "num_samples", "must be >= 1")
+        _require(self.inference_steps >= 1, "inference_steps", "must be >= 1")
+        _require(self.actors >= 1 and self.cases_per_batch >= 1, "actors", "actors and cases_per_batch must be >= 1")
+        _require(self.split in ("train", "val", "test"), "split", "must be train, val or test")

@@ -26,16 +26,13 @@ from cohortcast.data.atomic import atomic_folder
 from cohortcast.inference.sampler import forecast_latents, run_fixed_chunks
 from cohortcast.models.conditioner import SoftPromptConditioner
 from cohortcast.models.denoiser import ConditionalDenoiser
+from cohortcast.models.errors import ForecasterLoadError  # noqa: F401 - re-exported
 from cohortcast.models.schedulers import inference_scheduler, train_scheduler
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.vae import NoduleVAE
 
 FORMAT_VERSION = 1
 CONFIG_FILE, WEIGHTS_FILE = "forecaster.json", "model.safetensors"
-
-
-class ForecasterLoadError(ValueError):
-    pass
 
 
 @dataclass
@@ -158,7 +155,7 @@ class Forecaster(nn.Module):
                                       f"{meta.get('cohortcast_version')}); this cohortcast {__version__} reads "
                                       f"version {FORMAT_VERSION}")
         cfg = from_dict(ForecasterConfig, meta["config"])
-        if llm_path:
+        if llm_path and meta.get("llm"):  # a Forecaster trained without an LLM ignores it
             cfg.conditioner.llm_path = llm_path
         if (meta.get("llm") is None) != (cfg.conditioner.llm_path is None):
             raise ForecasterLoadError(f"{folder}: saved {'with' if meta.get('llm') else 'without'} an LLM "

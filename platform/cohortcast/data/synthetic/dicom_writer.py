@@ -20,12 +20,15 @@ from cohortcast.data.volume import Volume
 class DicomIdentity:
     patient_name: str
     patient_id: str
-    birth_date: dt.date
-    sex: str  # "M" | "F"
+    birth_date: dt.date | None
+    sex: str  # "M" | "F" | "O" (unknown)
     accession: str
     institution: str
     study_date: dt.date
     uid_seed: str  # makes every UID deterministic for a given cohort seed
+    series_description: str = "Synthetic low-dose chest CT"
+    image_type: tuple[str, ...] = ("ORIGINAL", "PRIMARY", "AXIAL")
+    manufacturer: str = "cohortcast-synth"
 
 
 def _uid(*parts: object) -> str:
@@ -52,12 +55,13 @@ def write_ct_series(volume: Volume, folder: Path, ident: DicomIdentity) -> None:
         ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, sop_uid
         ds.StudyInstanceUID, ds.SeriesInstanceUID, ds.FrameOfReferenceUID = study_uid, series_uid, frame_uid
         ds.PatientName, ds.PatientID = ident.patient_name, ident.patient_id
-        ds.PatientBirthDate, ds.PatientSex = ident.birth_date.strftime("%Y%m%d"), ident.sex
+        ds.PatientBirthDate = ident.birth_date.strftime("%Y%m%d") if ident.birth_date else ""
+        ds.PatientSex = ident.sex
         ds.AccessionNumber, ds.InstitutionName = ident.accession, ident.institution
         ds.StudyDate = ds.SeriesDate = ds.ContentDate = ident.study_date.strftime("%Y%m%d")
         ds.StudyTime = ds.SeriesTime = "090000"
-        ds.Modality, ds.Manufacturer, ds.BodyPartExamined = "CT", "cohortcast-synth", "CHEST"
-        ds.SeriesDescription, ds.ImageType = "Synthetic low-dose chest CT", ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.Modality, ds.Manufacturer, ds.BodyPartExamined = "CT", ident.manufacturer, "CHEST"
+        ds.SeriesDescription, ds.ImageType = ident.series_description, list(ident.image_type)
         ds.SeriesNumber, ds.InstanceNumber, ds.KVP = 1, k + 1, 120
         ds.ImagePositionPatient = [float(v) for v in volume.voxel_to_world([0, 0, k])[0]]
         ds.ImageOrientationPatient = [float(v) for v in orientation]

@@ -1,0 +1,203 @@
+"""Cohort-scale batch forecasting on Ray Data (jobs/forecast_cohort.py).
+
+Cases: every (patient, nodule) of a split with at least one follow-up; the forecast
+goes from its first exam (baseline crop + EHR) to the date of its first follow-up
+(NAMD's T0 -> T1), and the real follow-up crop is kept next to it for evaluation.
+An actor pool holds the Forecaster (loaded once per actor); each case gets N seeded
+DDIM samples (seeds from (seed, case id, k): a case's forecast does not depend on its
+batch or actor).
+
+Output, one folder per case, written under a temp name and renamed when complete, so a
+case is either fully there or absent: reruns skip finished cases and an interrupted run
+loses at most the cases in flight.
+
+    OUTPUT/cases/<case key>/forecast.parquet   one row: ids, dates, horizon, label, seed,
+                                                baseline, target (real), mean, variance,
+                                                samples (N, H, W) - tensors in Arrow's
+                                                fixed_shape_tensor type
+    OUTPUT/cases/<case key>/{mean,variance,samples}.nii.gz, dicom/   on the source geometry
+    OUTPUT/summary.json                          counts of the last run
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cohortcast.config.training import ForecastJobConfig
+
+log = logging.getLogger(__name__)
+
+CASE_FILE = "forecast.parquet"
+
+
+def case_key(case_id: str) -> str:
+    return hashlib.sha256(case_id.encode()).hexdigest()[:20]
+
+
+def make_case(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Ray Data map_groups: one nodule's rows -> its (first exam -> first follow-up) case."""
+    from cohortcast.data.manifest import EHR_FEATURES
+    from cohortcast.models.ehr_prompt import render_ehr_prompt
+
+    order = np.argsort(np.asarray(group["days_since_baseline"]), kind="stable")
+    b, t = order[0], order[min(1, len(order) - 1)]
+    case_id = f"{group['patient'][b]}/{group['nodule_id'][b]}"
+    centre = [float(group[f"center_{a}_mm"][b]) for a in "xyz"]
+    row = {
+        "case_id": np.asarray([case_id]), "patient": np.asarray([group["patient"][b]]),
+        "nodule_id": np.asarray([group["nodule_id"][b]]),
+        "baseline_study": np.asarray([group["study"][b]]), "target_study": np.asarray([group["study"][t]]),
+        "baseline_date": np.asarray([str(group["study_date"][b])]), "target_date": np.asarray([str(group["study_date"][t])]),
+        "horizon_days": np.asarray([float(group["days_since_baseline"][t] - group["days_since_baseline"][b])]),
+        "malignant": np.asarray([int(np.max(group["malignant"]))]),
+        "ehr_text": np.asarray([render_ehr_prompt({k: group[k][b] for k in EHR_FEATURES})]),
+        "centre_lps": np.asarray([centre], np.float64),
+        "baseline": np.asarray(group["crop"], np.float32)[b][None], "target": np.asarray(group["crop"], np.float32)[t][None],
+    }
+    # A nodule seen once has nothing to forecast against: same columns, no row.
+    return row if len(order) >= 2 else {k: v[:0] for k, v in row.items()}
+
+
+def _tensor_column(array: np.ndarray):
+    import pyarrow as pa
+
+    # A fresh C-order copy: views such as x[None] are "contiguous" with a 0 stride on the
+    # new axis, which Arrow's tensor extension rejects.
+    return pa.FixedShapeTensorArray.from_numpy_ndarray(np.array(array, order="C", copy=True))
+
+
+class CaseForecaster:
+    """Ray Data actor: a batch of cases -> forecasts written to per-case folders."""
+
+    def __init__(self, forecaster: str, job: ForecastJobConfig, ingest_card: dict[str, Any], llm_path: str | None):
+        from cohortcast.models.forecaster import Forecaster
+
+        self.model = Forecaster.load(forecaster, llm_path=llm_path)
+        self.job, self.cases = job, Path(job.output) / "cases"
+        config = ingest_card["config"]
+        self.hu_window, self.normalise = tuple(config["hu_window"]), config["normalise"]
+        self.spacing = float(config["crop_spacing_mm"])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import torch
+
+        started = time.perf_counter()
+        ids = [str(c) for c in batch["case_id"]]
+        texts = [str(t) for t in batch["ehr_text"]] if self.model.conditioner is not None else None
+        forecast = self.model.forecast(
+            torch.from_numpy(np.asarray(batch["baseline"], np.float32))[:, None],
+            torch.from_numpy(np.asarray(batch["horizon_days"], np.float32)), ids, ehr_texts=texts,
+            num_samples=self.job.num_samples, seed=self.job.seed, steps=self.job.inference_steps,
+            guidance_scale=self.job.guidance_scale)
+        for i, case_id in enumerate(ids):
+            self._write(batch, i, case_id, forecast.mean[i, 0].numpy(), forecast.variance[i, 0].numpy(),
+                        forecast.samples[i, :, 0].numpy())
+        seconds = (time.perf_counter() - started) / len(ids)
+        return {"case_id": np.asarray(ids), "seconds": np.full(len(ids), seconds)}
+
+    def _write(self, batch, i: int, case_id: str, mean, variance, samples) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        from cohortcast.data.atomic import atomic_folder
+        from cohortcast.inference.forecast_outputs import to_hu, write_case_images
+
+        key = case_key(case_id)
+        with atomic_folder(self.cases / key, overwrite=True) as tmp:
+            scalars = {k: [batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]]
+                       for k in ("case_id", "patient", "nodule_id", "baseline_study", "target_study", "baseline_date",
+                                 "target_date", "horizon_days", "malignant")}
+            table = pa.table({**scalars, "seed": [self.job.seed], "num_samples": [self.job.num_samples],
+                              "inference_steps": [self.job.inference_steps],
+                              "baseline": _tensor_column(np.asarray(batch["baseline"][i:i + 1], np.float32)),
+                              "target": _tensor_column(np.asarray(batch["target"][i:i + 1], np.float32)),
+                              "mean": _tensor_column(mean[None]), "variance": _tensor_column(variance[None]),
+                              "samples": _tensor_column(samples[None])})
+            pq.write_table(table, tmp / CASE_FILE)
+            write_case_images(tmp, to_hu(mean, self.hu_window, self.normalise), variance,
+                              to_hu(samples, self.hu_window, self.normalise), batch["centre_lps"][i], self.spacing,
+                              str(batch["patient"][i]), key, dt.date.fromisoformat(str(batch["target_date"][i])[:10]),
+                              dicom=self.job.write_dicom)
+
+
+def finished_cases(output: str | Path) -> set[str]:
+    """Case keys whose folder is complete (temp folders start with '.')."""
+    cases = Path(output) / "cases"
+    if not cases.is_dir():
+        return set()
+    return {p.name for p in cases.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CASE_FILE).is_file()}
+
+
+def case_dataset(ingested: str | Path, split: str):
+    import ray.data
+
+    folder = Path(ingested) / "nodules" / f"split={split}"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder}: the ingested cohort has no {split!r} split")
+    ds = ray.data.read_parquet(str(folder)).drop_columns(["patch"])
+    return ds.groupby(["patient", "nodule_id"]).map_groups(make_case, batch_format="numpy")
+
+
+def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> dict[str, Any]:
+    """Forecast every not-yet-finished case; returns the run summary (also summary.json)."""
+    import ray
+
+    from cohortcast.data.atomic import clear_stale_temps, write_text_atomic
+
+    card = json.loads((Path(job.ingested) / "card.json").read_text())
+    output = Path(job.output)
+    (output / "cases").mkdir(parents=True, exist_ok=True)
+    for stale in (output / "cases").glob(".*.tmp-*"):  # an interrupted run's half-written cases
+        shutil.rmtree(stale, ignore_errors=True)
+    clear_stale_temps(output / "summary.json")
+    cases = case_dataset(job.ingested, job.split).materialize()
+    total = cases.count()
+    done = finished_cases(output)
+    todo = cases.filter(lambda row: case_key(str(row["case_id"])) not in done)
+    if job.max_cases is not None:
+        todo = todo.limit(job.max_cases)
+    pending = todo.materialize()
+    n_pending = pending.count()
+    log.info("%d cases in split %r: %d already forecast, %d to do", total, job.split, len(done & _keys(cases)),
+             n_pending)
+    started = time.perf_counter()
+    seconds = []
+    if n_pending:
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        results = pending.map_batches(
+            CaseForecaster, fn_constructor_args=(job.forecaster, job, card, llm_path), batch_size=job.cases_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=job.actors), batch_format="numpy",
+            # leave a CPU for the read/filter tasks feeding the actors (see latent_cache)
+            num_cpus=max(0.1, min(1.0, (cpus - 1.0) / job.actors)))
+        seconds = [float(s) for s in results.to_pandas()["seconds"]]
+    wall = time.perf_counter() - started
+    finished = finished_cases(output)
+    summary = {"split": job.split, "cases": total, "forecast_this_run": len(seconds),
+               "finished": len(finished & _keys(cases)), "num_samples": job.num_samples,
+               "inference_steps": job.inference_steps, "seed": job.seed, "wall_seconds": wall,
+               "cases_per_s": len(seconds) / wall if seconds else 0.0,
+               "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0}
+    write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _keys(cases) -> set[str]:
+    return {case_key(str(c)) for c in cases.select_columns(["case_id"]).to_pandas()["case_id"]}
+
+
+def read_forecasts(output: str | Path):
+    """All finished cases as one pyarrow Table (tensor columns as fixed_shape_tensor)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = sorted((Path(output) / "cases").glob(f"[!.]*/{CASE_FILE}"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else None
