@@ -26,9 +26,10 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 install: $(STAMP)
 
 # The whole NAMD job (synthetic cohort -> ingest -> VAE -> latent cache -> both LDM
-# stages) submitted to a local Ray head with `ray job submit`, as on a cluster.
+# stages), then its evaluation (ablation, ViT evaluator, cohort forecasts, Table 1),
+# each submitted to a local Ray head with `ray job submit`, as on a cluster.
 demo: install
-	cluster/local_job.sh jobs/train_namd.py --config $(DEMO_CONFIG)
+	cluster/local_job.sh jobs/train_namd.py --config $(DEMO_CONFIG) --then jobs/evaluate_namd.py --config $(DEMO_CONFIG)
 
 test: install
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)

@@ -4,6 +4,7 @@
 # stop the head if this script started it. Used by `make demo`.
 #
 #   cluster/local_job.sh jobs/train_namd.py --config jobs/configs/namd_debug.yaml [--set a.b=c ...]
+#   cluster/local_job.sh JOB ARGS... --then JOB ARGS...   # several jobs in turn on one head
 #
 # Outputs (runs/, mlruns/) land in this folder: the job runs in Ray's copy of the
 # working dir, so `workdir` is set to here.
@@ -29,6 +30,20 @@ fi
 stop_head() { if [ "${started}" = 1 ]; then ray stop --force >/dev/null 2>&1 || true; fi; }
 trap stop_head EXIT
 
-script="$1"; shift
-ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
-  python "${script}" "$@" --set "workdir=${PROJECT}"
+submit() {
+  local script="$1"; shift
+  ray job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- \
+    python "${script}" "$@" --set "workdir=${PROJECT}"
+}
+
+# Split the arguments at each --then; a failing job stops the sequence (set -e).
+job=()
+for arg in "$@"; do
+  if [ "${arg}" = "--then" ]; then
+    submit "${job[@]}"
+    job=()
+  else
+    job+=("${arg}")
+  fi
+done
+submit "${job[@]}"

@@ -12,7 +12,8 @@ from cohortcast.config.models import ConditionerConfig, ForecasterConfig, Schedu
 from cohortcast.config.training import ForecastJobConfig
 from cohortcast.data.nifti_reader import read_nifti
 from cohortcast.data.readers import read_study
-from cohortcast.inference.cohort_forecast import case_key, finished_cases, read_forecasts, run_cohort_forecast
+from cohortcast.inference.cohort_forecast import (ForecastSettingsMismatch, case_key, finished_cases, read_forecasts,
+                                                  run_cohort_forecast)
 from cohortcast.inference.forecast_outputs import crop_affine, to_hu
 from cohortcast.models.forecaster import Forecaster
 from cohortcast.models.tiny_llm import write_tiny_gemma3
@@ -72,6 +73,10 @@ def test_forecasts_reproducible_by_seed_whatever_the_batching(ray_session, tiny_
         np.testing.assert_array_equal(means["a"][case], means["b"][case])  # bit-identical
     assert all(not np.allclose(means["a"][k], means["c"][k]) for k in shared)  # another seed, another forecast
     assert a.column("samples").type.shape == [2, 32, 32]
+    # Forecasting into a folder that holds another seed's cases is refused, not mixed.
+    with pytest.raises(ForecastSettingsMismatch, match="seed: 5 -> 6"):
+        run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path / "a", seed=6, write_dicom=False))
+    assert read_forecasts(tmp_path / "a").num_rows == 3
 
 
 def test_outputs_sit_on_the_source_geometry_and_carry_pseudonyms(ray_session, tiny_ingested, forecaster_folder,

@@ -90,3 +90,16 @@ def test_relative_paths_resolve_against_workdir(tmp_path):
     assert cfg.model.conditioner.llm_path == str(tmp_path / "models/llm")
     assert cfg.training.scaling.storage_path == "/abs/ray" and cfg.ingest.output == "s3://b/x"
     assert cfg.model.denoiser.pretrained_path is None  # unset stays unset
+
+
+def test_partial_section_keeps_the_fields_own_defaults():
+    """A section given in part starts from the field's default (a factory with its own
+    values), not from the bare dataclass defaults."""
+    from cohortcast.config.evaluation import EvaluationConfig
+
+    factory = EvaluationConfig().evaluator.train
+    cfg = load_config(None, ["evaluation.evaluator.train.max_steps=90"])
+    assert cfg.evaluation.evaluator.train.max_steps == 90
+    assert cfg.evaluation.evaluator.train.lr == factory.lr != 1e-4  # 1e-4: StageConfig's class default
+    with pytest.raises(ConfigError, match="evaluation.evaluator.train.warmup_steps"):
+        load_config(None, ["evaluation.evaluator.train.max_steps=3"])  # factory warmup 10 >= 3

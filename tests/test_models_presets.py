@@ -5,7 +5,7 @@ import torch
 
 from cohortcast.config import load_config
 from cohortcast.config.presets import sd15_denoiser, sd15_forecaster, sd15_vae
-from cohortcast.models.denoiser import build_unet, widen_conv_in
+from cohortcast.models.denoiser import build_unet
 from cohortcast.models.vae import build_autoencoder
 
 SD15_VAE_PARAMS = 83_653_863  # runwayml/stable-diffusion-v1-5 vae/

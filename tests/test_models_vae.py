@@ -5,7 +5,6 @@ import logging
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL
 from scipy.special import log_softmax, rel_entr
 
 from cohortcast.config.models import VAEConfig, VAELossConfig

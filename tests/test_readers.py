@@ -4,8 +4,6 @@ series assembled from them, and on every kind of broken input."""
 from __future__ import annotations
 
 import copy
-import gzip
-import shutil
 from pathlib import Path
 
 import nibabel as nib

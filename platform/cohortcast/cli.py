@@ -69,16 +69,12 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from cohortcast.config.paths import resolve_paths
-    from cohortcast.inference.cohort_forecast import run_cohort_forecast
-    from cohortcast.ray_runtime import ensure_ray
+    from cohortcast.inference.cohort_forecast import forecast_cohort
 
     extra = [f"forecast.{k}={v}" for k, v in (("forecaster", args.forecaster), ("ingested", args.ingested),
                                                ("output", args.out), ("split", args.split),
                                                ("num_samples", args.samples), ("seed", args.seed)) if v is not None]
-    cfg = resolve_paths(_load(args, extra))
-    ensure_ray(cfg.ray)
-    print(json.dumps(run_cohort_forecast(cfg.forecast, llm_path=cfg.model.conditioner.llm_path), indent=2))
+    print(json.dumps(forecast_cohort(_load(args, extra)), indent=2))
     return 0
 
 
@@ -130,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from cohortcast.config import ConfigError
     from cohortcast.data.manifest import ManifestError
+    from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
     from cohortcast.models.errors import ForecasterLoadError
 
     args = build_parser().parse_args(argv)
@@ -137,7 +134,8 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, FileExistsError, FileNotFoundError, ForecasterLoadError) as exc:
+    except (ConfigError, ManifestError, FileExistsError, FileNotFoundError, ForecasterLoadError,
+            ForecastSettingsMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

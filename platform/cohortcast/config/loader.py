@@ -115,7 +115,14 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     kwargs = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _coerce(data[name], hints[name], _join(where, name))
+            value = data[name]
+            if isinstance(value, dict) and field.default_factory is not dataclasses.MISSING:
+                # A partial section overrides the field's own default (e.g. a factory
+                # StageConfig(lr=1e-3)), not the bare class defaults.
+                default = field.default_factory()
+                if dataclasses.is_dataclass(default):
+                    value = _merged(to_dict(default), value)
+            kwargs[name] = _coerce(value, hints[name], _join(where, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(where, name)}: required field is missing")
     obj = cls(**kwargs)
@@ -126,6 +133,13 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
         except ConfigError as exc:
             raise ConfigError(f"{where + '.' if where else ''}{exc}") from None
     return obj
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
 
 
 def _join(prefix: str, key: Any) -> str:

@@ -15,6 +15,9 @@ PATH_FIELDS = (
     "training.latent_cache.root", "model.vae.pretrained_path", "model.vae.loss.perceptual_vgg_path",
     "model.vae.loss.perceptual_lpips_path", "model.conditioner.llm_path", "model.denoiser.pretrained_path",
     "forecast.forecaster", "forecast.ingested", "forecast.output",
+    "evaluation.evaluator_output", "evaluation.report", "evaluation.evaluator.pretrained_path",
+    "evaluation.ablation.training_output", "evaluation.ablation.forecasts", "evaluation.inception_torchscript",
+    "evaluation.lpips_vgg_path", "evaluation.lpips_path",
 )
 
 

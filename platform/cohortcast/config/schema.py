@@ -12,6 +12,7 @@ from typing import Literal
 
 from cohortcast.config.loader import require as _require
 from cohortcast.config.models import ForecasterConfig
+from cohortcast.config.evaluation import EvaluationConfig
 from cohortcast.config.training import ForecastJobConfig, MLflowConfig, TrainingConfig
 
 
@@ -141,3 +142,4 @@ class CohortcastConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     forecast: ForecastJobConfig = field(default_factory=ForecastJobConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)

@@ -17,6 +17,9 @@ loses at most the cases in flight.
                                                 fixed_shape_tensor type
     OUTPUT/cases/<case key>/{mean,variance,samples}.nii.gz, dicom/   on the source geometry
     OUTPUT/summary.json                          counts of the last run
+    OUTPUT/settings.json                         what the cases were forecast with: a
+                                                rerun with other settings into the same
+                                                folder is refused, never mixed in
 """
 
 from __future__ import annotations
@@ -37,6 +40,36 @@ from cohortcast.config.training import ForecastJobConfig
 log = logging.getLogger(__name__)
 
 CASE_FILE = "forecast.parquet"
+SETTINGS_FILE = "settings.json"
+
+
+class ForecastSettingsMismatch(ValueError):
+    """The output folder holds cases forecast with other settings."""
+
+
+def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str, Any]:
+    """Everything a finished case depends on: the Forecaster (its stage key when it was
+    trained by train_namd), sampling settings, the split and the ingested data."""
+    from cohortcast.pipeline.stage_outputs import read_marker
+
+    marker = read_marker(job.forecaster) or {}
+    return {"forecaster": str(job.forecaster), "forecaster_key": marker.get("key"), "split": job.split,
+            "num_samples": job.num_samples, "inference_steps": job.inference_steps, "seed": job.seed,
+            "guidance_scale": job.guidance_scale, "ingest_fingerprint": card.get("fingerprint")}
+
+
+def check_settings(output: Path, settings: dict[str, Any]) -> None:
+    from cohortcast.data.atomic import write_text_atomic
+
+    path = output / SETTINGS_FILE
+    if path.is_file():
+        before = json.loads(path.read_text())
+        changed = sorted(k for k in settings if before.get(k) != settings[k])
+        if changed and finished_cases(output):
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
+            raise ForecastSettingsMismatch(f"{output} holds forecasts made with other settings ({diff}); forecast "
+                                           "into another forecast.output or delete it")
+    write_text_atomic(path, json.dumps(settings, indent=2))
 
 
 def case_key(case_id: str) -> str:
@@ -156,6 +189,7 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
     card = json.loads((Path(job.ingested) / "card.json").read_text())
     output = Path(job.output)
     (output / "cases").mkdir(parents=True, exist_ok=True)
+    check_settings(output, forecast_settings(job, card))
     for stale in (output / "cases").glob(".*.tmp-*"):  # an interrupted run's half-written cases
         shutil.rmtree(stale, ignore_errors=True)
     clear_stale_temps(output / "summary.json")
@@ -188,6 +222,16 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
                "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0}
     write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
     return summary
+
+
+def forecast_cohort(cfg) -> dict[str, Any]:
+    """The forecasting job for a whole config: paths resolved, Ray started, `forecast` run."""
+    from cohortcast.config.paths import resolve_paths
+    from cohortcast.ray_runtime import ensure_ray
+
+    cfg = resolve_paths(cfg)
+    ensure_ray(cfg.ray)
+    return run_cohort_forecast(cfg.forecast, llm_path=cfg.model.conditioner.llm_path)
 
 
 def _keys(cases) -> set[str]:

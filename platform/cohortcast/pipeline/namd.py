@@ -16,6 +16,7 @@ from typing import Any, Callable
 from cohortcast.config import flatten
 from cohortcast.config.paths import resolve_paths
 from cohortcast.config.schema import CohortcastConfig
+from cohortcast.config.training import STAGES
 from cohortcast.pipeline import stage_outputs as outputs
 
 log = logging.getLogger(__name__)
@@ -67,18 +68,20 @@ class NAMDJob:
 
     # ----- one training stage on Ray Train --------------------------------------------
     def train_stage(self, runs, name: str, key: str, worker_loop, loop_config: dict,
-                    datasets: Callable[[], dict], export: Callable[[Any, Path], None], params: dict[str, Any]) -> Path:
-        """`datasets` is called only when the stage trains: a skipped stage reads no data."""
+                    datasets: Callable[[], dict], export: Callable[[Any, Path], None], params: dict[str, Any],
+                    folder: Path | None = None) -> Path:
+        """`datasets` is called only when the stage trains: a skipped stage reads no data.
+        The output goes to `folder` (default: `<training.output>/<name>`)."""
         from cohortcast.training.runner import run_stage
 
-        folder = self.output / name
+        folder = Path(folder) if folder is not None else self.output / name
         run_id = runs.start_child(name, {**params, "stage_key": key})
         if outputs.is_valid(folder, key):
             marker = outputs.read_marker(folder)
             self._report(runs, run_id, StageReport(name, "up to date", str(folder), 0.0, marker.get("first_loss"),
                                                    marker.get("last_loss"), marker.get("metrics", {})))
             return folder
-        if name not in self.cfg.training.stages:
+        if name in STAGES and name not in self.cfg.training.stages:
             return self._reuse_unlisted(runs, run_id, name, folder)
         outputs.invalidate(folder)
         started = time.perf_counter()

@@ -1,0 +1,40 @@
+"""What every `jobs/*.py` entry shares: `--config FILE` + repeated `--set a.b=c`,
+logging, and user errors (bad config, manifest, missing input) as one line on stderr
+with exit status 2 instead of a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any, Callable
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from cohortcast.config import ConfigError
+    from cohortcast.data.manifest import ManifestError
+    from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
+    from cohortcast.models.errors import ForecasterLoadError
+    from cohortcast.pipeline.namd import StageNotAvailable
+
+    return (ConfigError, ManifestError, StageNotAvailable, ForecasterLoadError, ForecastSettingsMismatch,
+            FileNotFoundError, FileExistsError)
+
+
+def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:
+    """Parse the command line, run `job(config)`, print `show(result)`; returns the exit status."""
+    from cohortcast.config import load_config
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, metavar="FILE", help="YAML config, e.g. jobs/configs/namd_debug.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override one config value (repeatable), e.g. --set {example}")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        result = job(load_config(args.config, args.overrides))
+    except user_errors() as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(show(result))
+    return 0
