@@ -78,6 +78,14 @@ def cmd_forecast(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from cohortcast.evaluation.namd_evaluation import format_result, run_evaluation
+
+    extra = [f"forecast.split={args.split}"] if args.split else []
+    print(format_result(run_evaluation(_load(args, extra))))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cohortcast", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"cohortcast {__version__}")
@@ -115,6 +123,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="base seed (forecast.seed)")
     p.add_argument("--out", metavar="DIR", help="output folder (forecast.output)")
     p.set_defaults(func=cmd_forecast)
+
+    p = sub.add_parser("evaluate", help="NAMD's Table 1 on a split: ViT evaluator, ablation, forecasts, AUROC/AUPRC "
+                                        "over seeds, LPIPS, Frechet distance, variance figures, Markdown report")
+    _add_config_args(p)
+    p.add_argument("--split", choices=("train", "val", "test"), help="which split's cases (forecast.split)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)

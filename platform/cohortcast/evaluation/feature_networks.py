@@ -26,7 +26,7 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batc
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            chunk = torch.from_numpy(np.asarray(images[start:start + batch_size], np.float32))[:, None]
+            chunk = torch.tensor(np.asarray(images[start:start + batch_size], np.float32))[:, None]
             out.append(fn(chunk).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
