@@ -38,6 +38,7 @@ bench: install
 	$(PY) benchmarks/ingest_throughput.py
 	$(PY) benchmarks/ddim_batching.py
 	$(PY) benchmarks/training_throughput.py --steps 120
+	$(PY) benchmarks/cohort_forecast_throughput.py
 
 clean-demo:
 	rm -rf runs/demo mlruns

@@ -109,3 +109,18 @@ def test_outputs_sit_on_the_source_geometry_and_carry_pseudonyms(ray_session, ti
     assert header.PatientID == header.PatientName == case_id.split("/")[0]
     assert not header.PatientBirthDate and not header.AccessionNumber and not header.InstitutionName
     assert "DERIVED" in header.ImageType
+
+
+def test_forecast_job_over_a_manifest_ingests_it_first(ray_session, tiny_cohort, forecaster_folder, tmp_path):
+    from cohortcast.config import IngestConfig, SplitConfig, load_config
+    from cohortcast.inference.cohort_forecast import forecast_cohort
+
+    cfg = load_config(None)
+    cfg.workdir = str(tmp_path)
+    cfg.ingest = IngestConfig(manifest=str(tiny_cohort), output=str(tmp_path / "ingested"), crop_size=32,
+                              crop_spacing_mm=1.5, patch_size=8, volume_shape=(8, 16, 16),
+                              split=SplitConfig(1.0, 0.0, 0.0))
+    cfg.forecast = job(forecaster_folder, tmp_path / "ingested", tmp_path / "out", max_cases=1, write_dicom=False)
+    summary = forecast_cohort(cfg)
+    assert (tmp_path / "ingested" / "card.json").is_file()
+    assert summary["forecast_this_run"] == 1 and summary["cases"] >= 1

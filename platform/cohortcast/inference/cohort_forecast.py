@@ -225,12 +225,18 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
 
 
 def forecast_cohort(cfg) -> dict[str, Any]:
-    """The forecasting job for a whole config: paths resolved, Ray started, `forecast` run."""
+    """The forecasting job for a whole config: paths resolved, Ray started, `forecast` run.
+    Over a manifest: when `forecast.ingested` is the config's `ingest.output` and the
+    manifest exists, the cohort is ingested first (reused when up to date)."""
     from cohortcast.config.paths import resolve_paths
     from cohortcast.ray_runtime import ensure_ray
 
     cfg = resolve_paths(cfg)
     ensure_ray(cfg.ray)
+    if cfg.forecast.ingested == cfg.ingest.output and Path(cfg.ingest.manifest).exists():
+        from cohortcast.data.ingest import run_ingest
+
+        run_ingest(cfg.ingest, cfg.privacy, cfg.ray)
     return run_cohort_forecast(cfg.forecast, llm_path=cfg.model.conditioner.llm_path)
 
 
