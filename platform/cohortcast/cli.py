@@ -138,18 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cohortcast.config import ConfigError
-    from cohortcast.data.manifest import ManifestError
-    from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
-    from cohortcast.models.errors import ForecasterLoadError
+    from cohortcast.job_entry import user_errors
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except (ConfigError, ManifestError, FileExistsError, FileNotFoundError, ForecasterLoadError,
-            ForecastSettingsMismatch) as exc:
+    except user_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -13,12 +13,13 @@ from typing import Any, Callable
 def user_errors() -> tuple[type[BaseException], ...]:
     from cohortcast.config import ConfigError
     from cohortcast.data.manifest import ManifestError
+    from cohortcast.evaluation.namd_evaluation import EvaluationError
     from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
     from cohortcast.models.errors import ForecasterLoadError
     from cohortcast.pipeline.namd import StageNotAvailable
 
     return (ConfigError, ManifestError, StageNotAvailable, ForecasterLoadError, ForecastSettingsMismatch,
-            FileNotFoundError, FileExistsError)
+            EvaluationError, FileNotFoundError, FileExistsError)
 
 
 def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:

@@ -26,6 +26,10 @@ REAL_BASELINE, REAL_FOLLOW_UP = "Real baseline", "Real follow-up"
 NAMD, ABLATION, COPY = "NAMD forecast", "NAMD w/o alignment + probe", "Copy the baseline"
 
 
+class EvaluationError(ValueError):
+    """The data cannot support the evaluation (e.g. a split with one class only)."""
+
+
 @dataclass
 class EvaluationResult:
     table: Table1
@@ -185,6 +189,10 @@ def score(cfg: CohortcastConfig, evaluator_folder: Path):
         cases = _select(cases, keep)
         ablation = _select(ablation, keep) if ablation is not None else None
         labels = cases["label"]
+    if len(set(labels.tolist())) < 2:
+        raise EvaluationError(f"the {cfg.forecast.split!r} split has {len(labels)} labelled case(s), all of class "
+                              f"{sorted(set(labels.tolist()))}: AUROC needs benign and malignant cases; use a larger "
+                              "cohort or another forecast.split")
 
     def probabilities(images: np.ndarray) -> np.ndarray:
         return batched(lambda x: torch.sigmoid(evaluator(x)), images, e.batch_size)
