@@ -63,3 +63,25 @@ def test_dihedral_gives_the_eight_orientations():
     assert out.shape == (8, 1, 3, 3)
     assert len({x.tobytes() for x in out}) == 8  # all distinct for an asymmetric image
     assert np.array_equal(out[0], image[0]) and np.array_equal(out[1, 0], np.rot90(image[0, 0]))
+
+
+def test_a_one_class_split_is_a_clear_error(tmp_path):
+    """score() refuses a split where AUROC is undefined, naming the split and the fix."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cohortcast.config import load_config
+    from cohortcast.evaluation.namd_evaluation import EvaluationError, score
+    from cohortcast.inference.cohort_forecast import CASE_FILE, _tensor_column
+
+    MalignancyEvaluator.build(EvaluatorConfig(), image_size=8).save(tmp_path / "evaluator")
+    for i in range(3):
+        crop = np.zeros((1, 8, 8), np.float32)
+        table = pa.table({"case_id": [f"sub-{i}/n1"], "patient": [f"sub-{i}"], "malignant": [0],
+                          **{k: _tensor_column(crop) for k in ("baseline", "target", "mean", "variance")},
+                          "samples": _tensor_column(np.zeros((1, 2, 8, 8), np.float32))})
+        (tmp_path / "forecasts" / "cases" / f"k{i}").mkdir(parents=True)
+        pq.write_table(table, tmp_path / "forecasts" / "cases" / f"k{i}" / CASE_FILE)
+    cfg = load_config(None, ["evaluation.ablation.enabled=false", f"forecast.output={tmp_path / 'forecasts'}"])
+    with pytest.raises(EvaluationError, match=r"'test' split has 3 labelled case\(s\), all of class \[0\]"):
+        score(cfg, tmp_path / "evaluator")
