@@ -43,3 +43,32 @@ def test_local_job_script_submits_with_the_runtime_env():
     script = (ROOT / "cluster/local_job.sh").read_text()
     assert "ray job submit" in script and "cluster/runtime_env.yaml" in script
     assert "jobs/train_namd.py" in (ROOT / "Makefile").read_text()
+
+
+def test_rayservice_serves_the_application_of_the_serve_config(monkeypatch):
+    from ray.serve import Application
+
+    from cohortcast.serving.entry import app_builder
+
+    service = yaml.safe_load((ROOT / "cluster/rayservice-forecast.yaml").read_text())
+    assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
+    spec = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    local = yaml.safe_load((ROOT / "cluster/serve_config.yaml").read_text())["applications"][0]
+    assert spec["import_path"] == local["import_path"]
+    cfg = load_config(ROOT / spec["args"]["config"], spec["args"]["set"])
+    assert cfg.serve.forecaster.startswith("models:/") and cfg.serve.autoscaling.enabled and cfg.serve.num_gpus == 1
+    workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
+    gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
+    assert workers["maxReplicas"] * gpus >= cfg.serve.autoscaling.max_replicas * cfg.serve.num_gpus
+    head_env = {e["name"] for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
+        "containers"][0]["env"]}
+    assert cfg.serve.auth_token_env in head_env
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv(cfg.serve.auth_token_env, "t")
+    app = app_builder(spec["args"])  # builds without touching the model (loaded in the replica)
+    assert isinstance(app, Application)
+    model = app._bound_deployment.init_args[0]._bound_deployment  # ingress -> model deployment
+    scaling = model._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (1, 4) and scaling.target_ongoing_requests == 16
+    assert model.ray_actor_options["num_gpus"] == 1

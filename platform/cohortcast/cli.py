@@ -86,6 +86,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ray import serve
+
+    from cohortcast.ray_runtime import ensure_ray
+    from cohortcast.serving.entry import application
+
+    extra = [f"serve.{k}={v}" for k, v in (("forecaster", args.forecaster), ("evaluator", args.evaluator),
+                                           ("host", args.host), ("port", args.port)) if v is not None]
+    cfg = _load(args, extra)
+    ensure_ray(cfg.ray)
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    print(f"serving on http://{cfg.serve.host}:{cfg.serve.port}/ (API docs: /docs); Ctrl-C stops")
+    serve.run(application(cfg), name="cohortcast", route_prefix=cfg.serve.route_prefix, blocking=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cohortcast", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"cohortcast {__version__}")
@@ -129,6 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--split", choices=("train", "val", "test"), help="which split's cases (forecast.split)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("serve", help="start the forecasting service (Ray Serve + FastAPI) and block")
+    _add_config_args(p)
+    p.add_argument("--forecaster", metavar="DIR_OR_URI",
+                   help="Forecaster folder or MLflow model URI, e.g. models:/namd-forecaster/3 (serve.forecaster)")
+    p.add_argument("--evaluator", metavar="DIR", help="evaluator folder: per-sample malignancy probabilities "
+                                                      "in answers (serve.evaluator)")
+    p.add_argument("--host", help="address to listen on (serve.host)")
+    p.add_argument("--port", type=int, help="port (serve.port)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("config", help="print the resolved config (defaults + file + overrides)")
     _add_config_args(p)

@@ -17,12 +17,14 @@ PATH_FIELDS = (
     "forecast.forecaster", "forecast.ingested", "forecast.output",
     "evaluation.evaluator_output", "evaluation.report", "evaluation.evaluator.pretrained_path",
     "evaluation.ablation.training_output", "evaluation.ablation.forecasts", "evaluation.inception_torchscript",
-    "evaluation.lpips_vgg_path", "evaluation.lpips_path",
+    "evaluation.lpips_vgg_path", "evaluation.lpips_path", "serve.forecaster", "serve.cohort_output",
+    "serve.evaluator",
 )
 
 
 def _is_uri(value: str) -> bool:
-    return "://" in value  # s3://, gs://: left to the library that reads them
+    # s3://, gs://, MLflow's models:/ and runs:/: left to the library that reads them
+    return "://" in value or value.startswith(("models:/", "runs:/"))
 
 
 def resolve_paths(cfg: CohortcastConfig) -> CohortcastConfig:

@@ -13,6 +13,7 @@ from typing import Literal
 from cohortcast.config.loader import require as _require
 from cohortcast.config.models import ForecasterConfig
 from cohortcast.config.evaluation import EvaluationConfig
+from cohortcast.config.serving import ServeConfig
 from cohortcast.config.training import ForecastJobConfig, MLflowConfig, TrainingConfig
 
 
@@ -143,3 +144,4 @@ class CohortcastConfig:
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     forecast: ForecastJobConfig = field(default_factory=ForecastJobConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)

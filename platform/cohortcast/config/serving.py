@@ -1,0 +1,73 @@
+"""The forecasting service (`cohortcast serve`): model, batching, limits, replicas."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from cohortcast.config.loader import require as _require
+
+
+@dataclass
+class AutoscalingConfig:
+    """Ray Serve autoscaling of the model deployment (replaces `num_replicas` when
+    enabled): replicas are added while each holds more than `target_ongoing_requests`."""
+
+    enabled: bool = False
+    min_replicas: int = 1
+    max_replicas: int = 4
+    target_ongoing_requests: float = 8.0
+    upscale_delay_s: float = 10.0
+    downscale_delay_s: float = 120.0
+
+    def serve_options(self) -> dict:
+        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
+                "target_ongoing_requests": self.target_ongoing_requests,
+                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+
+
+@dataclass
+class ServeConfig:
+    """`forecaster`: a local Forecaster folder or an MLflow model URI (models:/name/3,
+    models:/name@alias, runs:/<id>/forecaster). `evaluator`: an evaluator folder (the
+    evaluation job's ViT): answers then carry per-sample malignancy probabilities.
+    `auth_token_env`: the name of an
+    environment variable holding a bearer token; unset = no authentication.
+    Dynamic batching gathers up to `max_batch_size` requests for `batch_wait_timeout_s`;
+    every request's N samples are folded into the same network calls."""
+
+    forecaster: str = "runs/demo/train/ldm_cond"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    route_prefix: str = "/"
+    max_batch_size: int = 8
+    batch_wait_timeout_s: float = 0.05
+    default_samples: int = 20
+    max_samples: int = 32
+    default_steps: int = 50
+    max_steps: int = 100
+    max_horizon_days: float = 3650.0
+    max_ongoing_requests: int = 16  # per replica; beyond it requests queue...
+    max_queued_requests: int = 64  # ...and beyond this the service answers 503
+    num_replicas: int = 1
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    auth_token_env: str | None = None
+    evaluator: str | None = None
+    max_upload_mb: float = 512.0  # whole-study uploads (NIfTI / DICOM series)
+    autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
+    # Cohort requests run as Ray jobs writing under cohort_output/<job id>; jobs_address:
+    # the Ray dashboard (job API) address, None = the cluster the service runs on.
+    cohort_output: str = "runs/serve/cohorts"
+    jobs_address: str | None = None
+
+    def validate(self) -> None:
+        _require(1 <= self.default_samples <= self.max_samples, "default_samples", "must be in 1..max_samples")
+        _require(1 <= self.default_steps <= self.max_steps, "default_steps", "must be in 1..max_steps")
+        _require(self.max_batch_size >= 1 and self.batch_wait_timeout_s >= 0, "max_batch_size",
+                 "max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
+        _require(self.max_ongoing_requests >= 1 and self.max_queued_requests >= 0, "max_queued_requests",
+                 "max_ongoing_requests must be >= 1, max_queued_requests >= 0")
+        scale = self.autoscaling
+        _require(0 <= scale.min_replicas <= scale.max_replicas and scale.max_replicas >= 1
+                 and scale.target_ongoing_requests > 0, "autoscaling",
+                 "needs 0 <= min_replicas <= max_replicas, max_replicas >= 1, target_ongoing_requests > 0")

@@ -1,0 +1,1 @@
+"""Ray Serve forecasting service: thin over cohortcast.models / cohortcast.inference."""

@@ -1,0 +1,117 @@
+"""The model deployment: one Forecaster per replica, dynamic batching across requests.
+
+`@serve.batch` hands a list of requests to `run_batch`, which groups them by (seed,
+samples, steps) and runs each group as one Forecaster call: every request's N samples
+share the same fixed micro-batches (the Forecaster's bit-identity guarantee), so a
+request's answer does not depend on what else is in the batch."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from cohortcast.config.serving import ServeConfig
+from cohortcast.serving.requests import PreparedRequest
+
+
+def run_batch(model, items: list[PreparedRequest]) -> list[dict[str, Any]]:
+    import torch
+
+    groups: dict[tuple, dict[str, PreparedRequest]] = defaultdict(dict)
+    for item in items:  # equal requests (same content hash) are computed once
+        groups[(item.seed, item.num_samples, item.steps)][item.case_id] = item
+    answers: dict[tuple, dict[str, Any]] = {}
+    for (seed, samples, steps), unique in groups.items():
+        cases = list(unique.values())
+        texts = [c.ehr_text for c in cases] if model.conditioner is not None else None
+        forecast = model.forecast(torch.from_numpy(np.stack([c.crop for c in cases]))[:, None],
+                                  torch.tensor([c.horizon_days for c in cases]), [c.case_id for c in cases],
+                                  ehr_texts=texts, num_samples=samples, seed=seed, steps=steps)
+        for i, case in enumerate(cases):
+            answers[(seed, samples, steps, case.case_id)] = {
+                "mean": forecast.mean[i, 0].numpy(), "variance": forecast.variance[i, 0].numpy(),
+                "samples": forecast.samples[i, :, 0].numpy()}
+    return [answers[(i.seed, i.num_samples, i.steps, i.case_id)] for i in items]
+
+
+def score_samples(evaluator, answers: list[dict[str, Any]], micro_batch: int = 64) -> None:
+    """Adds each answer's per-sample malignancy probabilities (the NAMD Sec. 4.1.2
+    evaluator on every forecast sample), in place; one pass over the batch's samples."""
+    import torch
+
+    answers = list({id(a): a for a in answers}.values())  # duplicate requests share one answer
+    stacked = torch.from_numpy(np.concatenate([a["samples"] for a in answers]))[:, None]
+    with torch.no_grad():
+        probabilities = torch.cat([torch.sigmoid(evaluator(chunk)) for chunk in stacked.split(micro_batch)]).numpy()
+    start = 0
+    for answer in answers:
+        count = len(answer["samples"])
+        answer["malignancy_probability"] = probabilities[start:start + count].astype(float).tolist()
+        start += count
+
+
+class ServiceMetrics:
+    """Application metrics (ray.util.metrics -> Ray's Prometheus endpoint, next to
+    Serve's own); the Grafana dashboard in dashboards/ plots them."""
+
+    def __init__(self):
+        from ray.util import metrics
+
+        self.samples = metrics.Counter("cohortcast_samples_generated", description="forecast samples generated")
+        self.requests = metrics.Counter("cohortcast_forecast_requests", description="forecast requests answered")
+        self.step_latency = metrics.Histogram(
+            "cohortcast_ddim_step_seconds", description="wall time of one DDIM step of a whole batch",
+            boundaries=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
+        self.batch_size = metrics.Histogram("cohortcast_batch_requests", description="requests per model batch",
+                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
+        self.in_flight = metrics.Gauge("cohortcast_requests_in_flight",
+                                       description="requests inside the model deployment (queued + batched)")
+
+
+class ForecastModel:
+    def __init__(self, forecaster: str, llm_path: str | None, cfg: ServeConfig):
+        from cohortcast.models.forecaster import Forecaster
+        from cohortcast.serving.model_source import resolve_forecaster
+
+        self.source = resolve_forecaster(forecaster)
+        self.model = Forecaster.load(self.source.folder, llm_path=llm_path)
+        self.evaluator = None
+        if cfg.evaluator:
+            from cohortcast.models.evaluator import MalignancyEvaluator
+
+            self.evaluator = MalignancyEvaluator.load(cfg.evaluator)
+        self._batched.set_max_batch_size(cfg.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+        self.metrics = ServiceMetrics()
+        self._in_flight = 0
+
+    def info(self) -> dict[str, Any]:
+        side = self.model.cfg.vae.sample_size
+        return {**self.source.info(), "crop_shape": [side, side], "uses_ehr": self.model.conditioner is not None,
+                "evaluator": self.evaluator is not None}
+
+    async def forecast(self, item: PreparedRequest) -> dict[str, Any]:
+        self._in_flight += 1
+        self.metrics.in_flight.set(self._in_flight)
+        try:
+            return await self._batched(item)
+        finally:
+            self._in_flight -= 1
+            self.metrics.in_flight.set(self._in_flight)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _batched(self, items: list[PreparedRequest]) -> list[dict[str, Any]]:
+        started = time.perf_counter()
+        answers = run_batch(self.model, items)
+        steps = sum({(i.seed, i.num_samples, i.steps): i.steps for i in items}.values())
+        self.metrics.step_latency.observe((time.perf_counter() - started) / max(steps, 1))
+        if self.evaluator is not None:
+            score_samples(self.evaluator, answers)
+        self.metrics.batch_size.observe(len(items))
+        self.metrics.requests.inc(len(items))
+        self.metrics.samples.inc(sum(i.num_samples for i in items))
+        return answers

@@ -1,0 +1,100 @@
+"""Request validation and the batching logic of the forecasting service, without Serve:
+a request's answer is bit-identical alone or batched with others."""
+
+import numpy as np
+import pytest
+import torch
+
+from cohortcast.config.models import ConditionerConfig, ForecasterConfig, SchedulerConfig
+from cohortcast.config.serving import ServeConfig
+from cohortcast.models.forecaster import Forecaster
+from cohortcast.models.tiny_llm import write_tiny_gemma3
+from cohortcast.serving.forecast_model import run_batch
+from cohortcast.serving.requests import ForecastRequest, RequestError, decode_npy, encode_npy, prepare
+
+CFG = ServeConfig(default_samples=2, max_samples=4, default_steps=3, max_steps=5)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-model")
+    llm = write_tiny_gemma3(root / "llm", ["solid nodule right upper lobe long axis mm"])
+    torch.manual_seed(0)
+    return Forecaster(ForecasterConfig(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2,
+                                                                     max_length=64),
+                                       scheduler=SchedulerConfig(micro_batch=4))).eval()
+
+
+def request(seed=0, value=0.1, **kw):
+    crop = np.full((32, 32), value, np.float32)
+    crop[12:20, 12:20] = 0.8
+    return ForecastRequest(crop_npy_b64=encode_npy(crop), horizon_days=365, seed=seed,
+                           ehr={"age": 61, "SCT_LONG_DIA": 8.0, "gender": "Female"}, **kw)
+
+
+def test_answers_do_not_depend_on_the_batch(model):
+    a, b, c = (prepare(r, (32, 32), CFG, True) for r in (request(), request(value=-0.2), request(seed=3)))
+    alone = run_batch(model, [a])[0]
+    batched = run_batch(model, [b, a, c, a])  # other requests, another seed, and a duplicate
+    for key in ("mean", "variance", "samples"):
+        np.testing.assert_array_equal(alone[key], batched[1][key])
+        np.testing.assert_array_equal(batched[1][key], batched[3][key])
+    assert not np.array_equal(batched[1]["mean"], batched[2]["mean"])  # another seed, another forecast
+    assert alone["samples"].shape == (2, 32, 32)
+
+
+@pytest.mark.parametrize("change, field", [
+    ({"crop_npy_b64": encode_npy(np.zeros((16, 16)))}, "crop_npy_b64"),
+    ({"crop_npy_b64": "not base64!"}, "crop_npy_b64"),
+    ({"crop_npy_b64": encode_npy(np.full((32, 32), 5.0))}, "crop_npy_b64"),
+    ({"num_samples": 9}, "num_samples"),
+    ({"steps": 0}, "steps"),
+    ({"horizon_days": 99999}, "horizon_days"),
+    ({"ehr": {"age": 300}}, "ehr.age"),
+    ({"ehr": {"gender": "X"}}, "ehr.gender"),
+    ({"ehr": {"shoe_size": 42}}, "ehr.shoe_size"),
+])
+def test_bad_requests_name_the_field(change, field):
+    body = request().model_dump() | change
+    with pytest.raises(RequestError) as info:
+        prepare(ForecastRequest(**body), (32, 32), CFG, True)
+    assert info.value.field == field
+
+
+def test_npy_round_trip():
+    array = np.arange(6, dtype=np.float32).reshape(2, 3)
+    np.testing.assert_array_equal(decode_npy(encode_npy(array), "x"), array)
+
+
+def test_serve_config_file_builds_the_application(monkeypatch):
+    import importlib
+
+    import yaml
+    from ray.serve import Application
+
+    spec = yaml.safe_load(open("cluster/serve_config.yaml"))["applications"][0]
+    module, name = spec["import_path"].split(":")
+    app = getattr(importlib.import_module(module), name)(spec["args"])
+    assert isinstance(app, Application)
+    from cohortcast.serving.entry import app_builder
+
+    with pytest.raises(ValueError, match="COHORTCAST_TEST_TOKEN"):
+        app_builder({"config": spec["args"]["config"], "set": ["serve.auth_token_env=COHORTCAST_TEST_TOKEN"]})
+    monkeypatch.setenv("COHORTCAST_TEST_TOKEN", "x")
+    assert isinstance(app_builder({"set": ["serve.auth_token_env=COHORTCAST_TEST_TOKEN"]}), Application)
+
+
+def test_app_dashboard_plots_the_metrics_the_service_emits():
+    import inspect
+    import json
+    import re
+
+    from cohortcast.serving import forecast_model
+
+    emitted = set(re.findall(r'metrics\.\w+\(\s*"(cohortcast_\w+)"', inspect.getsource(forecast_model.ServiceMetrics)))
+    dashboard = json.load(open("dashboards/cohortcast_serving.json"))
+    plotted = {m for p in dashboard["panels"] for t in p["targets"]
+               for m in re.findall(r"ray_(cohortcast_\w+?)(?:_total|_bucket)?\b", t["expr"])}
+    assert emitted and plotted == emitted
+    for name in ("serve_grafana_dashboard", "default_grafana_dashboard"):
+        assert json.load(open(f"dashboards/ray/{name}.json"))["panels"]
