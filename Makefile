@@ -39,6 +39,7 @@ bench: install
 	$(PY) benchmarks/ddim_batching.py
 	$(PY) benchmarks/training_throughput.py --steps 120
 	$(PY) benchmarks/cohort_forecast_throughput.py
+	$(PY) benchmarks/serve_load.py
 
 clean-demo:
 	rm -rf runs/demo mlruns

@@ -3,7 +3,8 @@
     python benchmarks/serve_load.py [--requests 64] [--concurrency 16] [--samples 4] [--steps 10]
 
 A tiny random Forecaster (the debug config's sizes; speed does not depend on training)
-is served twice on a local Ray Serve: `max_batch_size` 8 (batching on) and 1 (off). A
+is served twice on a local Ray Serve: `max_batch_size` 8 (batching on, micro-batches of
+8 x samples rows) and 1 (off, micro-batches of one request's samples). A
 bounded pool of client threads sends the same requests to each; the script prints
 throughput (requests/s, samples/s) and p50/p99 latency. Record it in RESULTS.md.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import sys
 import tempfile
 import time
@@ -55,7 +57,9 @@ def main() -> None:
     from cohortcast.serving.requests import encode_npy
 
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    port = 8123
+    with socket.socket() as probe:  # a free loopback port
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     rng = np.random.default_rng(0)
     bodies = [{"crop_npy_b64": encode_npy(rng.uniform(-1, 1, (32, 32)).astype(np.float32)), "horizon_days": 365,
@@ -63,9 +67,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        Forecaster(ForecasterConfig(scheduler=SchedulerConfig(micro_batch=32))).save(Path(tmp) / "model")
+        Forecaster(ForecasterConfig(scheduler=SchedulerConfig())).save(Path(tmp) / "model")
+        # Fixed micro-batches keep answers batch-independent; each path gets the size that
+        # fits it: a full batch of 8 requests in one call, or one request's samples.
         for label, batch in (("batching on (max_batch_size 8)", 8), ("batching off (max_batch_size 1)", 1)):
             cfg = ServeConfig(forecaster=str(Path(tmp) / "model"), max_batch_size=batch, batch_wait_timeout_s=0.02,
+                              micro_batch=batch * args.samples,
                               max_samples=args.samples, default_samples=args.samples, max_steps=args.steps,
                               default_steps=args.steps, max_ongoing_requests=args.concurrency * 2,
                               max_queued_requests=args.requests, num_cpus=max(1, (os.cpu_count() or 2) - 1))

@@ -110,6 +110,13 @@ def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
     many = forecaster.forecast(torch.full((7, 1, 32, 32), 0.2), torch.full((7,), 395.0), [f"x{i}" for i in range(6)]
                                + ["c1"], ehr_texts=[TEXTS[0]] * 6 + [TEXTS[1]], num_samples=4, seed=3, steps=6, eta=eta)
     assert torch.equal(many.samples[6], alone.samples[0])
+    # One seed per case (how the service batches requests with different seeds): each case
+    # matches its own single-seed call, even the same case id under two seeds.
+    mixed = forecaster.forecast(torch.full((3, 1, 32, 32), 0.2), torch.full((3,), 395.0), ["c1", "c1", "x0"],
+                                ehr_texts=[TEXTS[1]] * 3, num_samples=4, seed=[3, 8, 3], steps=6, eta=eta)
+    other_seed = forecaster.forecast(torch.full((1, 1, 32, 32), 0.2), torch.tensor([395.0]), ["c1"],
+                                     ehr_texts=TEXTS[1:2], num_samples=4, seed=8, steps=6, eta=eta)
+    assert torch.equal(mixed.samples[0], alone.samples[0]) and torch.equal(mixed.samples[1], other_seed.samples[0])
 
 
 def test_samples_mean_variance_and_seeds(forecaster):
@@ -162,6 +169,9 @@ def test_forecast_latents_validates_inputs(forecaster):
     with pytest.raises(ValueError, match="unique"):
         forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, 4, 4, 4),
                          torch.zeros(2, 3, 64), ["a", "a"], 2, 0, 2)
+    with pytest.raises(ValueError, match="seeds for"):
+        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, 4, 4, 4),
+                         torch.zeros(2, 3, 64), ["a", "b"], 2, [0], 2)
 
 
 def test_condition_dropout_rate_and_null_rows(forecaster):

@@ -40,6 +40,8 @@ def test_answers_do_not_depend_on_the_batch(model):
         np.testing.assert_array_equal(alone[key], batched[1][key])
         np.testing.assert_array_equal(batched[1][key], batched[3][key])
     assert not np.array_equal(batched[1]["mean"], batched[2]["mean"])  # another seed, another forecast
+    # ...computed in the same call as seed 0, yet equal to itself alone.
+    np.testing.assert_array_equal(run_batch(model, [c])[0]["samples"], batched[2]["samples"])
     assert alone["samples"].shape == (2, 32, 32)
 
 

@@ -33,13 +33,17 @@ class ServeConfig:
     `auth_token_env`: the name of an
     environment variable holding a bearer token; unset = no authentication.
     Dynamic batching gathers up to `max_batch_size` requests for `batch_wait_timeout_s`;
-    every request's N samples are folded into the same network calls."""
+    every request's N samples are folded into the same network calls, run in micro-batches
+    of `micro_batch` rows."""
 
     forecaster: str = "runs/demo/train/ldm_cond"
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"
     max_batch_size: int = 8
+    # Rows (samples) per network call; fixed, so answers do not depend on the batch.
+    # None: the Forecaster's own scheduler.micro_batch.
+    micro_batch: int | None = None
     batch_wait_timeout_s: float = 0.05
     default_samples: int = 20
     max_samples: int = 32
@@ -67,6 +71,7 @@ class ServeConfig:
                  "max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
         _require(self.max_ongoing_requests >= 1 and self.max_queued_requests >= 0, "max_queued_requests",
                  "max_ongoing_requests must be >= 1, max_queued_requests >= 0")
+        _require(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1 (or unset)")
         scale = self.autoscaling
         _require(0 <= scale.min_replicas <= scale.max_replicas and scale.max_replicas >= 1
                  and scale.target_ongoing_requests > 0, "autoscaling",

@@ -10,6 +10,7 @@ a case gives the same forecast alone or inside any batch.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,15 +72,21 @@ class LatentForecast:
 
 
 def forecast_latents(denoiser: ConditionalDenoiser, scheduler: DDIMScheduler, baseline: torch.Tensor,
-                     context: torch.Tensor, case_ids: list[str], num_samples: int, base_seed: int, steps: int,
-                     guidance_scale: float = 1.0, eta: float = 0.0, micro_batch: int | None = None) -> LatentForecast:
-    """baseline (B, c, h, w) and context (B, T, D) for B cases -> N samples each. Pass a
-    fixed `micro_batch` for batch-independent results (None: one batch of B*N)."""
+                     context: torch.Tensor, case_ids: list[str], num_samples: int, base_seed: int | Sequence[int],
+                     steps: int, guidance_scale: float = 1.0, eta: float = 0.0,
+                     micro_batch: int | None = None) -> LatentForecast:
+    """baseline (B, c, h, w) and context (B, T, D) for B cases -> N samples each.
+    `base_seed`: one for all cases, or one per case (the service batches requests with
+    different seeds). Pass a fixed `micro_batch` for batch-independent results (None:
+    one batch of B*N)."""
     if len(case_ids) != baseline.shape[0] or context.shape[0] != baseline.shape[0]:
         raise ValueError(f"{len(case_ids)} case ids, {baseline.shape[0]} baselines, {context.shape[0]} contexts")
-    if len(set(case_ids)) != len(case_ids):
-        raise ValueError("case ids must be unique within a call (they seed the samples)")
-    seeds = [sample_seed(base_seed, c, k) for c in case_ids for k in range(num_samples)]
+    case_seeds = [base_seed] * len(case_ids) if isinstance(base_seed, int) else [int(s) for s in base_seed]
+    if len(case_seeds) != len(case_ids):
+        raise ValueError(f"{len(case_seeds)} seeds for {len(case_ids)} cases")
+    if len(set(zip(case_ids, case_seeds))) != len(case_ids):
+        raise ValueError("(case id, seed) pairs must be unique within a call (they seed the samples)")
+    seeds = [sample_seed(b, c, k) for c, b in zip(case_ids, case_seeds) for k in range(num_samples)]
     noise = seeded_noise(seeds, tuple(baseline.shape[1:]), baseline.device, baseline.dtype)
     base = baseline.repeat_interleave(num_samples, dim=0)
     ctx = context.repeat_interleave(num_samples, dim=0)

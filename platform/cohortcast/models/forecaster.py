@@ -98,9 +98,10 @@ class Forecaster(nn.Module):
     def forecast(self, baseline_images: torch.Tensor, horizon_days: torch.Tensor, case_ids: list[str],
                  ehr_texts: list[str] | None = None, prior_images: torch.Tensor | None = None,
                  days_before_target: torch.Tensor | None = None, exam_mask: torch.Tensor | None = None,
-                 num_samples: int | None = None, seed: int = 0, steps: int | None = None,
+                 num_samples: int | None = None, seed: int | list[int] = 0, steps: int | None = None,
                  guidance_scale: float | None = None, eta: float | None = None) -> Forecast:
-        """Baseline crops (B, C, H, W) in the ingestion intensity range -> N forecasts each.
+        """Baseline crops (B, C, H, W) in the ingestion intensity range -> N forecasts each;
+        `seed` for all cases or one per case.
         Every network call runs in fixed micro-batches (scheduler.micro_batch), so a case's
         forecast is bit-identical whatever other cases share the call."""
         s = self.cfg.scheduler

@@ -1,9 +1,11 @@
 """The model deployment: one Forecaster per replica, dynamic batching across requests.
 
-`@serve.batch` hands a list of requests to `run_batch`, which groups them by (seed,
-samples, steps) and runs each group as one Forecaster call: every request's N samples
-share the same fixed micro-batches (the Forecaster's bit-identity guarantee), so a
-request's answer does not depend on what else is in the batch."""
+`@serve.batch` hands a list of requests to `run_batch`, which groups them by (samples,
+steps) and runs each group as one Forecaster call, whatever their seeds: every sample
+has its own seeded noise and runs in fixed-size micro-batches (the Forecaster's
+bit-identity guarantee), so a request's answer does not depend on what else is in the
+batch. `serve.micro_batch` sets those rows per network call: about max_batch_size x
+samples keeps a full batch in one call; with batching off, the samples per request."""
 
 from __future__ import annotations
 
@@ -21,21 +23,21 @@ from cohortcast.serving.requests import PreparedRequest
 def run_batch(model, items: list[PreparedRequest]) -> list[dict[str, Any]]:
     import torch
 
-    groups: dict[tuple, dict[str, PreparedRequest]] = defaultdict(dict)
-    for item in items:  # equal requests (same content hash) are computed once
-        groups[(item.seed, item.num_samples, item.steps)][item.case_id] = item
+    groups: dict[tuple, dict[tuple, PreparedRequest]] = defaultdict(dict)
+    for item in items:  # equal requests (same content and seed) are computed once
+        groups[(item.num_samples, item.steps)][(item.case_id, item.seed)] = item
     answers: dict[tuple, dict[str, Any]] = {}
-    for (seed, samples, steps), unique in groups.items():
-        cases = list(unique.values())
+    for (samples, steps), unique in groups.items():
+        cases = list(unique.values())  # seeds may differ: each case's noise comes from its own seed
         texts = [c.ehr_text for c in cases] if model.conditioner is not None else None
         forecast = model.forecast(torch.from_numpy(np.stack([c.crop for c in cases]))[:, None],
                                   torch.tensor([c.horizon_days for c in cases]), [c.case_id for c in cases],
-                                  ehr_texts=texts, num_samples=samples, seed=seed, steps=steps)
+                                  ehr_texts=texts, num_samples=samples, seed=[c.seed for c in cases], steps=steps)
         for i, case in enumerate(cases):
-            answers[(seed, samples, steps, case.case_id)] = {
+            answers[(samples, steps, case.case_id, case.seed)] = {
                 "mean": forecast.mean[i, 0].numpy(), "variance": forecast.variance[i, 0].numpy(),
                 "samples": forecast.samples[i, :, 0].numpy()}
-    return [answers[(i.seed, i.num_samples, i.steps, i.case_id)] for i in items]
+    return [answers[(i.num_samples, i.steps, i.case_id, i.seed)] for i in items]
 
 
 def score_samples(evaluator, answers: list[dict[str, Any]], micro_batch: int = 64) -> None:
@@ -79,6 +81,8 @@ class ForecastModel:
 
         self.source = resolve_forecaster(forecaster)
         self.model = Forecaster.load(self.source.folder, llm_path=llm_path)
+        if cfg.micro_batch:
+            self.model.cfg.scheduler.micro_batch = cfg.micro_batch
         self.evaluator = None
         if cfg.evaluator:
             from cohortcast.models.evaluator import MalignancyEvaluator
@@ -107,7 +111,7 @@ class ForecastModel:
     async def _batched(self, items: list[PreparedRequest]) -> list[dict[str, Any]]:
         started = time.perf_counter()
         answers = run_batch(self.model, items)
-        steps = sum({(i.seed, i.num_samples, i.steps): i.steps for i in items}.values())
+        steps = sum({(i.num_samples, i.steps): i.steps for i in items}.values())
         self.metrics.step_latency.observe((time.perf_counter() - started) / max(steps, 1))
         if self.evaluator is not None:
             score_samples(self.evaluator, answers)
