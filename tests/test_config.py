@@ -103,3 +103,12 @@ def test_partial_section_keeps_the_fields_own_defaults():
     assert cfg.evaluation.evaluator.train.lr == factory.lr != 1e-4  # 1e-4: StageConfig's class default
     with pytest.raises(ConfigError, match="evaluation.evaluator.train.warmup_steps"):
         load_config(None, ["evaluation.evaluator.train.max_steps=3"])  # factory warmup 10 >= 3
+
+
+def test_a_mapping_value_replaces_its_default_whole():
+    """A Tune grid given in a config is the grid: not merged with the default grid's keys."""
+    cfg = load_config(None, ["tune.grid={training.task_weight: [0.1, 1.0]}"])
+    assert cfg.tune.grid == {"training.task_weight": [0.1, 1.0]}
+    assert load_config(None, ["tune.metric=val/loss_total"]).tune.grid == load_config().tune.grid
+    with pytest.raises(ConfigError, match="tune.grid"):
+        load_config(None, ["tune.grid={training.task_weight: []}"])

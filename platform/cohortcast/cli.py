@@ -86,6 +86,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tune(args: argparse.Namespace) -> int:
+    from cohortcast.tuning.sweep import format_sweep, run_sweep
+
+    extra = ["tune.asha.enabled=true"] if args.asha else []
+    print(format_sweep(run_sweep(_load(args, extra))))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -145,6 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--split", choices=("train", "val", "test"), help="which split's cases (forecast.split)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("tune", help="Ray Tune grid over lambda and the alignment temperatures (tune.grid): one "
+                                    "Train run per trial, summary table and best config in MLflow; reruns resume")
+    _add_config_args(p)
+    p.add_argument("--asha", action="store_true", help="stop poor trials early with ASHA (tune.asha.enabled)")
+    p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("serve", help="start the forecasting service (Ray Serve + FastAPI) and block")
     _add_config_args(p)

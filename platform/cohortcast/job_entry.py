@@ -17,9 +17,10 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
     from cohortcast.models.errors import ForecasterLoadError
     from cohortcast.pipeline.namd import StageNotAvailable
+    from cohortcast.tuning.sweep import SweepFailed
 
     return (ConfigError, ManifestError, StageNotAvailable, ForecasterLoadError, ForecastSettingsMismatch,
-            EvaluationError, FileNotFoundError, FileExistsError)
+            EvaluationError, SweepFailed, FileNotFoundError, FileExistsError)
 
 
 def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:

@@ -121,7 +121,7 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
                 # StageConfig(lr=1e-3)), not the bare class defaults.
                 default = field.default_factory()
                 if dataclasses.is_dataclass(default):
-                    value = _merged(to_dict(default), value)
+                    value = _merged_section(default, value)
             kwargs[name] = _coerce(value, hints[name], _join(where, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{_join(where, name)}: required field is missing")
@@ -135,10 +135,14 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     return obj
 
 
-def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
+def _merged_section(default: Any, update: dict[str, Any]) -> dict[str, Any]:
+    """`update` over the dataclass instance `default`: nested sections merge, any other
+    value (a list, or a mapping such as a Tune grid) replaces the default whole."""
+    out = to_dict(default)
     for key, value in update.items():
-        out[key] = _merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        current = getattr(default, key, None)
+        out[key] = (_merged_section(current, value) if isinstance(value, dict) and dataclasses.is_dataclass(current)
+                    else value)
     return out
 
 

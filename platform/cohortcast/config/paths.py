@@ -18,7 +18,7 @@ PATH_FIELDS = (
     "evaluation.evaluator_output", "evaluation.report", "evaluation.evaluator.pretrained_path",
     "evaluation.ablation.training_output", "evaluation.ablation.forecasts", "evaluation.inception_torchscript",
     "evaluation.lpips_vgg_path", "evaluation.lpips_path", "serve.forecaster", "serve.cohort_output",
-    "serve.evaluator",
+    "serve.evaluator", "tune.output",
 )
 
 

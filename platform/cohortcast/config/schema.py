@@ -15,6 +15,7 @@ from cohortcast.config.models import ForecasterConfig
 from cohortcast.config.evaluation import EvaluationConfig
 from cohortcast.config.serving import ServeConfig
 from cohortcast.config.training import ForecastJobConfig, MLflowConfig, TrainingConfig
+from cohortcast.config.tuning import TuneConfig
 
 
 @dataclass
@@ -145,3 +146,4 @@ class CohortcastConfig:
     forecast: ForecastJobConfig = field(default_factory=ForecastJobConfig)
     evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
     serve: ServeConfig = field(default_factory=ServeConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)

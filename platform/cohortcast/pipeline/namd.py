@@ -61,10 +61,13 @@ def without_pretrained(model_cfg):
 
 
 class NAMDJob:
-    def __init__(self, cfg: CohortcastConfig):
+    def __init__(self, cfg: CohortcastConfig, train_callbacks: list | None = None):
+        """`train_callbacks` go into every stage's Ray Train RunConfig (a sweep trial
+        passes Tune's TuneReportCallback)."""
         self.cfg = cfg
         self.output = Path(cfg.training.output)
         self.reports: list[StageReport] = []
+        self.train_callbacks = train_callbacks
 
     # ----- one training stage on Ray Train --------------------------------------------
     def train_stage(self, runs, name: str, key: str, worker_loop, loop_config: dict,
@@ -87,7 +90,7 @@ class NAMDJob:
         started = time.perf_counter()
         try:
             result = run_stage(f"{name}-{key}", worker_loop, {**loop_config, "tracking": runs.tracking_for_workers(
-                run_id)}, datasets(), self.cfg.training.scaling)
+                run_id)}, datasets(), self.cfg.training.scaling, self.train_callbacks)
             export(result.checkpoint, folder)
         except BaseException:
             runs.fail_child(run_id)

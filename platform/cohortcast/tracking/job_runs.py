@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +41,19 @@ def _params(values: dict[str, Any]) -> dict[str, str]:
 
 
 class JobRuns:
-    """Context manager: the parent run is active inside `with`; stages open children."""
+    """Context manager: the parent run is active inside `with`; stages open children.
+    `nested_in`: open the job's run as a child of that run (a sweep trial under its
+    sweep); `run_name` and `tags` default to the config's run name and none;
+    `resume_run_id`: reopen that run (a resumed sweep keeps one parent run)."""
 
-    def __init__(self, cfg: CohortcastConfig):
+    def __init__(self, cfg: CohortcastConfig, nested_in: str | None = None, run_name: str | None = None,
+                 tags: dict[str, str] | None = None, resume_run_id: str | None = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
         self.cfg = cfg
+        self.nested_in, self.run_name, self.tags = nested_in, run_name or cfg.run_name, dict(tags or {})
+        self.resume_run_id = resume_run_id
         self.enabled = cfg.mlflow.enabled
         self.uri = resolve_tracking_uri(cfg)
         self.parent_id: str | None = None
@@ -66,7 +73,12 @@ class JobRuns:
     def __enter__(self) -> "JobRuns":
         if not self.enabled:
             return self
-        run = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=self.cfg.run_name)
+        if self.resume_run_id:
+            self.parent_id = self.mlflow.start_run(run_id=self.resume_run_id).info.run_id
+            log.info("MLflow: resumed run %s at %s", self.parent_id, self.uri)
+            return self
+        tags = {**self.tags, **({PARENT_TAG: self.nested_in} if self.nested_in else {})}
+        run = self.mlflow.start_run(experiment_id=self.experiment_id, run_name=self.run_name, tags=tags)
         self.parent_id = run.info.run_id
         self.log_params(self.parent_id, flatten(self.cfg))
         with tempfile.TemporaryDirectory() as tmp:
@@ -86,6 +98,17 @@ class JobRuns:
         params = [Param(k, v) for k, v in _params(values).items()]
         for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
             self.client.log_batch(run_id, params=params[start:start + 100])
+
+    def log_metrics(self, run_id: str | None, metrics: dict[str, Any]) -> None:
+        from mlflow.entities import Metric
+
+        if not (self.enabled and run_id):
+            return
+        now = int(time.time() * 1000)
+        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()
+                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for start in range(0, len(values), 1000):
+            self.client.log_batch(run_id, metrics=values[start:start + 1000])
 
     def log_dict(self, run_id: str | None, data: dict, artifact_file: str) -> None:
         if self.enabled and run_id:

@@ -10,9 +10,10 @@ from cohortcast.config.training import ScalingSettings
 
 
 def run_stage(name: str, worker_loop: Callable[[dict], None], loop_config: dict[str, Any], datasets: dict,
-              scaling: ScalingSettings):
+              scaling: ScalingSettings, callbacks: list | None = None):
     """`datasets`: "train" is sharded across workers (`get_dataset_shard`); any other
-    (e.g. "val", read by rank 0 only) reaches each worker whole. None values are dropped."""
+    (e.g. "val", read by rank 0 only) reaches each worker whole. None values are dropped.
+    `callbacks`: Train callbacks, e.g. Tune's TuneReportCallback inside a sweep trial."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -23,6 +24,6 @@ def run_stage(name: str, worker_loop: Callable[[dict], None], loop_config: dict[
         scaling_config=ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                      resources_per_worker={"CPU": scaling.cpus_per_worker}),
         run_config=RunConfig(name=name, storage_path=str(Path(scaling.storage_path).resolve()),
-                             failure_config=FailureConfig(max_failures=scaling.max_failures),
+                             failure_config=FailureConfig(max_failures=scaling.max_failures), callbacks=callbacks,
                              checkpoint_config=CheckpointConfig(num_to_keep=scaling.checkpoints_to_keep)))
     return trainer.fit()

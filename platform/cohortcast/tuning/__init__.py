@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over the NAMD job (jobs/tune_namd.py)."""

@@ -1,0 +1,89 @@
+"""The sweep's grid as configs: one validated CohortcastConfig per grid point, the
+upstream (VAE, latent cache, unconditional LDM) each point needs, readable trial names,
+and how many trials the cluster runs at once."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+from typing import Any
+
+from cohortcast.config import ConfigError, from_dict, to_dict
+from cohortcast.config.schema import CohortcastConfig
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination, in Tune's grid order (the last key varies slowest)."""
+    keys = list(grid)
+    combos = itertools.product(*(grid[k] for k in reversed(keys)))
+    return [dict(zip(keys, reversed(values))) for values in combos]
+
+
+def with_values(cfg: CohortcastConfig, values: dict[str, Any]) -> CohortcastConfig:
+    """A copy of `cfg` with dotted keys set, validated; a wrong key or value is a
+    ConfigError naming it (`tune.grid.<key>`)."""
+    data = to_dict(cfg)
+    for dotted, value in values.items():
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"tune.grid.{dotted}: {part!r} is not a config section")
+            node = node[part]
+        if leaf not in node:
+            raise ConfigError(f"tune.grid.{dotted}: no such config key")
+        node[leaf] = value
+    try:
+        return from_dict(CohortcastConfig, data)
+    except ConfigError as exc:
+        raise ConfigError(f"tune.grid: {exc}") from None
+
+
+def trial_name(values: dict[str, Any]) -> str:
+    """`task_weight=0.5,tau_f=1.0`: each key by its last part, or its last two when the
+    last part alone would be ambiguous (training.vae.lr vs training.ldm_cond.lr)."""
+    lasts = [k.rsplit(".", 1)[-1] for k in values]
+    parts = []
+    for key, last in zip(values, lasts):
+        name = last if lasts.count(last) == 1 else ".".join(key.split(".")[-2:])
+        parts.append(f"{name}={values[key]}")
+    return ",".join(parts)
+
+
+def upstream_key(cfg: CohortcastConfig) -> str:
+    """What stages a-c depend on besides the cohort: trials with equal keys share one VAE,
+    latent cache and unconditional LDM (a lambda-only grid trains each once)."""
+    from cohortcast.pipeline.stage_outputs import stage_key
+
+    t, m = cfg.training, cfg.model
+    return stage_key("upstream", t.vae, m.vae, t.latent_cache, t.ldm_uncond, m.denoiser, m.scheduler,
+                     t.scaling.num_workers)
+
+
+def upstream_config(cfg: CohortcastConfig) -> CohortcastConfig:
+    """The config that trains a trial's upstream, into `<tune.output>/shared/<key>`."""
+    out = copy.deepcopy(cfg)
+    out.training.output = str(Path(cfg.tune.output) / "shared" / upstream_key(cfg))
+    return out
+
+
+def trial_config(base: CohortcastConfig, values: dict[str, Any]) -> CohortcastConfig:
+    """A grid point's config; its conditional stage writes to `<tune.output>/trials/<name>`."""
+    cfg = with_values(base, values)
+    cfg.training.output = str(Path(base.tune.output) / "trials" / trial_name(values))
+    cfg.run_name = f"{base.run_name}:{trial_name(values)}"
+    return cfg
+
+
+def concurrent_trials(cfg: CohortcastConfig, resources: dict[str, float]) -> int:
+    """`tune.max_concurrent_trials`, or as many trials as the cluster's CPUs (GPUs when
+    training on GPUs) hold, each needing its Ray Train workers' share."""
+    if cfg.tune.max_concurrent_trials:
+        return cfg.tune.max_concurrent_trials
+    scaling = cfg.training.scaling
+    if scaling.use_gpu:
+        need, have = scaling.num_workers, resources.get("GPU", 0.0)
+    else:
+        need, have = scaling.num_workers * scaling.cpus_per_worker, resources.get("CPU", 0.0)
+    return max(1, int(have // need))
