@@ -180,15 +180,21 @@ class NAMDJob:
                                 export, flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser,
                                                                                                 "model.denoiser."))
 
-    def stage_ldm_cond(self, runs, cache: dict, vae_folder: Path, denoiser_folder: Path) -> Path:
-        from cohortcast.training.ldm_conditional_stage import (build_conditional_forecaster,
-                                                               ldm_conditional_worker_loop)
-        from cohortcast.training.trajectories import trajectory_dataset
-
+    def ldm_cond_key(self, cache: dict, denoiser_folder: Path) -> str:
         t, m = self.cfg.training, self.cfg.model
         uncond_key = outputs.read_marker(denoiser_folder)["key"]
-        key = outputs.stage_key("ldm_cond", t.ldm_cond, m, t.task_loss, t.task_weight, cache["key"], uncond_key,
-                                t.scaling.num_workers)
+        return outputs.stage_key("ldm_cond", t.ldm_cond, m, t.task_loss, t.task_weight, cache["key"], uncond_key,
+                                 t.scaling.num_workers)
+
+    def stage_ldm_cond(self, runs, cache: dict, vae_folder: Path, denoiser_folder: Path,
+                       datasets: dict | None = None) -> Path:
+        """`datasets`: prebuilt {"train", "val"} trajectory datasets (a sweep builds them
+        once for all its trials); None = built here from the cache."""
+        from cohortcast.training.ldm_conditional_stage import (build_conditional_forecaster,
+                                                               ldm_conditional_worker_loop)
+
+        t, m = self.cfg.training, self.cfg.model
+        key = self.ldm_cond_key(cache, denoiser_folder)
         model = without_pretrained(m)
 
         def export(checkpoint, folder: Path) -> None:
@@ -207,10 +213,16 @@ class NAMDJob:
             {"stage": t.ldm_cond, "model": model, "vae_folder": str(vae_folder),
              "denoiser_folder": str(denoiser_folder), "task_loss": t.task_loss, "task_weight": t.task_weight,
              "validation": t.validation},
-            lambda: {"train": trajectory_dataset(cache["path"], "train", m.temporal.max_exams),
-                     "val": trajectory_dataset(cache["path"], "val", m.temporal.max_exams)},
+            lambda: datasets or trajectory_datasets(cache, m.temporal.max_exams),
             export, flatten(t.ldm_cond, "training.ldm_cond") | {"training.task_loss": t.task_loss,
                                                                  "training.task_weight": t.task_weight})
+
+
+def trajectory_datasets(cache: dict, max_exams: int) -> dict:
+    """The conditional stage's {"train", "val"} datasets from a latent cache."""
+    from cohortcast.training.trajectories import trajectory_dataset
+
+    return {split: trajectory_dataset(cache["path"], split, max_exams) for split in ("train", "val")}
 
 
 def run_namd(cfg: CohortcastConfig) -> NAMDReport:

@@ -62,6 +62,23 @@ def prepare_upstreams(cfg: CohortcastConfig, runs, card: dict, trials: list[Coho
     return upstream
 
 
+def shared_datasets(trials: list[CohortcastConfig], upstream: dict[str, dict]) -> dict[tuple, dict]:
+    """The trajectory datasets of every upstream that a not-yet-finished trial needs,
+    materialized once (a resumed sweep whose trials all finished builds none)."""
+    from cohortcast.pipeline import stage_outputs as outputs
+    from cohortcast.pipeline.namd import NAMDJob, trajectory_datasets
+
+    built: dict[tuple, dict] = {}
+    for trial in trials:
+        key = (upstream_key(trial), trial.model.temporal.max_exams)
+        up = upstream[key[0]]
+        job = NAMDJob(trial)
+        done = outputs.is_valid(job.output / "ldm_cond", job.ldm_cond_key(up["cache"], Path(up["denoiser"])))
+        if key not in built and not done:
+            built[key] = trajectory_datasets(up["cache"], key[1])
+    return built
+
+
 def run_trials(cfg: CohortcastConfig, context: SweepContext, concurrency: int):
     """The Tune experiment under `<tune.output>/ray_tune/<tune.name>`, restored if present."""
     from ray import tune
@@ -183,7 +200,8 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
         ensure_debug_llm(cfg, card)
         upstream = prepare_upstreams(cfg, runs, card, trials)
         log.info("%d trial(s), %d upstream(s), up to %d at once", len(points), len(upstream), concurrency)
-        results = run_trials(cfg, SweepContext(copy.deepcopy(cfg), runs.parent_id, upstream), concurrency)
+        context = SweepContext(copy.deepcopy(cfg), runs.parent_id, upstream, shared_datasets(trials, upstream))
+        results = run_trials(cfg, context, concurrency)
         _close_stopped_trial_runs(runs)
         rows = summary_rows(results, cfg)
         best = pick_best(rows, cfg.tune.metric, cfg.tune.mode)

@@ -19,6 +19,9 @@ class SweepContext:
     base: CohortcastConfig  # paths resolved
     sweep_run_id: str | None  # the MLflow parent run
     upstream: dict[str, dict[str, Any]]  # upstream key -> {"vae", "denoiser": folders, "cache": latent card}
+    # (upstream key, temporal.max_exams) -> materialized {"train", "val"} trajectory datasets,
+    # built once by the sweep (a groupby shuffle each) instead of once per trial
+    datasets: dict[tuple, dict]
 
 
 def conditional_stage(values: dict[str, Any], context: SweepContext, callbacks: list) -> dict[str, Any]:
@@ -34,7 +37,9 @@ def conditional_stage(values: dict[str, Any], context: SweepContext, callbacks: 
     job = NAMDJob(cfg, train_callbacks=callbacks)
     with JobRuns(cfg, nested_in=context.sweep_run_id, run_name=name, tags={TRIAL_TAG: name}) as runs:
         runs.log_params(runs.parent_id, {f"trial.{k}": v for k, v in values.items()})
-        forecaster = job.stage_ldm_cond(runs, upstream["cache"], Path(upstream["vae"]), Path(upstream["denoiser"]))
+        datasets = context.datasets.get((upstream_key(cfg), cfg.model.temporal.max_exams))
+        forecaster = job.stage_ldm_cond(runs, upstream["cache"], Path(upstream["vae"]), Path(upstream["denoiser"]),
+                                        datasets)
         stage = job.reports[-1]
         runs.log_metrics(runs.parent_id, stage.metrics)
     return {**stage.metrics, "forecaster": str(forecaster), "stage_status": stage.status,
