@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from cohortcast.config.serving import ServeConfig
-from cohortcast.serving.requests import RequestError
+from cohortcast.serving.requests import RequestError, sampling_limits
 
 
 class CohortRequest(BaseModel):
@@ -26,12 +26,7 @@ class CohortRequest(BaseModel):
 
 def cohort_command(request: CohortRequest, cfg: ServeConfig, llm_path: str | None, output: Path) -> str:
     """The job's entrypoint: the batch forecasting command with everything set explicitly."""
-    samples = cfg.default_samples if request.num_samples is None else request.num_samples
-    steps = cfg.default_steps if request.steps is None else request.steps
-    if not 1 <= samples <= cfg.max_samples:
-        raise RequestError("num_samples", f"{samples} is outside 1..{cfg.max_samples}")
-    if not 1 <= steps <= cfg.max_steps:
-        raise RequestError("steps", f"{steps} is outside 1..{cfg.max_steps}")
+    samples, steps = sampling_limits(request.num_samples, request.steps, cfg)
     if not (Path(request.ingested) / "card.json").is_file():
         raise RequestError("ingested", f"{request.ingested} is not an ingested cohort (no card.json)")
     settings = {"forecast.forecaster": cfg.forecaster, "forecast.ingested": request.ingested,

@@ -113,6 +113,17 @@ def check_ehr(ehr: dict[str, Any]) -> dict[str, Any]:
     return ehr
 
 
+def sampling_limits(num_samples: int | None, steps: int | None, cfg) -> tuple[int, int]:
+    """(samples, steps) with the service's defaults filled in, within its limits."""
+    samples = cfg.default_samples if num_samples is None else num_samples
+    steps = cfg.default_steps if steps is None else steps
+    if not 1 <= samples <= cfg.max_samples:
+        raise RequestError("num_samples", f"{samples} is outside 1..{cfg.max_samples}")
+    if not 1 <= steps <= cfg.max_steps:
+        raise RequestError("steps", f"{steps} is outside 1..{cfg.max_steps}")
+    return samples, steps
+
+
 def prepare(request: ForecastRequest, crop_shape: tuple[int, int], cfg, uses_ehr: bool) -> PreparedRequest:
     """Validate against the model and the service limits; raises RequestError."""
     return prepare_crop(decode_npy(request.crop_npy_b64, "crop_npy_b64"), request, crop_shape, cfg, uses_ehr,
@@ -134,12 +145,7 @@ def prepare_crop(crop: np.ndarray, request, crop_shape: tuple[int, int], cfg, us
                                   "scale [-1, 1]")
     if request.horizon_days > cfg.max_horizon_days:
         raise RequestError("horizon_days", f"{request.horizon_days} exceeds the limit {cfg.max_horizon_days}")
-    samples = cfg.default_samples if request.num_samples is None else request.num_samples
-    steps = cfg.default_steps if request.steps is None else request.steps
-    if not 1 <= samples <= cfg.max_samples:
-        raise RequestError("num_samples", f"{samples} is outside 1..{cfg.max_samples}")
-    if not 1 <= steps <= cfg.max_steps:
-        raise RequestError("steps", f"{steps} is outside 1..{cfg.max_steps}")
+    samples, steps = sampling_limits(request.num_samples, request.steps, cfg)
     ehr = check_ehr(dict(request.ehr))
     text = render_ehr_prompt(ehr) if uses_ehr else None
     crop = crop.astype(np.float32)
