@@ -58,6 +58,20 @@ def test_best_trial_ignores_unfinished_ones():
     assert pick_best(rows[1:2], "m", "min") is None
 
 
+def test_asha_is_built_from_the_config_only_when_enabled():
+    from ray.tune.schedulers import ASHAScheduler
+
+    from cohortcast.tuning.sweep import asha_scheduler
+
+    assert asha_scheduler(load_config(None)) is None
+    cfg = load_config(None, ["tune.asha.enabled=true", "tune.asha.grace_period=3", "training.ldm_cond.max_steps=40"])
+    scheduler = asha_scheduler(cfg)
+    assert isinstance(scheduler, ASHAScheduler)
+    assert (scheduler.metric, scheduler._mode, scheduler._max_t, scheduler._time_attr) == (
+        "loss/diffusion", "min", 40, "training_iteration")
+    assert scheduler._brackets[0]._rungs[-1][0] == 3  # the first rung (milestone): grace_period reports
+
+
 STEPS = 2
 SWEEP = [f"training.{s}.max_steps={STEPS}" for s in ("vae", "ldm_uncond", "ldm_cond")] + [
     f"training.{s}.{k}={v}" for s in ("vae", "ldm_uncond", "ldm_cond")

@@ -79,10 +79,22 @@ def shared_datasets(trials: list[CohortcastConfig], upstream: dict[str, dict]) -
     return built
 
 
+def asha_scheduler(cfg: CohortcastConfig):
+    """ASHA on `tune.asha.metric` (lower is better), one rung step per Train report; None
+    when disabled. A trial reports at most max_steps times (log_every >= 1)."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    asha = cfg.tune.asha
+    if not asha.enabled:
+        return None
+    return ASHAScheduler(time_attr="training_iteration", metric=asha.metric, mode="min",
+                         max_t=max(cfg.training.ldm_cond.max_steps, asha.grace_period),
+                         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
+
+
 def run_trials(cfg: CohortcastConfig, context: SweepContext, concurrency: int):
     """The Tune experiment under `<tune.output>/ray_tune/<tune.name>`, restored if present."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     # The trial only drives a Ray Train run (its workers reserve the CPUs/GPUs); Tune
     # refuses an empty request, so the driver reserves one byte of memory.
@@ -91,14 +103,9 @@ def run_trials(cfg: CohortcastConfig, context: SweepContext, concurrency: int):
     if tune.Tuner.can_restore(str(path)):
         log.info("resuming the sweep at %s (finished trials are kept)", path)
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
-    asha = cfg.tune.asha
-    scheduler = ASHAScheduler(time_attr="training_iteration", metric=asha.metric, mode="min",
-                              max_t=max(cfg.training.ldm_cond.max_steps, asha.grace_period),
-                              grace_period=asha.grace_period, reduction_factor=asha.reduction_factor) \
-        if asha.enabled else None
     tuner = tune.Tuner(
         trainable, param_space={key: tune.grid_search(values) for key, values in cfg.tune.grid.items()},
-        tune_config=tune.TuneConfig(scheduler=scheduler, max_concurrent_trials=concurrency,
+        tune_config=tune.TuneConfig(scheduler=asha_scheduler(cfg), max_concurrent_trials=concurrency,
                                     trial_name_creator=lambda t: trial_name(t.config),
                                     trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
         run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(path.parent), verbose=1))
