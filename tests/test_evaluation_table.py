@@ -7,7 +7,8 @@ import torch
 from sklearn.metrics import average_precision_score, roc_auc_score
 
 from cohortcast.evaluation.feature_networks import INCEPTION_SPACE, inception_features, lpips_distances
-from cohortcast.evaluation.table import Method, compute_table, paper_claims
+from cohortcast.evaluation.report import _table_json
+from cohortcast.evaluation.table import Method, compute_table, difference_claims, error_claims, paper_claims
 from cohortcast.evaluation.variance import (case_variance, plot_error_variance, plot_running_variance,
                                             plot_variance_maps)
 
@@ -114,3 +115,102 @@ def test_case_variance_and_figures(tmp_path):
              plot_variance_maps(cv, images, images, images ** 2, images, 4, tmp_path / "c.png")]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
+
+
+def _patients(rng, n_cases):
+    """1-3 cases per patient, as nodules cluster in patients."""
+    sizes = []
+    while sum(sizes) < n_cases:
+        sizes.append(int(rng.integers(1, 4)))
+    return [f"p{k}" for k, size in enumerate(sizes) for _ in range(size)][:n_cases]
+
+
+def test_auroc_ci_and_paired_difference_match_a_direct_patient_bootstrap():
+    rng = np.random.default_rng(11)
+    labels = rng.permutation(LABELS)
+    patients = _patients(rng, N_CASES)
+    signal = lambda s: (rng.normal(0, 0.3, (N_CASES, 1, 1)) + rng.normal(0, 0.3, (N_CASES, SIDE, SIDE))  # noqa
+                        + s * (labels[:, None, None] - 0.5)).astype(np.float32)  # AUROCs well inside (0.5, 1)
+    model_runs, baseline = [signal(0.4) for _ in range(3)], signal(0.1)
+    methods = [Method("baseline", [baseline], generated=False), Method("model", model_runs, generated=True)]
+    table = compute_table(methods, labels, signal(1.0), brightness, flat_features, "pixels", None, "n/a",
+                          patients=patients, n_boot=200, boot_seed=7, differences=[("model", "baseline")])
+
+    def auroc(runs, idx):
+        return np.mean([roc_auc_score(labels[idx], brightness(r)[idx]) for r in runs])
+
+    unique, gen = sorted(set(patients)), np.random.default_rng(7)
+    ci_model, diffs = [], []
+    for _ in range(200):
+        drawn = gen.integers(0, len(unique), len(unique))
+        idx = np.concatenate([[i for i, p in enumerate(patients) if p == unique[k]] for k in drawn]).astype(int)
+        if len(set(labels[idx])) < 2:
+            continue
+        ci_model.append(auroc(model_runs, idx))
+        diffs.append(auroc(model_runs, idx) - auroc([baseline], idx))
+    model_ci = table.row("model").auroc_ci
+    assert 0.5 < table.row("baseline").auroc.mean < table.row("model").auroc.mean < 0.95  # a non-trivial example
+    assert (model_ci.low, model_ci.high) == pytest.approx(tuple(np.percentile(ci_model, [2.5, 97.5])), abs=1e-9)
+    assert model_ci.n_boot_used == len(ci_model)
+    (d,) = table.differences
+    assert (d.a, d.b, d.interval.n_boot_used) == ("model", "baseline", len(diffs))
+    assert (d.interval.low, d.interval.high) == pytest.approx(tuple(np.percentile(diffs, [2.5, 97.5])), abs=1e-9)
+    assert d.mean == pytest.approx(auroc(model_runs, np.arange(N_CASES)) - auroc([baseline], np.arange(N_CASES)))
+    md = table.markdown()
+    assert f"[{model_ci.low:.2f}, {model_ci.high:.2f}]" in md and "AUROC ↑ [95% CI]" in md
+    sign = "+" if d.mean >= 0 else "−"
+    assert (f"AUROC difference model − baseline: {sign}{abs(d.mean):.3f} ["
+            in md) and f"(patient bootstrap, {len(diffs)}" in md
+    (claim,) = difference_claims(table)
+    assert claim.text == "model − baseline AUROC CI excludes 0" and claim.holds == (d.interval.low > 0)
+    as_json = _table_json(table)
+    assert as_json["differences"][0]["low"] == d.interval.low
+    assert as_json["rows"][1]["auroc_ci"]["high"] == model_ci.high
+
+
+def test_forecast_errors_match_numpy_and_missing_ones_show_a_dash():
+    rng = np.random.default_rng(12)
+    follow_up, baseline = images_with_signal(1.0), images_with_signal(0.1)
+    runs = [images_with_signal(0.5) for _ in range(3)]
+    mean_image = np.mean(runs, axis=0)
+    latent, target_latents = rng.normal(size=(N_CASES, 2, 4, 4)), rng.normal(size=(N_CASES, 2, 4, 4))
+    masks = rng.random((N_CASES, SIDE, SIDE)) < 0.2
+    masks[3] = False  # no nodule region: skipped, not counted as 0 or NaN
+    methods = [Method("baseline", [baseline], generated=False),
+               Method("model", runs, generated=True, mean_image=mean_image, latent=latent),
+               Method("copy", [baseline], generated=True, mean_image=baseline)]
+    table = compute_table(methods, LABELS, follow_up, brightness, flat_features, "pixels", None, "n/a",
+                          target_latents=target_latents, region_masks=masks)
+    model, copy = table.row("model"), table.row("copy")
+    assert model.mae == pytest.approx(np.mean([np.abs(mean_image[i] - follow_up[i]).mean() for i in range(N_CASES)]))
+    assert model.region_mae == pytest.approx(np.mean(
+        [np.abs(mean_image[i] - follow_up[i])[masks[i]].mean() for i in range(N_CASES) if i != 3]))
+    assert model.latent_error == pytest.approx(np.abs(latent - target_latents).mean())
+    assert copy.mae == pytest.approx(np.abs(baseline.astype(np.float64) - follow_up).mean())
+    assert copy.latent_error is None and model.auroc_ci is None and table.differences == []
+    assert table.row("baseline").mae is table.row("baseline").region_mae is None
+    md = table.markdown()
+    assert "| MAE ↓ | nodule MAE ↓ | latent error ↓ | LPIPS ↓ | Fréchet distance ↓ (pixels) |" in md
+    baseline_cells = next(line for line in md.splitlines() if line.startswith("| baseline |")).split(" | ")
+    assert baseline_cells[3:6] == ["–", "–", "–"]
+    assert f"| {model.mae:.4f} | {model.region_mae:.4f} | {model.latent_error:.4f} |" in md
+    claims = {c.text: (c.holds, c.detail) for c in error_claims(table, "model", ["copy", "baseline", "absent"])}
+    assert claims == {"model mean-forecast MAE < copy": (model.mae < copy.mae, f"{model.mae:.4f} vs {copy.mae:.4f}")}
+    row = _table_json(table)["rows"][1]
+    assert (row["mae"], row["region_mae"], row["latent_error"], row["auroc_ci"]) == (
+        model.mae, model.region_mae, model.latent_error, None)
+
+
+def test_compute_table_rejects_inconsistent_inputs():
+    follow_up = images_with_signal(1.0)
+    methods = [Method("a", [follow_up], generated=False), Method("b", [follow_up], generated=True)]
+    args = (methods, LABELS, follow_up, brightness, flat_features, "pixels", None, "n/a")
+    with pytest.raises(ValueError, match="patients has shape"):
+        compute_table(*args, patients=["p"] * (N_CASES - 1))
+    with pytest.raises(ValueError, match="not in the table"):
+        compute_table(*args, patients=["p"] * N_CASES, differences=[("a", "c")])
+    with pytest.raises(ValueError, match="need patients"):
+        compute_table(*args, differences=[("a", "b")])
+    bad = [Method("a", [follow_up], generated=True, mean_image=follow_up[:, :4])]
+    with pytest.raises(ValueError, match="a mean_image has shape"):
+        compute_table(bad, *args[1:])

@@ -95,7 +95,10 @@ class ValidationConfig:
         _require(self.inference_steps >= 1, "inference_steps", "must be >= 1")
 
 
-STAGES = ("vae", "latents", "ldm_uncond", "ldm_cond")
+STAGES = ("vae", "latents", "ldm_uncond", "ldm_cond", "regressor")
+# "regressor" (the no-diffusion baseline) is trained on request: the evaluation job adds
+# it when evaluation.regressor is on.
+DEFAULT_STAGES = STAGES[:4]
 
 
 @dataclass
@@ -107,10 +110,11 @@ class TrainingConfig:
     the decoded prediction against the real follow-up) or "none" (lambda ignored)."""
 
     output: str = "runs/demo/train"
-    stages: tuple[str, ...] = STAGES
+    stages: tuple[str, ...] = DEFAULT_STAGES
     vae: StageConfig = field(default_factory=lambda: StageConfig(max_steps=20, lr=1e-4))
     ldm_uncond: StageConfig = field(default_factory=lambda: StageConfig(max_steps=20, lr=1e-4))
     ldm_cond: StageConfig = field(default_factory=lambda: StageConfig(max_steps=20, lr=1e-4))
+    regressor: StageConfig = field(default_factory=lambda: StageConfig(max_steps=20, lr=1e-4))
     scaling: ScalingSettings = field(default_factory=ScalingSettings)
     latent_cache: LatentCacheConfig = field(default_factory=LatentCacheConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)

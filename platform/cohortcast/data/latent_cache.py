@@ -19,6 +19,7 @@ from cohortcast.data.atomic import atomic_folder, write_text_atomic
 log = logging.getLogger(__name__)
 
 CARD = "card.json"
+CACHE_FORMAT = 2  # 2: latent_d8 (8 orientations) next to latent; part of the key
 
 
 def _file_sha256(path: Path) -> str:
@@ -30,15 +31,19 @@ def _file_sha256(path: Path) -> str:
 
 
 def cache_key(vae_folder: str | Path, ingested: str | Path) -> str:
-    from cohortcast.models.vae import VAE_WEIGHTS_FILE
+    from cohortcast.models.vae import VAE_CONFIG_FILE, VAE_WEIGHTS_FILE
 
     ingest_card = json.loads((Path(ingested) / CARD).read_text())
-    blob = f"{_file_sha256(Path(vae_folder) / VAE_WEIGHTS_FILE)}:{ingest_card['fingerprint']}"
+    blob = (f"{CACHE_FORMAT}:{_file_sha256(Path(vae_folder) / VAE_WEIGHTS_FILE)}:"
+            f"{_file_sha256(Path(vae_folder) / VAE_CONFIG_FILE)}:{ingest_card['fingerprint']}")
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
 class LatentEncoder:
-    """Ray Data actor: crops (B, H, W) -> diffusion latents (B, c, h, w)."""
+    """Ray Data actor: crops (B, H, W) -> diffusion latents: `latent` (B, c, h, w) of the
+    crop as ingested and `latent_d8` (B, 8, c, h, w) of its 8 orientations
+    (data.transforms.dihedral_orientation; index 0 is the crop as ingested), so training
+    can augment by rotation without re-encoding (NAMD App. B)."""
 
     def __init__(self, vae_folder: str, device: str = "cpu"):
         import torch
@@ -50,8 +55,17 @@ class LatentEncoder:
         self.vae = load_vae(vae_folder).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = self.torch.from_numpy(np.array(batch["crop"], dtype=np.float32)[:, None]).to(self.device)
-        batch["latent"] = self.vae.encode_for_diffusion(images).float().cpu().numpy()
+        from cohortcast.data.transforms import NUM_ORIENTATIONS, dihedral_orientation
+
+        crops = np.asarray(batch["crop"], dtype=np.float32)
+        views = np.stack([dihedral_orientation(crops, k) for k in range(NUM_ORIENTATIONS)], axis=1)  # (B, 8, H, W)
+        images = self.torch.from_numpy(np.ascontiguousarray(views).reshape(-1, 1, *crops.shape[1:])).to(self.device)
+        with self.torch.no_grad():
+            latents = self.vae.encode_for_diffusion(images).float().cpu().numpy()
+        latents = latents.reshape(len(crops), NUM_ORIENTATIONS, *latents.shape[1:])
+        if not np.isfinite(latents).all():
+            raise ValueError("the VAE produced non-finite latents; refusing to write them to the cache")
+        batch["latent"], batch["latent_d8"] = np.ascontiguousarray(latents[:, 0]), latents
         del batch["patch"]
         return batch
 

@@ -123,6 +123,13 @@ class Manifest:
         return digest.hexdigest()
 
 
+def plain_value(value: Any) -> Any:
+    """A table cell as a plain JSON-serialisable Python value (numpy scalars unwrapped,
+    NaN as None = missing): EHR records travel as JSON between pipeline steps."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and value != value else value
+
+
 def _missing(value: Any) -> bool:
     return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT or (
         isinstance(value, str) and value.strip() == "")

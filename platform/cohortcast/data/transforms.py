@@ -85,3 +85,16 @@ def window(hu: np.ndarray, low: float, high: float, mode: str = "minus_one_one")
     """Clip to the HU window and scale to [-1, 1] (diffusion convention) or [0, 1]."""
     unit = (np.clip(hu, low, high) - low) / (high - low)
     return (unit * 2.0 - 1.0 if mode == "minus_one_one" else unit).astype(np.float32)
+
+
+NUM_ORIENTATIONS = 8  # the dihedral group of the square: 4 rotations x (as is, mirrored)
+
+
+def dihedral_orientation(images: np.ndarray, k: int) -> np.ndarray:
+    """Orientation k in 0..7 of images (..., H, W): k < 4 rotates by k x 90 degrees, k >= 4
+    mirrors the columns first. Used for NAMD's rotation augmentation (App. B): the latent
+    cache encodes all 8, training draws one per trajectory per epoch."""
+    if not 0 <= k < NUM_ORIENTATIONS:
+        raise ValueError(f"orientation {k} is outside 0..{NUM_ORIENTATIONS - 1}")
+    images = images[..., ::-1] if k >= 4 else images
+    return np.rot90(images, k % 4, axes=(-2, -1))

@@ -9,6 +9,7 @@ Inception FID and a distance in another network's features are never mixed up.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -42,6 +43,74 @@ def over_seeds(per_seed: list[dict[str, float]]) -> dict[str, MeanStd]:
     keys = per_seed[0].keys()
     return {k: MeanStd(float(np.mean([m[k] for m in per_seed])), float(np.std([m[k] for m in per_seed])),
                        len(per_seed)) for k in keys}
+
+
+def mean_auroc(labels, scores) -> float:
+    """Mean over runs of the AUROC of scores (runs, n) against labels (n,) in {0, 1}.
+
+    The Mann-Whitney form (rank sum of the positives, ties ranked half-way) equals
+    scikit-learn's roc_auc_score; it is used because the patient bootstrap calls this
+    thousands of times per Table-1 row, and ranking all runs at once is far cheaper."""
+    from scipy.stats import rankdata
+
+    labels, scores = np.asarray(labels), np.atleast_2d(np.asarray(scores, dtype=np.float64))
+    if labels.ndim != 1 or scores.shape[1] != labels.shape[0]:
+        raise ValueError(f"{labels.shape[0]} labels for scores of shape {scores.shape}")
+    if not np.isin(labels, (0, 1)).all():
+        raise ValueError(f"labels must be 0 or 1; got {np.unique(labels).tolist()}")
+    positive = labels == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError(f"AUROC needs both classes; labels hold only {np.unique(labels).tolist()}")
+    ranks = rankdata(scores, axis=1)
+    auc = (ranks[:, positive].sum(1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+    return float(auc.mean())
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    n_boot_used: int  # resamples that gave a value (one-class resamples are skipped)
+
+    def __str__(self) -> str:
+        return f"[{self.low:.3f}, {self.high:.3f}]"
+
+
+def patient_bootstrap(patients: Sequence[str], statistic: Callable[[np.ndarray], float], n_boot: int = 1000,
+                      seed: int = 0, level: float = 0.95) -> Interval:
+    """Percentile CI of statistic(case_indices) under a cluster bootstrap over patients.
+
+    A patient's nodules are correlated, so patients, not cases, are the independent
+    units: each resample draws len(unique patients) patients with replacement (with
+    np.random.default_rng(seed).integers over the patients in sorted order) and takes
+    all cases of every drawn patient, once per draw. Resamples on which statistic raises
+    ValueError (e.g. AUROC on one class) are skipped; if fewer than half survive the
+    interval would describe a biased subset, so that is an error."""
+    patients = np.asarray(patients)
+    if patients.ndim != 1 or len(patients) == 0:
+        raise ValueError("patient_bootstrap needs a non-empty 1-d sequence of patient ids, one per case")
+    if n_boot < 1:
+        raise ValueError(f"n_boot must be >= 1, got {n_boot}")
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), got {level}")
+    unique, patient_of_case = np.unique(patients, return_inverse=True)
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n_boot):
+        draws = np.bincount(rng.integers(0, len(unique), len(unique)), minlength=len(unique))
+        # A case appears as often as its patient was drawn; statistics here ignore order.
+        idx = np.repeat(np.arange(len(patients)), draws[patient_of_case])
+        try:
+            values.append(float(statistic(idx)))
+        except ValueError:
+            continue
+    if 2 * len(values) < n_boot:
+        raise ValueError(f"only {len(values)} of {n_boot} patient bootstrap resamples gave a value "
+                         "(e.g. a single class); too few patients for a confidence interval")
+    tail = 100 * (1 - level) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return Interval(float(low), float(high), len(values))
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,18 @@ def _table_json(table: Table1) -> dict[str, Any]:
         for name in ("auroc", "auprc", "lpips", "frechet"):
             value = getattr(r, name)
             row[name] = dataclasses.asdict(value) if value is not None else None
+        row["auroc_ci"] = _interval_json(r.auroc_ci)
+        row.update(mae=r.mae, region_mae=r.region_mae, latent_error=r.latent_error)
         rows.append(row)
+    differences = [{"a": d.a, "b": d.b, "mean": d.mean, **_interval_json(d.interval)} for d in table.differences]
     return {"rows": rows, "frechet_space": table.frechet_space, "lpips": table.lpips, "n_cases": table.n_cases,
-            "n_malignant": table.n_malignant}
+            "n_malignant": table.n_malignant, "n_boot": table.n_boot, "differences": differences}
+
+
+def _interval_json(interval) -> dict[str, float] | None:
+    if interval is None:
+        return None
+    return {"low": interval.low, "high": interval.high, "n_boot_used": interval.n_boot_used}
 
 
 def write_report(cfg, table: Table1, claims: list[Claim], cases: dict[str, Any], extras: dict[str, Any],
@@ -57,6 +66,20 @@ def write_report(cfg, table: Table1, claims: list[Claim], cases: dict[str, Any],
     return folder / "report.md"
 
 
+def _table_legend(table: Table1) -> list[str]:
+    """What the optional Table-1 columns mean, only for those this table filled."""
+    lines = []
+    if table.n_boot:
+        lines.append(f"AUROC 95% CI: percentiles of a patient-level bootstrap ({table.n_boot} resamples of the "
+                     "patients, all nodules of each drawn patient) of the mean-over-runs AUROC; differences use "
+                     "the same resamples for both methods.")
+    if any(r.mae is not None for r in table.rows):
+        lines.append("MAE: mean absolute error of each method's per-case forecast (mean over samples; for "
+                     "copy-the-baseline, the baseline) against the real follow-up, whole crop; nodule MAE: "
+                     "inside the nodule region mask; latent error: of its mean latent against the follow-up's.")
+    return [*lines, ""] if lines else []
+
+
 def _markdown(cfg, table: Table1, claims: list[Claim], c: dict, cv, evaluator_val: dict[str, float]) -> str:
     notes = [f"- {r.method}: {r.note}" for r in table.rows if r.note]
     val = ", ".join(f"{k} {v:.3f}" for k, v in sorted(evaluator_val.items())) or "not measured (no val split)"
@@ -69,7 +92,7 @@ def _markdown(cfg, table: Table1, claims: list[Claim], c: dict, cv, evaluator_va
         "indices (sample k of every case = seed run k); real images have one run (std 0).", "",
         f"Evaluator: ViT trained on real follow-up crops of the train split; validation {val}.",
         f"Fréchet distance feature space: **{table.frechet_space}**. LPIPS: {table.lpips}.", "",
-        "## Table 1", "", table.markdown(), "", *notes, "",
+        "## Table 1", "", table.markdown(), "", *_table_legend(table), *notes, "",
         "## The paper's claims on these numbers", "",
         *[f"- {'holds' if x.holds else '**does not hold**'}: {x.text} (AUROC {x.detail})" for x in claims], "",
         "## Prediction variance (NAMD Sec. 4.3, App. D)", "",

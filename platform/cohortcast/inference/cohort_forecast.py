@@ -78,8 +78,7 @@ def case_key(case_id: str) -> str:
 
 def make_case(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Ray Data map_groups: one nodule's rows -> its (first exam -> first follow-up) case."""
-    from cohortcast.data.manifest import EHR_FEATURES
-    from cohortcast.models.ehr_prompt import render_ehr_prompt
+    from cohortcast.data.manifest import EHR_FEATURES, plain_value
 
     order = np.argsort(np.asarray(group["days_since_baseline"]), kind="stable")
     b, t = order[0], order[min(1, len(order) - 1)]
@@ -92,7 +91,7 @@ def make_case(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "baseline_date": np.asarray([str(group["study_date"][b])]), "target_date": np.asarray([str(group["study_date"][t])]),
         "horizon_days": np.asarray([float(group["days_since_baseline"][t] - group["days_since_baseline"][b])]),
         "malignant": np.asarray([int(np.max(group["malignant"]))]),
-        "ehr_text": np.asarray([render_ehr_prompt({k: group[k][b] for k in EHR_FEATURES})]),
+        "ehr_json": np.asarray([json.dumps({k: plain_value(group[k][b]) for k in EHR_FEATURES})]),
         "centre_lps": np.asarray([centre], np.float64),
         "baseline": np.asarray(group["crop"], np.float32)[b][None], "target": np.asarray(group["crop"], np.float32)[t][None],
     }
@@ -125,10 +124,10 @@ class CaseForecaster:
 
         started = time.perf_counter()
         ids = [str(c) for c in batch["case_id"]]
-        texts = [str(t) for t in batch["ehr_text"]] if self.model.conditioner is not None else None
+        records = [json.loads(str(t)) for t in batch["ehr_json"]] if self.model.conditioner is not None else None
         forecast = self.model.forecast(
             torch.from_numpy(np.asarray(batch["baseline"], np.float32))[:, None],
-            torch.from_numpy(np.asarray(batch["horizon_days"], np.float32)), ids, ehr_texts=texts,
+            torch.from_numpy(np.asarray(batch["horizon_days"], np.float32)), ids, ehr=records,
             num_samples=self.job.num_samples, seed=self.job.seed, steps=self.job.inference_steps,
             guidance_scale=self.job.guidance_scale)
         for i, case_id in enumerate(ids):

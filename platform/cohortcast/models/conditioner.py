@@ -59,6 +59,13 @@ class SoftPromptConditioner(nn.Module):
         self.lm.to(*args, **kwargs)
         return super().to(*args, **kwargs)
 
+    def encode_records(self, records) -> torch.Tensor:
+        """EHR records (manifest column names) -> (B, hidden_size): rendered as the NAMD
+        report prompt, then read by the LM."""
+        from cohortcast.models.ehr_prompt import render_ehr_prompt
+
+        return self(texts=[render_ehr_prompt(r) for r in records])
+
     def forward(self, texts: list[str]) -> torch.Tensor:
         """texts -> (B, hidden_size) pooled context embeddings."""
         device = self.soft_prompts.device

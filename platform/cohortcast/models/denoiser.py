@@ -50,13 +50,19 @@ def build_unet(cfg: DenoiserConfig, latent_channels: int, sample_size: int) -> U
     if cfg.pretrained_path:
         return load_pretrained_unet(cfg.pretrained_path, latent_channels)
     levels = len(cfg.block_out_channels)
-    return UNet2DConditionModel(
+    unet = UNet2DConditionModel(
         sample_size=sample_size, in_channels=2 * latent_channels, out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups,
         cross_attention_dim=cfg.cross_attention_dim)
+    # The baseline half of conv_in starts at zero, as for a widened pretrained U-Net:
+    # unconditional pre-training feeds a zero baseline, so these weights get no gradient
+    # there and would otherwise reach the conditional stage as random noise.
+    with torch.no_grad():
+        unet.conv_in.weight[:, latent_channels:].zero_()
+    return unet
 
 
 def condition_dropout_mask(batch: int, p: float, generator: torch.Generator | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Mapping, Sequence
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -21,17 +22,20 @@ from torch import nn
 
 from cohortcast import __version__
 from cohortcast.config import from_dict, to_dict
-from cohortcast.config.models import ForecasterConfig
+from cohortcast.config.models import ConditionerConfig, ForecasterConfig
 from cohortcast.data.atomic import atomic_folder
 from cohortcast.inference.sampler import forecast_latents, run_fixed_chunks
 from cohortcast.models.conditioner import SoftPromptConditioner
 from cohortcast.models.denoiser import ConditionalDenoiser
+from cohortcast.models.ehr_structured import EHR_VECTOR_SIZE, StructuredEHREncoder
 from cohortcast.models.errors import ForecasterLoadError  # noqa: F401 - re-exported
 from cohortcast.models.schedulers import inference_scheduler, train_scheduler
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.vae import NoduleVAE
 
-FORMAT_VERSION = 1
+# 2: scaling factor, change target and EHR encoder kind in the config; Forecast latents
+# are follow-up latents.
+FORMAT_VERSION = 2
 CONFIG_FILE, WEIGHTS_FILE = "forecaster.json", "model.safetensors"
 
 
@@ -40,31 +44,42 @@ class Forecast:
     samples: torch.Tensor  # (B, N, C, H, W) decoded images
     mean: torch.Tensor  # (B, C, H, W)
     variance: torch.Tensor  # (B, C, H, W) pixel-wise over samples
-    latents: torch.Tensor  # (B, N, c, h, w)
+    latents: torch.Tensor  # (B, N, c, h, w) forecast diffusion latents (follow-up, not change)
+    baseline_latent: torch.Tensor  # (B, c, h, w) the baseline's diffusion latent
 
 
-def _llm_identity(conditioner: SoftPromptConditioner | None) -> dict | None:
+EHRRecords = Sequence[Mapping[str, Any]]
+
+
+def build_ehr_encoder(cfg: ConditionerConfig):
+    """The EHR encoder the config asks for, or None (no EHR conditioning)."""
+    if cfg.kind == "structured":
+        return StructuredEHREncoder(cfg)
+    return SoftPromptConditioner(cfg) if cfg.llm_path else None
+
+
+def _llm_identity(conditioner) -> dict | None:
     if conditioner is None:
         return None
+    if isinstance(conditioner, StructuredEHREncoder):
+        return {"model_type": "structured", "hidden_size": conditioner.hidden_size, "features": EHR_VECTOR_SIZE}
     config = conditioner.lm.config
     return {"model_type": config.model_type, "hidden_size": conditioner.hidden_size,
             "vocab_size": conditioner.lm.get_input_embeddings().num_embeddings}
 
 
 class Forecaster(nn.Module):
-    def __init__(self, cfg: ForecasterConfig, conditioner: SoftPromptConditioner | None = None):
+    def __init__(self, cfg: ForecasterConfig, conditioner: nn.Module | None = None):
         super().__init__()
         self.cfg = cfg
         self.vae = NoduleVAE(cfg.vae)
-        if conditioner is None and cfg.conditioner.llm_path:
-            conditioner = SoftPromptConditioner(cfg.conditioner)
-        self.conditioner = conditioner
-        side = cfg.vae.sample_size // cfg.vae.downsample_factor
+        self.conditioner = conditioner if conditioner is not None else build_ehr_encoder(cfg.conditioner)
+        side = cfg.vae.latent_side
         self.latent_shape = (cfg.vae.latent_channels, side, side)
         d = cfg.denoiser.cross_attention_dim
         self.temporal = TemporalContextEncoder(cfg.temporal, cfg.vae.latent_channels * side * side, d)
         self.denoiser = ConditionalDenoiser(cfg.denoiser, cfg.vae.latent_channels, side,
-                                            conditioner.hidden_size if conditioner else None)
+                                            self.conditioner.hidden_size if self.conditioner is not None else None)
 
     def train_scheduler(self):
         return train_scheduler(self.cfg.scheduler)
@@ -72,12 +87,46 @@ class Forecaster(nn.Module):
     def inference_scheduler(self):
         return inference_scheduler(self.cfg.scheduler)
 
-    def context(self, ehr_texts: list[str] | None, prior_latents: torch.Tensor, days_before_target: torch.Tensor,
+    # ----- what the denoiser generates: the scaled change, or the follow-up latent ------
+    @property
+    def change_scale(self) -> float:
+        scale = self.cfg.denoiser.change_scale
+        if scale is None:
+            raise ValueError("model.denoiser.change_scale is unset: it is computed before the conditional stage "
+                             "(training) or saved with a trained Forecaster")
+        return float(scale)
+
+    def to_generated(self, follow_up: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+        """Follow-up latent -> the denoiser's target space."""
+        if self.cfg.denoiser.target == "change":
+            return (follow_up - baseline) * self.change_scale
+        return follow_up
+
+    def from_generated(self, generated: torch.Tensor, baseline: torch.Tensor) -> torch.Tensor:
+        """Inverse of to_generated; `baseline` broadcasts (e.g. (B, 1, c, h, w) for samples)."""
+        if self.cfg.denoiser.target == "change":
+            return baseline + generated / self.change_scale
+        return generated
+
+    def regression_timestep(self) -> int:
+        """The regressor's fixed timestep: its input is the zero 'fully noised' latent."""
+        return self.cfg.scheduler.num_train_timesteps - 1
+
+    def regress(self, baseline: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """The no-diffusion baseline (kind "regression"): one pass, output in target space."""
+        t = torch.full((baseline.shape[0],), self.regression_timestep(), device=baseline.device, dtype=torch.long)
+        return self.denoiser(torch.zeros_like(baseline), t, baseline, context)
+
+    def encode_ehr(self, ehr: EHRRecords | None) -> torch.Tensor | None:
+        if ehr is None or self.conditioner is None:
+            return None
+        return self.conditioner.encode_records(ehr)
+
+    def context(self, ehr: EHRRecords | None, prior_latents: torch.Tensor, days_before_target: torch.Tensor,
                 exam_mask: torch.Tensor, horizon_days: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """(B, 3, D) cross-attention context: [EHR, temporal summary, target date]."""
-        ehr = self.conditioner(ehr_texts) if (self.conditioner is not None and ehr_texts is not None) else None
         temporal, target = self.temporal(prior_latents, days_before_target, exam_mask, horizon_days)
-        return self.denoiser.build_context(ehr, temporal, target, drop)
+        return self.denoiser.build_context(self.encode_ehr(ehr), temporal, target, drop)
 
     def encode_priors(self, baseline_latents: torch.Tensor, horizon_days: torch.Tensor,
                       prior_images: torch.Tensor | None, days_before_target: torch.Tensor | None,
@@ -96,42 +145,54 @@ class Forecaster(nn.Module):
 
     @torch.no_grad()
     def forecast(self, baseline_images: torch.Tensor, horizon_days: torch.Tensor, case_ids: list[str],
-                 ehr_texts: list[str] | None = None, prior_images: torch.Tensor | None = None,
+                 ehr: EHRRecords | None = None, prior_images: torch.Tensor | None = None,
                  days_before_target: torch.Tensor | None = None, exam_mask: torch.Tensor | None = None,
                  num_samples: int | None = None, seed: int | list[int] = 0, steps: int | None = None,
                  guidance_scale: float | None = None, eta: float | None = None) -> Forecast:
         """Baseline crops (B, C, H, W) in the ingestion intensity range -> N forecasts each;
-        `seed` for all cases or one per case.
+        `ehr`: one EHR record (manifest column names) per case, for a Forecaster with an
+        EHR encoder; `seed` for all cases or one per case.
         Every network call runs in fixed micro-batches (scheduler.micro_batch), so a case's
         forecast is bit-identical whatever other cases share the call."""
         s = self.cfg.scheduler
-        if ehr_texts is not None and self.conditioner is None:
-            raise ValueError("this Forecaster has no LLM conditioner (model.conditioner.llm_path unset): "
-                             "it cannot use EHR text; pass ehr_texts=None")
-        if ehr_texts is not None and len(ehr_texts) != len(case_ids):
-            raise ValueError(f"{len(ehr_texts)} EHR texts for {len(case_ids)} cases")
+        if ehr is not None and self.conditioner is None:
+            raise ValueError("this Forecaster has no EHR encoder (model.conditioner: kind llm without llm_path): "
+                             "it cannot use EHR; pass ehr=None")
+        if ehr is not None and len(ehr) != len(case_ids):
+            raise ValueError(f"{len(ehr)} EHR records for {len(case_ids)} cases")
         baseline = self._chunked(self.vae.encode_for_diffusion, baseline_images)
         priors = self.encode_priors(baseline, horizon_days, prior_images, days_before_target, exam_mask,
                                     encode=lambda x: self._chunked(self.vae.encode_for_diffusion, x))
-        ehr = None
-        if self.conditioner is not None and ehr_texts is not None:
-            index = torch.arange(len(ehr_texts)).view(-1, 1)
-            ehr = run_fixed_chunks(lambda idx: self.conditioner([ehr_texts[int(i)] for i in idx[:, 0]]), [index],
-                                   s.micro_batch)
-        def context_rows(ehr_rows, latents, days, mask, horizon):
-            temporal, target = self.temporal(latents, days, mask, horizon)
-            return self.denoiser.build_context(ehr_rows if ehr is not None else None, temporal, target)
+        ehr_rows = None
+        if self.conditioner is not None and ehr is not None:
+            index = torch.arange(len(ehr)).view(-1, 1)
+            ehr_rows = run_fixed_chunks(lambda idx: self.encode_ehr([ehr[int(i)] for i in idx[:, 0]]), [index],
+                                        s.micro_batch)
 
-        ehr_column = ehr if ehr is not None else torch.zeros(len(case_ids), 1)
+        def context_rows(ehr_part, latents, days, mask, horizon):
+            temporal, target = self.temporal(latents, days, mask, horizon)
+            return self.denoiser.build_context(ehr_part if ehr_rows is not None else None, temporal, target)
+
+        ehr_column = ehr_rows if ehr_rows is not None else torch.zeros(len(case_ids), 1)
         context = run_fixed_chunks(context_rows, [ehr_column, *priors, horizon_days.float()], s.micro_batch)
         n = num_samples or s.num_samples
-        lat = forecast_latents(self.denoiser, self.inference_scheduler(), baseline, context, case_ids, n, seed,
-                               steps or s.inference_steps, s.guidance_scale if guidance_scale is None else guidance_scale,
-                               s.eta if eta is None else eta, s.micro_batch)
-        images = self._chunked(self.vae.decode_from_diffusion, lat.samples.flatten(0, 1))
+        if self.cfg.kind == "regression":  # deterministic: every "sample" is the one prediction
+            generated = run_fixed_chunks(self.regress, [baseline, context], s.micro_batch)[:, None].expand(
+                -1, n, *self.latent_shape)
+        else:
+            generated = forecast_latents(
+                self.denoiser, self.inference_scheduler(), baseline, context, case_ids, n, seed,
+                steps or s.inference_steps, s.guidance_scale if guidance_scale is None else guidance_scale,
+                s.eta if eta is None else eta, s.micro_batch).samples
+        latents = self.from_generated(generated, baseline[:, None])  # (B, N, c, h, w)
+        images = self._chunked(self.vae.decode_from_diffusion, latents.flatten(0, 1))
         images = images.view(baseline_images.shape[0], n, *images.shape[1:])
+        if self.cfg.compose == "baseline_plus_change":
+            low, high = self.cfg.vae.intensity_range
+            decoded_baseline = self._chunked(self.vae.decode_from_diffusion, baseline)
+            images = (baseline_images[:, None].to(images.dtype) + images - decoded_baseline[:, None]).clamp(low, high)
         variance = images.var(dim=1) if n > 1 else torch.zeros_like(images[:, 0])
-        return Forecast(images, images.mean(dim=1), variance, lat.samples)
+        return Forecast(images, images.mean(dim=1), variance, latents, baseline)
 
     # ----- persistence -------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
@@ -158,7 +219,7 @@ class Forecaster(nn.Module):
         cfg = from_dict(ForecasterConfig, meta["config"])
         if llm_path and meta.get("llm"):  # a Forecaster trained without an LLM ignores it
             cfg.conditioner.llm_path = llm_path
-        if (meta.get("llm") is None) != (cfg.conditioner.llm_path is None):
+        if cfg.conditioner.kind == "llm" and (meta.get("llm") is None) != (cfg.conditioner.llm_path is None):
             raise ForecasterLoadError(f"{folder}: saved {'with' if meta.get('llm') else 'without'} an LLM "
                                       "conditioner; conditioner.llm_path must match")
         model = cls(cfg)

@@ -3,6 +3,7 @@ one beta schedule so the sampler inverts exactly the noise the trainer added."""
 
 from __future__ import annotations
 
+import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from cohortcast.config.models import SchedulerConfig
@@ -17,3 +18,36 @@ def train_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
 
 def inference_scheduler(cfg: SchedulerConfig) -> DDIMScheduler:
     return DDIMScheduler.from_config(train_scheduler(cfg).config, set_alpha_to_one=False, steps_offset=1)
+
+
+def expand_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(B,) -> (B, 1, 1, ...) broadcastable against `like`."""
+    return values.to(like.device).view(-1, *([1] * (like.dim() - 1)))
+
+
+def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor,
+                    t: torch.Tensor) -> torch.Tensor:
+    """What the network regresses for the scheduler's prediction type."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(clean, noise, t)
+    if kind == "sample":
+        return clean
+    raise ValueError(f"unknown prediction_type {kind!r}")
+
+
+def predicted_clean(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, prediction: torch.Tensor,
+                    t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """x0 implied by a network output, in fp32 (DDPM Eq. 15 for epsilon; x0 = sqrt(a) x_t -
+    sqrt(1 - a) v for v-prediction)."""
+    a = expand_like(alphas_cumprod[t.to(alphas_cumprod.device)], noisy).float()
+    x, out = noisy.float(), prediction.float()
+    if prediction_type == "epsilon":
+        return (x - (1 - a).sqrt() * out) / a.sqrt()
+    if prediction_type == "v_prediction":
+        return a.sqrt() * x - (1 - a).sqrt() * out
+    if prediction_type == "sample":
+        return out
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")

@@ -27,12 +27,26 @@ log = logging.getLogger(__name__)
 
 def build_autoencoder(cfg: VAEConfig) -> AutoencoderKL:
     levels = len(cfg.block_out_channels)
-    return AutoencoderKL(
+    model = AutoencoderKL(
         in_channels=cfg.in_channels, out_channels=cfg.in_channels,
         down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
         block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
         latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size,
-        scaling_factor=cfg.scaling_factor)
+        scaling_factor=cfg.scaling_factor or 1.0)
+    if cfg.posterior_logvar_init is not None:
+        init_posterior_logvar(model, cfg.posterior_logvar_init)
+    return model
+
+
+def init_posterior_logvar(model: AutoencoderKL, value: float) -> None:
+    """Start the posterior log-variance near `value` (see VAEConfig.posterior_logvar_init).
+    The moments leave the encoder through quant_conv (or encoder.conv_out without it),
+    mean channels first, log-variance second; only the log-variance half is changed."""
+    conv = model.quant_conv if model.quant_conv is not None else model.encoder.conv_out
+    c = model.config.latent_channels
+    with torch.no_grad():
+        conv.weight[c:].mul_(0.1)  # keep the input's influence small next to the bias
+        conv.bias[c:].fill_(value)
 
 
 def fold_rgb_to_grey(rgb: AutoencoderKL) -> AutoencoderKL:
@@ -84,7 +98,16 @@ class NoduleVAE(nn.Module):
 
     @property
     def scaling_factor(self) -> float:
-        return float(self.autoencoder.config.scaling_factor)
+        if self.cfg.scaling_factor is None:
+            raise ValueError("this VAE has no scaling factor yet: it is computed after VAE training "
+                             "(set_scaling_factor / the VAE stage's export) or given as model.vae.scaling_factor")
+        return float(self.cfg.scaling_factor)
+
+    def set_scaling_factor(self, value: float) -> None:
+        if not value > 0:
+            raise ValueError(f"scaling factor must be > 0, got {value}")
+        self.cfg.scaling_factor = float(value)
+        self.autoencoder.register_to_config(scaling_factor=float(value))
 
     def encode(self, x: torch.Tensor):
         return self.autoencoder.encode(x).latent_dist
@@ -107,7 +130,28 @@ class NoduleVAE(nn.Module):
 
     @torch.no_grad()
     def decode_from_diffusion(self, z: torch.Tensor) -> torch.Tensor:
-        return self.decode(z / self.scaling_factor)
+        """Diffusion latent -> image, clamped to the intensity range (the decoder is
+        unconstrained; an out-of-range pixel is not a valid CT value)."""
+        low, high = self.cfg.intensity_range
+        return self.decode(z / self.scaling_factor).clamp(low, high)
+
+
+@torch.no_grad()
+def posterior_mean_scaling_factor(vae: NoduleVAE, batches) -> float:
+    """1 / std of the posterior means over `batches` of images (B, C, H, W): the factor
+    that gives the diffusion model unit-variance latents (LDM, Rombach et al. Sec. G)."""
+    count, total, total_sq = 0, 0.0, 0.0
+    for images in batches:
+        mean = vae.encode(images).mean.double()
+        count += mean.numel()
+        total += float(mean.sum())
+        total_sq += float((mean * mean).sum())
+    if count == 0:
+        raise ValueError("no images to compute the latent scaling factor from")
+    variance = total_sq / count - (total / count) ** 2
+    if not variance > 0:
+        raise ValueError("the VAE maps every training image to the same latent: cannot scale it")
+    return 1.0 / variance ** 0.5
 
 
 VAE_CONFIG_FILE, VAE_WEIGHTS_FILE = "vae.json", "vae.safetensors"

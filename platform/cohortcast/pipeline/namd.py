@@ -72,9 +72,11 @@ class NAMDJob:
     # ----- one training stage on Ray Train --------------------------------------------
     def train_stage(self, runs, name: str, key: str, worker_loop, loop_config: dict,
                     datasets: Callable[[], dict], export: Callable[[Any, Path], None], params: dict[str, Any],
-                    folder: Path | None = None) -> Path:
+                    folder: Path | None = None, best: str | None = None) -> Path:
         """`datasets` is called only when the stage trains: a skipped stage reads no data.
-        The output goes to `folder` (default: `<training.output>/<name>`)."""
+        The output goes to `folder` (default: `<training.output>/<name>`). `best`: a
+        weights file the workers keep the best validation weights in; exported instead
+        of the last checkpoint when it exists."""
         from cohortcast.training.runner import run_stage
 
         folder = Path(folder) if folder is not None else self.output / name
@@ -89,9 +91,13 @@ class NAMDJob:
         outputs.invalidate(folder)
         started = time.perf_counter()
         try:
+            data = datasets()  # before the loop config is sent: it may complete the model config
             result = run_stage(f"{name}-{key}", worker_loop, {**loop_config, "tracking": runs.tracking_for_workers(
-                run_id)}, datasets(), self.cfg.training.scaling, self.train_callbacks)
-            export(result.checkpoint, folder)
+                run_id)}, data, self.cfg.training.scaling, self.train_callbacks)
+            source = best if best and Path(best).is_file() else result.checkpoint
+            if source is best:
+                log.info("stage %s: exporting the best validation weights (%s)", name, best)
+            export(source, folder)
         except BaseException:
             runs.fail_child(run_id)
             raise
@@ -131,14 +137,20 @@ class NAMDJob:
         def export(checkpoint, folder: Path) -> None:
             from cohortcast.models.vae import NoduleVAE, save_vae
             from cohortcast.training.export import consolidated_state_dict
+            from cohortcast.training.vae_stage import scaling_factor_from_crops
 
             vae = NoduleVAE(without_pretrained(m).vae)
             vae.load_state_dict(consolidated_state_dict(checkpoint))
+            if m.vae.scaling_factor is None:  # unit-variance diffusion latents (VAEConfig)
+                vae.set_scaling_factor(scaling_factor_from_crops(vae, ingested))
+                log.info("VAE latent scaling factor %.4f (1 / std of the train split's posterior means)",
+                         vae.scaling_factor)
             save_vae(vae, folder)
 
         return self.train_stage(runs, "vae", key, vae_worker_loop,
                                 {"stage": t.vae, "model": m.vae, "validation": t.validation},
-                                lambda: {"train": vae_dataset(ingested, "train"), "val": vae_dataset(ingested, "val")},
+                                lambda: {split: vae_dataset(ingested, split, m.vae.loss.diameter_scale_mm)
+                                         for split in ("train", "val")},
                                 export, flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"))
 
     def stage_latents(self, runs, card: dict, vae_folder: Path) -> dict:
@@ -180,22 +192,35 @@ class NAMDJob:
                                 export, flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser,
                                                                                                 "model.denoiser."))
 
-    def ldm_cond_key(self, cache: dict, denoiser_folder: Path) -> str:
+    def ldm_cond_key(self, cache: dict, denoiser_folder: Path, name: str = "ldm_cond") -> str:
         t, m = self.cfg.training, self.cfg.model
         uncond_key = outputs.read_marker(denoiser_folder)["key"]
-        return outputs.stage_key("ldm_cond", t.ldm_cond, m, t.task_loss, t.task_weight, cache["key"], uncond_key,
+        stage = t.regressor if name == "regressor" else t.ldm_cond
+        return outputs.stage_key(name, stage, m, t.task_loss, t.task_weight, cache["key"], uncond_key,
                                  t.scaling.num_workers)
 
     def stage_ldm_cond(self, runs, cache: dict, vae_folder: Path, denoiser_folder: Path,
-                       datasets: dict | None = None) -> Path:
+                       datasets: dict | None = None, name: str = "ldm_cond") -> Path:
         """`datasets`: prebuilt {"train", "val"} trajectory datasets (a sweep builds them
-        once for all its trials); None = built here from the cache."""
+        once for all its trials); None = built here from the cache. `name` "regressor"
+        trains the no-diffusion baseline (ForecasterConfig.kind "regression") the same way,
+        from the same stage-c weights and data, with `training.regressor`'s settings."""
         from cohortcast.training.ldm_conditional_stage import (build_conditional_forecaster,
                                                                ldm_conditional_worker_loop)
 
         t, m = self.cfg.training, self.cfg.model
-        key = self.ldm_cond_key(cache, denoiser_folder)
+        key = self.ldm_cond_key(cache, denoiser_folder, name)
+        stage = t.regressor if name == "regressor" else t.ldm_cond
         model = without_pretrained(m)
+        model.kind = "regression" if name == "regressor" else m.kind
+        built: dict = {}
+
+        def data() -> dict:
+            built.update(datasets or trajectory_datasets(cache, m.temporal.max_exams))
+            if model.denoiser.target == "change" and model.denoiser.change_scale is None:
+                model.denoiser.change_scale = change_scale(built["train"])
+                log.info("change scale %.4f (1 / std of the train split's latent changes)", model.denoiser.change_scale)
+            return built
 
         def export(checkpoint, folder: Path) -> None:
             from cohortcast.training.export import consolidated_state_dict
@@ -208,14 +233,39 @@ class NAMDJob:
                 raise RuntimeError(f"stage-d checkpoint does not fit the Forecaster: {wrong[:5]}")
             forecaster.save(folder)
 
+        loop_config = {"stage": stage, "model": model, "vae_folder": str(vae_folder),
+                       "denoiser_folder": str(denoiser_folder), "task_loss": t.task_loss,
+                       "task_weight": t.task_weight, "validation": t.validation,
+                       "best_path": str(Path(t.scaling.storage_path).resolve() / f"{name}-{key}" / BEST_WEIGHTS)}
         return self.train_stage(
-            runs, "ldm_cond", key, ldm_conditional_worker_loop,
-            {"stage": t.ldm_cond, "model": model, "vae_folder": str(vae_folder),
-             "denoiser_folder": str(denoiser_folder), "task_loss": t.task_loss, "task_weight": t.task_weight,
-             "validation": t.validation},
-            lambda: datasets or trajectory_datasets(cache, m.temporal.max_exams),
-            export, flatten(t.ldm_cond, "training.ldm_cond") | {"training.task_loss": t.task_loss,
-                                                                 "training.task_weight": t.task_weight})
+            runs, name, key, ldm_conditional_worker_loop, loop_config, data, export,
+            flatten(stage, f"training.{name}") | {"training.task_loss": t.task_loss,
+                                                  "training.task_weight": t.task_weight},
+            best=loop_config["best_path"])
+
+
+BEST_WEIGHTS = "best_validation.safetensors"
+
+
+def change_scale(trajectories) -> float:
+    """1 / std of the latent change between consecutive exams over a trajectory dataset
+    (every orientation), so the generated change has unit variance like the latents."""
+    import numpy as np
+
+    count, total, total_sq = 0, 0.0, 0.0
+    for batch in trajectories.iter_batches(batch_size=256, batch_format="numpy"):
+        latents, n = np.asarray(batch["latents"], np.float64), np.asarray(batch["num_exams"])
+        for row, exams in zip(latents, n):
+            change = row[1:exams] - row[:exams - 1]
+            count += change.size
+            total += change.sum()
+            total_sq += (change * change).sum()
+    if count == 0:
+        raise ValueError("no trajectory with a follow-up in the train split: cannot scale the change")
+    variance = total_sq / count - (total / count) ** 2
+    if not variance > 0:
+        raise ValueError("every training change is the same: cannot scale it")
+    return float(1.0 / variance ** 0.5)
 
 
 def trajectory_datasets(cache: dict, max_exams: int) -> dict:
@@ -241,14 +291,16 @@ def run_namd(cfg: CohortcastConfig) -> NAMDReport:
         vae = job.stage_vae(runs, card)
         cache = job.stage_latents(runs, card, vae)
         forecaster = None
-        if "ldm_uncond" in cfg.training.stages or "ldm_cond" in cfg.training.stages:
+        if {"ldm_uncond", "ldm_cond", "regressor"} & set(cfg.training.stages):
             denoiser = job.stage_ldm_uncond(runs, cache)
             if "ldm_cond" in cfg.training.stages:
                 forecaster = job.stage_ldm_cond(runs, cache, vae, denoiser)
+            if "regressor" in cfg.training.stages:
+                job.stage_ldm_cond(runs, cache, vae, denoiser, name="regressor")
         if forecaster is not None and runs.enabled:
             from cohortcast.tracking.forecaster_pyfunc import log_forecaster
 
-            trained = job.reports[-1].status == "trained"
+            trained = next(r for r in job.reports if r.name == "ldm_cond").status == "trained"
             if trained:
                 log_forecaster(str(forecaster), cfg.mlflow.registry_name)
             runs.client.set_tag(runs.parent_id, "cohortcast.forecaster", str(forecaster))

@@ -29,10 +29,10 @@ def run_batch(model, items: list[PreparedRequest]) -> list[dict[str, Any]]:
     answers: dict[tuple, dict[str, Any]] = {}
     for (samples, steps), unique in groups.items():
         cases = list(unique.values())  # seeds may differ: each case's noise comes from its own seed
-        texts = [c.ehr_text for c in cases] if model.conditioner is not None else None
+        records = [c.ehr for c in cases] if model.conditioner is not None else None
         forecast = model.forecast(torch.from_numpy(np.stack([c.crop for c in cases]))[:, None],
                                   torch.tensor([c.horizon_days for c in cases]), [c.case_id for c in cases],
-                                  ehr_texts=texts, num_samples=samples, seed=[c.seed for c in cases], steps=steps)
+                                  ehr=records, num_samples=samples, seed=[c.seed for c in cases], steps=steps)
         for i, case in enumerate(cases):
             answers[(samples, steps, case.case_id, case.seed)] = {
                 "mean": forecast.mean[i, 0].numpy(), "variance": forecast.variance[i, 0].numpy(),

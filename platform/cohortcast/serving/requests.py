@@ -46,7 +46,7 @@ class PreparedRequest:
     case_id: str  # content hash: seeds the samples, so equal requests give equal answers
     crop: np.ndarray  # (H, W) float32
     horizon_days: float
-    ehr_text: str | None
+    ehr: dict[str, Any] | None  # validated EHR record, for a model with an EHR encoder
     num_samples: int
     steps: int
     seed: int
@@ -146,9 +146,12 @@ def prepare_crop(crop: np.ndarray, request, crop_shape: tuple[int, int], cfg, us
     if request.horizon_days > cfg.max_horizon_days:
         raise RequestError("horizon_days", f"{request.horizon_days} exceeds the limit {cfg.max_horizon_days}")
     samples, steps = sampling_limits(request.num_samples, request.steps, cfg)
-    ehr = check_ehr(dict(request.ehr))
-    text = render_ehr_prompt(ehr) if uses_ehr else None
+    ehr = check_ehr(dict(request.ehr))  # validated even when this model does not use it
+    ehr = ehr if uses_ehr else None
     crop = crop.astype(np.float32)
+    # The case id (it seeds the samples) hashes what the model sees: the crop, the
+    # horizon and the EHR as its rendered prompt (equal records, equal prompts).
+    text = render_ehr_prompt(ehr) if ehr is not None else None
     digest = hashlib.sha256(crop.tobytes() + json.dumps([request.horizon_days, text], sort_keys=True).encode())
-    return PreparedRequest(f"req-{digest.hexdigest()[:24]}", crop, float(request.horizon_days), text, samples, steps,
+    return PreparedRequest(f"req-{digest.hexdigest()[:24]}", crop, float(request.horizon_days), ehr, samples, steps,
                            request.seed)

@@ -4,11 +4,13 @@ does not (it is large and licensed separately): set COHORTCAST_LLM_PATH where it
 on the serving machine if not at the path it was trained with.
 
 Input frame: `case_id` (pseudonym), `baseline` (crop, nested lists H x W, ingestion
-intensity range), `horizon_days`, optional `ehr_text`. Params: num_samples, seed, steps.
+intensity range), `horizon_days`, optional `ehr` (a JSON object of NAMD EHR
+features by manifest name). Params: num_samples, seed, steps.
 Output frame: `case_id`, `mean`, `variance` (nested lists H x W)."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import mlflow.pyfunc
@@ -29,10 +31,12 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
 
         params = params or {}
         baseline = torch.from_numpy(np.stack([np.asarray(b, np.float32) for b in model_input["baseline"]]))[:, None]
-        texts = list(model_input["ehr_text"]) if "ehr_text" in model_input.columns else None
+        records = None
+        if "ehr" in model_input.columns and self.forecaster.conditioner is not None:
+            records = [json.loads(r) if isinstance(r, str) else dict(r) for r in model_input["ehr"]]
         forecast = self.forecaster.forecast(
             baseline, torch.tensor(model_input["horizon_days"].to_numpy(), dtype=torch.float32),
-            [str(c) for c in model_input["case_id"]], ehr_texts=texts,
+            [str(c) for c in model_input["case_id"]], ehr=records,
             num_samples=int(params.get("num_samples", 4)), seed=int(params.get("seed", 0)),
             steps=int(params["steps"]) if "steps" in params else None)
         return pd.DataFrame({"case_id": list(model_input["case_id"]),

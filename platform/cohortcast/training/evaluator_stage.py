@@ -33,7 +33,9 @@ def dihedral(images: np.ndarray) -> np.ndarray:
     """(B, ..., H, W) -> (8B, ..., H, W): the 4 rotations of each image and of its mirror.
     Malignancy does not depend on orientation; expanding the rows 8x also keeps a small
     cohort's epochs long enough that per-epoch start-up does not dominate."""
-    out = [np.rot90(im, k, axes=(-2, -1)) for im in (images, images[..., ::-1]) for k in range(4)]
+    from cohortcast.data.transforms import NUM_ORIENTATIONS, dihedral_orientation
+
+    out = [dihedral_orientation(images, k) for k in range(NUM_ORIENTATIONS)]
     return np.ascontiguousarray(np.concatenate(out))
 
 

@@ -13,7 +13,13 @@ from cohortcast.training.checkpoints import TAG
 
 
 def consolidated_state_dict(checkpoint) -> dict[str, torch.Tensor]:
-    """`checkpoint`: a ray.train.Checkpoint (or a local folder) written by save_and_report."""
+    """`checkpoint`: a ray.train.Checkpoint (or a local folder) written by save_and_report,
+    or a .safetensors file of module weights (the best validation weights, see
+    stage_loop.StageHooks.best_path)."""
+    if isinstance(checkpoint, (str, Path)) and str(checkpoint).endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(str(checkpoint))
     folder_ctx = (checkpoint.as_directory() if hasattr(checkpoint, "as_directory")
                   else contextlib.nullcontext(str(checkpoint)))
     with folder_ctx as folder:

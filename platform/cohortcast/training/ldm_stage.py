@@ -23,25 +23,35 @@ def latent_dataset(cache: str | Path, split: str = "train"):
     folder = Path(cache) / "nodules" / f"split={split}"
     if not folder.is_dir():
         return None
-    # Only numeric columns reach the workers' torch batches. Materialised before training:
-    # the Train workers hold their CPUs, and on a small machine the read tasks of a lazy
+    # Only numeric columns reach the workers' batches. Materialised before training: the
+    # Train workers hold their CPUs, and on a small machine the read tasks of a lazy
     # dataset would then wait for a CPU forever (seen on 2 CPUs). Latents are small.
-    return ray.data.read_parquet(str(folder)).select_columns(["latent"]).materialize()
+    return ray.data.read_parquet(str(folder)).select_columns(["latent_d8"]).materialize()
+
+
+def random_orientation(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    """Cache rows (B, 8, c, h, w) -> one orientation per row, drawn by `rng` (augmentation)."""
+    views = np.asarray(batch["latent_d8"], np.float32)
+    pick = rng.integers(0, views.shape[1], views.shape[0])
+    return {"latent": torch.from_numpy(np.ascontiguousarray(views[np.arange(views.shape[0]), pick]))}
 
 
 def build_denoiser(cfg: ForecasterConfig):
     from cohortcast.models.denoiser import ConditionalDenoiser
 
-    side = cfg.vae.sample_size // cfg.vae.downsample_factor
-    return ConditionalDenoiser(cfg.denoiser, cfg.vae.latent_channels, side, ehr_dim=None)
+    return ConditionalDenoiser(cfg.denoiser, cfg.vae.latent_channels, cfg.vae.latent_side, ehr_dim=None)
 
 
 def diffusion_loss(denoiser, scheduler, latents: torch.Tensor, baseline: torch.Tensor,
                    context: torch.Tensor) -> torch.Tensor:
-    """Epsilon-prediction MSE at uniformly drawn timesteps (DDPM, NAMD Eq. 1/9/10)."""
+    """MSE to the prediction target (epsilon, v or x0; SchedulerConfig.prediction_type) at
+    uniformly drawn timesteps (DDPM, NAMD Eq. 1/9/10)."""
+    from cohortcast.models.schedulers import training_target
+
     noise = torch.randn_like(latents)
     t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), device=latents.device)
-    return F.mse_loss(denoiser(scheduler.add_noise(latents, noise, t), t, baseline, context).float(), noise.float())
+    out = denoiser(scheduler.add_noise(latents, noise, t), t, baseline, context)
+    return F.mse_loss(out.float(), training_target(scheduler, latents, noise, t).float())
 
 
 def unconditional_loss(engine, scheduler, latents: torch.Tensor) -> torch.Tensor:
@@ -56,7 +66,7 @@ def validate_unconditional(engine, batches, scheduler, seed: int, max_rows: int)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # same timesteps and noise at every validation
         for batch in batches:
-            latents = torch.from_numpy(np.asarray(batch["latent"], np.float32)).to(device)
+            latents = torch.from_numpy(np.asarray(batch["latent_d8"], np.float32)[:, 0]).to(device)
             total += float(unconditional_loss(engine, scheduler, latents)) * latents.shape[0]
             seen += latents.shape[0]
             if seen >= max_rows:
@@ -74,7 +84,7 @@ def ldm_unconditional_worker_loop(config: dict) -> None:
     model_cfg: ForecasterConfig = config["model"]
     scheduler = train_scheduler(model_cfg.scheduler)
     val = config.get("validation")
-    hooks = StageHooks(tracking=config.get("tracking"))
+    hooks = StageHooks(tracking=config.get("tracking"), prepare_batch=random_orientation)
     if val is not None:
         hooks.validate = lambda engine, batches: validate_unconditional(engine, batches, scheduler, val.seed,
                                                                         val.max_rows)

@@ -36,6 +36,12 @@ class StageHooks:
     validate_every_epochs: int = 1
     val_batch_size: int = 16
     tracking: dict[str, str] | None = None  # {"uri", "run_id"} of the stage's MLflow run
+    # Keep the best weights by a validation metric (lower is better): world rank 0 writes
+    # the module's state to `best_path` (safetensors) whenever validation improves on it;
+    # the stage's export then prefers that file to the last checkpoint. ZeRO stages <= 2
+    # only (ZeRO-3 partitions the parameters themselves; there the last checkpoint is used).
+    best_metric: str | None = None
+    best_path: str | None = None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -48,6 +54,23 @@ def _batches(shard, stage: StageConfig, hooks: StageHooks, device, rng: np.rando
         return
     for batch in shard.iter_batches(batch_size=stage.micro_batch_size, drop_last=True, batch_format="numpy"):
         yield _to_device(hooks.prepare_batch(batch, rng), device)
+
+
+def _keep_if_best(engine, value: float, best: dict, path: str) -> None:
+    """Write the module's weights to `path` when `value` beats the best so far (atomic)."""
+    import os
+
+    from safetensors.torch import save_file
+
+    if best["value"] is not None and value >= best["value"]:
+        return
+    best.update(value=float(value), step=int(engine.global_steps))
+    state = {k: v.detach().float().contiguous().cpu() for k, v in engine.module.state_dict().items()}
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    save_file(state, tmp)
+    os.replace(tmp, path)
+    log.info("best %s so far (%.4f at step %d): weights kept in %s", "validation", value, best["step"], path)
 
 
 def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module],
@@ -81,6 +104,11 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
                                                    config=deepspeed_config(stage, precision, world))
     state = restore(engine) or {}
     epoch = int(state.get("epoch", 0))
+    best = {"value": state.get("best_value"), "step": state.get("best_step")}
+    keep_best = bool(hooks.best_metric and hooks.best_path and rank == 0)
+    if keep_best and stage.zero_stage == 3:
+        log.warning("ZeRO-3 partitions parameters: the best-checkpoint selection is off, the last one is exported")
+        keep_best = False
     resumed_from = engine.global_steps
     seed_everything(stage.seed + 1000 * rank + engine.global_steps)  # different noise per rank and restart
     shard = ray.train.get_dataset_shard(dataset_name)
@@ -102,7 +130,12 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
         if tracker:
             for name, image in images.items():
                 tracker.log_png(image, f"validation/epoch{epoch:03d}_step{engine.global_steps:05d}_{name}.png")
-        return {f"val/{k}": v for k, v in metrics.items()}
+        if keep_best and hooks.best_metric in metrics:
+            _keep_if_best(engine, metrics[hooks.best_metric], best, hooks.best_path)
+        out = {f"val/{k}": v for k, v in metrics.items()}
+        if best["value"] is not None:
+            out.update({f"val/best_{hooks.best_metric}": best["value"], "val/best_step": best["step"]})
+        return out
 
     samples, started = 0, time.perf_counter()
     while engine.global_steps < stage.max_steps:
@@ -131,7 +164,8 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
             if tracker:
                 tracker.log_metrics(metrics, step)
             if step % stage.checkpoint_every == 0 or final:
-                save_and_report(engine, metrics, {"epoch": epoch, "step": step})
+                save_and_report(engine, metrics, {"epoch": epoch, "step": step, "best_value": best["value"],
+                                                  "best_step": best["step"]})
             else:
                 ray.train.report(metrics)
             if final:

@@ -5,8 +5,11 @@ One row per (patient, nodule) trajectory: its exams sorted by date, padded to
 dropped). Each epoch, `sample_targets` draws a fresh target exam per trajectory among
 its follow-ups (CLDM Sec. 3): the priors are every exam before it, the baseline the
 latest prior (channel-concatenated to the noisy latent), the horizon the time from
-that prior to the target. A trajectory with one exam has nothing to forecast and is
-left out.
+that prior to the target. It also draws one of the 8 orientations per trajectory
+(NAMD App. B rotations; without them the conditional stage memorised its training
+set): every exam of the trajectory is seen in that orientation, latents from the
+cache's `latent_d8`, crops rotated to match. A trajectory with one exam has nothing to
+forecast and is left out.
 """
 
 from __future__ import annotations
@@ -16,26 +19,27 @@ from pathlib import Path
 
 import numpy as np
 
-from cohortcast.data.manifest import EHR_FEATURES
+from cohortcast.data.manifest import EHR_FEATURES, plain_value
 
 
 def make_trajectory(group: dict[str, np.ndarray], max_exams: int) -> dict[str, np.ndarray]:
     """Ray Data `map_groups` function: all cache rows of one nodule -> one trajectory row."""
-    from cohortcast.models.ehr_prompt import render_ehr_prompt
-
     order = np.argsort(np.asarray(group["days_since_baseline"]), kind="stable")[-(max_exams + 1):]
     n, slots = len(order), max_exams + 1
-    latents, crops = np.asarray(group["latent"], np.float32)[order], np.asarray(group["crop"], np.float32)[order]
+    views = "latent_d8" if "latent_d8" in group else "latent"  # (n, 8, c, h, w) or (n, c, h, w)
+    latents, crops = np.asarray(group[views], np.float32)[order], np.asarray(group["crop"], np.float32)[order]
+    if views == "latent":
+        latents = latents[:, None]  # one orientation: the crop as ingested
     padded_latents = np.zeros((1, slots, *latents.shape[1:]), np.float32)
     padded_crops = np.zeros((1, slots, *crops.shape[1:]), np.float32)
     padded_latents[0, :n], padded_crops[0, :n] = latents, crops
     days = np.zeros((1, slots), np.float32)
     days[0, :n] = np.asarray(group["days_since_baseline"], np.float32)[order]
-    texts = [render_ehr_prompt({k: group[k][i] for k in EHR_FEATURES}) for i in order]
+    records = [{k: plain_value(group[k][i]) for k in EHR_FEATURES} for i in order]
     labels = np.asarray(group["malignant"], np.int64)
     return {"patient": np.asarray([group["patient"][0]]), "nodule_id": np.asarray([group["nodule_id"][0]]),
             "num_exams": np.asarray([n], np.int64), "days": days, "latents": padded_latents, "crops": padded_crops,
-            "ehr_texts_json": np.asarray([json.dumps(texts)]), "malignant": np.asarray([labels.max()], np.int64)}
+            "ehr_json": np.asarray([json.dumps(records)]), "malignant": np.asarray([labels.max()], np.int64)}
 
 
 def trajectory_dataset(cache: str | Path, split: str, max_exams: int):
@@ -52,31 +56,37 @@ def trajectory_dataset(cache: str | Path, split: str, max_exams: int):
     return trajectories.filter(lambda row: row["num_exams"] >= 2).materialize()
 
 
-def sample_targets(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict:
-    """Trajectory rows -> one (priors, baseline, target) example each, target drawn by `rng`."""
+def sample_targets(batch: dict[str, np.ndarray], rng: np.random.Generator, augment: bool = True) -> dict:
+    """Trajectory rows -> one (priors, baseline, target) example each, target (and, with
+    `augment`, orientation) drawn by `rng`; without `augment` the crops as ingested."""
     import torch
+
+    from cohortcast.data.transforms import dihedral_orientation
 
     n = np.asarray(batch["num_exams"])
     rows = len(n)
     target = rng.integers(1, n)  # a follow-up: index in 1..n-1
-    latents, crops, days = (np.asarray(batch[k], np.float32) for k in ("latents", "crops", "days"))
-    slots = latents.shape[1] - 1  # prior slots (= max_exams)
+    all_views, crops, days = (np.asarray(batch[k], np.float32) for k in ("latents", "crops", "days"))
     idx = np.arange(rows)
+    orientation = rng.integers(0, all_views.shape[2], rows) if augment else np.zeros(rows, np.int64)
+    latents = all_views[idx, :, orientation]  # (B, slots, c, h, w)
+    crops = np.stack([dihedral_orientation(c, int(o)) for c, o in zip(crops, orientation)])
+    slots = latents.shape[1] - 1  # prior slots (= max_exams)
     prior_mask = np.arange(slots)[None, :] < target[:, None]
     target_days = days[idx, target]
     days_before = np.where(prior_mask, target_days[:, None] - days[:, :slots], 0.0).astype(np.float32)
-    texts = [json.loads(t)[j - 1] for t, j in zip(batch["ehr_texts_json"], target)]
+    records = [json.loads(t)[j - 1] for t, j in zip(batch["ehr_json"], target)]
     return {
         "prior_latents": torch.from_numpy(latents[:, :slots] * prior_mask[:, :, None, None, None]),
-        "prior_crops": torch.from_numpy(crops[:, :slots, None] * prior_mask[:, :, None, None, None]),
+        "prior_crops": torch.from_numpy(np.ascontiguousarray(crops[:, :slots, None] * prior_mask[:, :, None, None, None])),
         "days_before_target": torch.from_numpy(days_before),
         "exam_mask": torch.from_numpy(prior_mask),
         "baseline": torch.from_numpy(latents[idx, target - 1]),
-        "baseline_crop": torch.from_numpy(crops[idx, target - 1][:, None]),
+        "baseline_crop": torch.from_numpy(np.ascontiguousarray(crops[idx, target - 1][:, None])),
         "target": torch.from_numpy(latents[idx, target]),
-        "target_crop": torch.from_numpy(crops[idx, target][:, None]),
+        "target_crop": torch.from_numpy(np.ascontiguousarray(crops[idx, target][:, None])),
         "horizon_days": torch.from_numpy((target_days - days[idx, target - 1]).astype(np.float32)),
         "label": torch.from_numpy(np.asarray(batch["malignant"], np.float32)),
-        "ehr_text": texts,
+        "ehr": records,
         "case_id": [f"{p}/{q}" for p, q in zip(batch["patient"], batch["nodule_id"])],
     }

@@ -11,17 +11,17 @@ from cohortcast.config.training import StageConfig
 from cohortcast.data.manifest import NODULE_EHR
 
 
-def to_vae_batch(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+def to_vae_batch(batch: dict[str, np.ndarray], diameter_scale_mm: float = 2.5) -> dict[str, np.ndarray]:
     """Ingested nodule rows -> image (B, 1, H, W), alignment features (B, F), label (B,)."""
     from cohortcast.models.alignment import nodule_features
 
     rows = [{k: batch[k][i] for k in NODULE_EHR} for i in range(len(batch["malignant"]))]
     return {"image": np.asarray(batch["crop"], dtype=np.float32)[:, None],
-            "features": nodule_features(rows).numpy(),
+            "features": nodule_features(rows, diameter_scale_mm).numpy(),
             "label": np.asarray(batch["malignant"], dtype=np.float32)}
 
 
-def vae_dataset(ingested: str | Path, split: str = "train"):
+def vae_dataset(ingested: str | Path, split: str = "train", diameter_scale_mm: float = 2.5):
     """The split's crops as VAE batches, or None when the split has no rows."""
     import ray.data
 
@@ -31,7 +31,30 @@ def vae_dataset(ingested: str | Path, split: str = "train"):
     ds = ray.data.read_parquet(str(folder))
     # Materialised before training, as in ldm_stage.latent_dataset: Train workers hold
     # their CPUs and a lazy pipeline's read tasks could not be scheduled on a small machine.
-    return ds.map_batches(to_vae_batch, batch_format="numpy").materialize()
+    return ds.map_batches(to_vae_batch, fn_kwargs={"diameter_scale_mm": diameter_scale_mm},
+                          batch_format="numpy").materialize()
+
+
+def scaling_factor_from_crops(vae, ingested: str | Path, split: str = "train", batch_size: int = 256) -> float:
+    """The VAE's diffusion scaling factor from the split's crops (read with pyarrow on the
+    driver: a few MB of 2D crops), see models.vae.posterior_mean_scaling_factor."""
+    import pyarrow.dataset as pads
+    import torch
+
+    from cohortcast.models.vae import posterior_mean_scaling_factor
+
+    folder = Path(ingested) / "nodules" / f"split={split}"
+    if not folder.is_dir():
+        raise ValueError(f"{folder}: no {split!r} crops to compute the VAE scaling factor from")
+
+    def batches():
+        for record_batch in pads.dataset(str(folder), format="parquet").to_batches(columns=["crop"],
+                                                                                   batch_size=batch_size):
+            crops = np.stack([np.asarray(c, np.float32) for c in record_batch.column("crop").to_pylist()])
+            yield torch.from_numpy(crops)[:, None]
+
+    vae.eval()
+    return posterior_mean_scaling_factor(vae, batches())
 
 
 def validate_vae(engine, batches, max_rows: int, cases: int):
