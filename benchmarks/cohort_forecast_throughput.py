@@ -32,7 +32,7 @@ def main() -> None:
     import torch
 
     from cohortcast.config import IngestConfig, SplitConfig, SynthConfig
-    from cohortcast.config.models import ForecasterConfig, SchedulerConfig
+    from cohortcast.config.models import DenoiserConfig, ForecasterConfig, SchedulerConfig, VAEConfig
     from cohortcast.config.training import ForecastJobConfig
     from cohortcast.data.ingest import run_ingest
     from cohortcast.data.synthetic import generate_cohort
@@ -48,7 +48,8 @@ def main() -> None:
                                 crop_spacing_mm=1.5, patch_size=8, volume_shape=(8, 16, 16),
                                 split=SplitConfig(0.0, 0.0, 1.0)))
         torch.manual_seed(0)
-        Forecaster(ForecasterConfig(scheduler=SchedulerConfig(micro_batch=args.samples))).save(root / "model")
+        Forecaster(ForecasterConfig(scheduler=SchedulerConfig(micro_batch=args.samples), vae=VAEConfig(scaling_factor=1.0),
+                                   denoiser=DenoiserConfig(change_scale=1.0))).save(root / "model")
         rows = []
         for actors in args.actors:
             job = ForecastJobConfig(forecaster=str(root / "model"), ingested=str(root / "ingested"), split="test",

@@ -22,11 +22,13 @@ import torch
 
 
 def _setup(crop: int):
-    from cohortcast.config.models import ForecasterConfig, VAEConfig
+    from cohortcast.config.models import DenoiserConfig, ForecasterConfig, VAEConfig
     from cohortcast.models.forecaster import Forecaster
 
     torch.manual_seed(0)
-    model = Forecaster(ForecasterConfig(vae=VAEConfig(sample_size=crop))).eval()
+    # untrained: unit scales stand in for the ones training computes
+    model = Forecaster(ForecasterConfig(vae=VAEConfig(sample_size=crop, scaling_factor=1.0),
+                                        denoiser=DenoiserConfig(change_scale=1.0))).eval()
     baseline = torch.randn(1, *model.latent_shape)
     context = torch.randn(1, 3, model.cfg.denoiser.cross_attention_dim)
     return model, baseline, context

@@ -50,7 +50,7 @@ def main() -> None:
     import torch
     from ray import serve
 
-    from cohortcast.config.models import ForecasterConfig, SchedulerConfig
+    from cohortcast.config.models import DenoiserConfig, ForecasterConfig, SchedulerConfig, VAEConfig
     from cohortcast.config.serving import ServeConfig
     from cohortcast.models.forecaster import Forecaster
     from cohortcast.serving.app import build_app
@@ -67,7 +67,8 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         torch.manual_seed(0)
-        Forecaster(ForecasterConfig(scheduler=SchedulerConfig())).save(Path(tmp) / "model")
+        Forecaster(ForecasterConfig(scheduler=SchedulerConfig(), vae=VAEConfig(scaling_factor=1.0),
+                                   denoiser=DenoiserConfig(change_scale=1.0))).save(Path(tmp) / "model")
         # Fixed micro-batches keep answers batch-independent; each path gets the size that
         # fits it: a full batch of 8 requests in one call, or one request's samples.
         for label, batch in (("batching on (max_batch_size 8)", 8), ("batching off (max_batch_size 1)", 1)):

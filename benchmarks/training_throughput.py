@@ -56,7 +56,7 @@ def ray_path(model_cfg, steps: int, batch: int, latents: np.ndarray, workers: in
 
     stage = StageConfig(max_steps=steps, micro_batch_size=batch, lr=1e-4, warmup_steps=1, zero_stage=2,
                         checkpoint_every=10**6, log_every=steps)
-    dataset = ray.data.from_items([{"latent": x} for x in latents]).materialize()
+    dataset = ray.data.from_items([{"latent_d8": np.repeat(x[None], 8, axis=0)} for x in latents]).materialize()
     started = time.perf_counter()
     result = run_stage(f"bench-{workers}w-{time.time_ns()}", ldm_unconditional_worker_loop,
                        {"stage": stage, "model": model_cfg}, {"train": dataset},
@@ -70,14 +70,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--crop", type=int, default=64, help="crop size; latents are crop/8 on a side")
+    parser.add_argument("--crop", type=int, default=64, help="crop size; latents are crop/4 on a side (the tiny VAE)")
     args = parser.parse_args()
     import ray
 
     from cohortcast.config.models import ForecasterConfig, VAEConfig
 
     model_cfg = ForecasterConfig(vae=VAEConfig(sample_size=args.crop))
-    side = args.crop // 8
+    side = model_cfg.vae.latent_side
     latents = np.random.default_rng(0).standard_normal((args.steps * args.batch * 2, 4, side, side)).astype(np.float32)
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     rows = {"plain loop": (plain_loop(model_cfg, args.steps, args.batch, latents), None)}

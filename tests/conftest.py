@@ -66,6 +66,20 @@ def ray_session():
     ray.shutdown()
 
 
+def forecaster_config(**kw):
+    """A ForecasterConfig that an untrained Forecaster can forecast with: the latent
+    scaling factor and the change scale, computed from training data in a real run
+    (VAE stage export, pipeline.namd.change_scale), are set to 1 unless given."""
+    from cohortcast.config.models import ForecasterConfig
+
+    cfg = ForecasterConfig(**kw)
+    if cfg.vae.scaling_factor is None:
+        cfg.vae.scaling_factor = 1.0
+    if cfg.denoiser.change_scale is None:
+        cfg.denoiser.change_scale = 1.0
+    return cfg
+
+
 def tiny_synth_config(**overrides):
     from cohortcast.config import SynthConfig
 

@@ -6,24 +6,35 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cohortcast.config.models import ConditionerConfig, ForecasterConfig, TemporalConfig
+from conftest import forecaster_config
+
+from cohortcast.config.models import (ConditionerConfig, DenoiserConfig, ForecasterConfig, SchedulerConfig,
+                                       TemporalConfig)
 from cohortcast.inference.sampler import ddim_loop, forecast_latents, sample_seed
+from cohortcast.models.denoiser import ConditionalDenoiser
+from cohortcast.models.ehr_prompt import render_ehr_prompt
 from cohortcast.models.forecaster import Forecaster, ForecasterLoadError
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.tiny_llm import write_tiny_gemma3
 
-TEXTS = ["solid nodule right upper lobe 9 mm", "part solid nodule lingula 14 mm spiculated", "ground glass 6 mm"]
+# One EHR record (manifest column names) per case; the LLM conditioner reads them rendered.
+RECORDS = [
+    {"SCT_PRE_ATT": "Soft Tissue", "SCT_EPI_LOC": "Right Upper Lobe", "SCT_LONG_DIA": 9.0, "age": 61.0},
+    {"SCT_PRE_ATT": "Part Solid", "SCT_EPI_LOC": "Lingula", "SCT_LONG_DIA": 14.0, "SCT_MARGINS": "Spiculated"},
+    {"SCT_PRE_ATT": "Ground Glass", "SCT_LONG_DIA": 6.0, "gender": "Female"},
+]
+LATENT = (4, 8, 8)  # VAEConfig default: factor 4, 32 px crops
 
 
 @pytest.fixture(scope="module")
 def llm_path(tmp_path_factory):
-    return str(write_tiny_gemma3(tmp_path_factory.mktemp("llm") / "gemma", TEXTS))
+    return str(write_tiny_gemma3(tmp_path_factory.mktemp("llm") / "gemma", [render_ehr_prompt(r) for r in RECORDS]))
 
 
 @pytest.fixture(scope="module")
 def forecaster(llm_path):
     torch.manual_seed(0)
-    return Forecaster(ForecasterConfig(conditioner=ConditionerConfig(llm_path=llm_path, num_soft_prompts=2))).eval()
+    return Forecaster(forecaster_config(conditioner=ConditionerConfig(llm_path=llm_path, num_soft_prompts=2))).eval()
 
 
 def test_temporal_encoder_ignores_padding_exams():
@@ -49,7 +60,7 @@ def test_training_step_gradients_reach_every_trainable_part(forecaster):
     baseline = f.vae.encode_for_diffusion(images)
     target = torch.randn_like(baseline)
     horizon = torch.tensor([365.0, 400.0, 300.0])
-    ctx = f.context(TEXTS, *f.encode_priors(baseline, horizon, None, None, None), horizon,
+    ctx = f.context(RECORDS, *f.encode_priors(baseline, horizon, None, None, None), horizon,
                     drop=torch.tensor([False, True, False]))
     sched = f.train_scheduler()
     noise = torch.randn_like(target)
@@ -80,7 +91,7 @@ def _reference_diffusers_loop(unet, scheduler, latents, cond, steps):
 def test_ddim_loop_equals_diffusers_loop(forecaster):
     f = forecaster
     torch.manual_seed(1)
-    baseline, noise, ctx = torch.randn(2, 4, 4, 4), torch.randn(2, 4, 4, 4), torch.randn(2, 3, 64)
+    baseline, noise, ctx = torch.randn(2, *LATENT), torch.randn(2, *LATENT), torch.randn(2, 3, 64)
 
     class ConcatUNet(torch.nn.Module):  # the unet diffusers sees: baseline concatenated inside
         def forward(self, x, t, encoder_hidden_states, return_dict=False):
@@ -92,56 +103,58 @@ def test_ddim_loop_equals_diffusers_loop(forecaster):
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
 
-def _forecast(f, case_ids, texts, seed=3, **kw):
+def _forecast(f, case_ids, records, seed=3, **kw):
     torch.manual_seed(123)  # the sampler must not depend on the global RNG: reset it differently below
     images = torch.stack([torch.full((1, 32, 32), 0.1 * (i + 1)) for i in range(len(case_ids))])
     horizon = torch.tensor([365.0 + 30 * i for i in range(len(case_ids))])
-    return f.forecast(images, horizon, case_ids, ehr_texts=texts, num_samples=4, seed=seed, steps=6, **kw)
+    return f.forecast(images, horizon, case_ids, ehr=records, num_samples=4, seed=seed, steps=6, **kw)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5])
 def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
-    batch = _forecast(forecaster, ["c0", "c1", "c2"], TEXTS, eta=eta)
+    batch = _forecast(forecaster, ["c0", "c1", "c2"], RECORDS, eta=eta)
     torch.manual_seed(999)
-    alone = forecaster.forecast(torch.full((1, 1, 32, 32), 0.2), torch.tensor([395.0]), ["c1"], ehr_texts=TEXTS[1:2],
+    alone = forecaster.forecast(torch.full((1, 1, 32, 32), 0.2), torch.tensor([395.0]), ["c1"], ehr=RECORDS[1:2],
                                 num_samples=4, seed=3, steps=6, eta=eta)
     assert torch.equal(alone.samples[0], batch.samples[1])
     # More cases than one micro-batch holds (scheduler.micro_batch = 20 rows, 4 samples each).
     many = forecaster.forecast(torch.full((7, 1, 32, 32), 0.2), torch.full((7,), 395.0), [f"x{i}" for i in range(6)]
-                               + ["c1"], ehr_texts=[TEXTS[0]] * 6 + [TEXTS[1]], num_samples=4, seed=3, steps=6, eta=eta)
+                               + ["c1"], ehr=[RECORDS[0]] * 6 + [RECORDS[1]], num_samples=4, seed=3, steps=6, eta=eta)
     assert torch.equal(many.samples[6], alone.samples[0])
     # One seed per case (how the service batches requests with different seeds): each case
     # matches its own single-seed call, even the same case id under two seeds.
     mixed = forecaster.forecast(torch.full((3, 1, 32, 32), 0.2), torch.full((3,), 395.0), ["c1", "c1", "x0"],
-                                ehr_texts=[TEXTS[1]] * 3, num_samples=4, seed=[3, 8, 3], steps=6, eta=eta)
+                                ehr=[RECORDS[1]] * 3, num_samples=4, seed=[3, 8, 3], steps=6, eta=eta)
     other_seed = forecaster.forecast(torch.full((1, 1, 32, 32), 0.2), torch.tensor([395.0]), ["c1"],
-                                     ehr_texts=TEXTS[1:2], num_samples=4, seed=8, steps=6, eta=eta)
+                                     ehr=RECORDS[1:2], num_samples=4, seed=8, steps=6, eta=eta)
     assert torch.equal(mixed.samples[0], alone.samples[0]) and torch.equal(mixed.samples[1], other_seed.samples[0])
 
 
 def test_samples_mean_variance_and_seeds(forecaster):
-    out = _forecast(forecaster, ["c0", "c1"], TEXTS[:2])
-    assert out.samples.shape == (2, 4, 1, 32, 32) and out.latents.shape == (2, 4, 4, 4, 4)
+    out = _forecast(forecaster, ["c0", "c1"], RECORDS[:2])
+    assert out.samples.shape == (2, 4, 1, 32, 32) and out.latents.shape == (2, 4, *LATENT)
+    assert out.baseline_latent.shape == (2, *LATENT)
     torch.testing.assert_close(out.mean, out.samples.mean(1))
     torch.testing.assert_close(out.variance, out.samples.var(1))
     assert (out.variance > 0).all()  # different seeds, different samples
-    assert not torch.equal(out.samples, _forecast(forecaster, ["c0", "c1"], TEXTS[:2], seed=4).samples)
+    assert not torch.equal(out.samples, _forecast(forecaster, ["c0", "c1"], RECORDS[:2], seed=4).samples)
     assert len({sample_seed(0, "c0", k) for k in range(100)}) == 100
 
 
 def test_guidance_scale_changes_the_forecast(forecaster):
-    plain = _forecast(forecaster, ["c0"], TEXTS[:1])
-    guided = _forecast(forecaster, ["c0"], TEXTS[:1], guidance_scale=3.0)
+    plain = _forecast(forecaster, ["c0"], RECORDS[:1])
+    guided = _forecast(forecaster, ["c0"], RECORDS[:1], guidance_scale=3.0)
     assert not torch.allclose(plain.samples, guided.samples)
 
 
 def test_save_load_round_trip(forecaster, tmp_path):
     forecaster.save(tmp_path / "fc")
     meta = json.loads((tmp_path / "fc" / "forecaster.json").read_text())
-    assert meta["format_version"] == 1 and meta["llm"]["model_type"] == "gemma3_text"
+    assert meta["format_version"] == 2 and meta["llm"]["model_type"] == "gemma3_text"
+    assert meta["config"]["vae"]["scaling_factor"] == 1.0 and meta["config"]["denoiser"]["change_scale"] == 1.0
     assert (tmp_path / "fc" / "scheduler" / "scheduler_config.json").is_file()
     loaded = Forecaster.load(tmp_path / "fc")
-    a, b = _forecast(forecaster, ["c0", "c1"], TEXTS[:2]), _forecast(loaded, ["c0", "c1"], TEXTS[:2])
+    a, b = _forecast(forecaster, ["c0", "c1"], RECORDS[:2]), _forecast(loaded, ["c0", "c1"], RECORDS[:2])
     assert torch.equal(a.samples, b.samples)
 
 
@@ -159,7 +172,7 @@ def test_load_errors_are_clear(forecaster, tmp_path, llm_path):
     meta_path.write_text(json.dumps(meta))
     with pytest.raises(ForecasterLoadError, match="format version 99"):
         Forecaster.load(tmp_path / "fc")
-    other_llm = write_tiny_gemma3(tmp_path / "other", TEXTS, hidden_size=48)
+    other_llm = write_tiny_gemma3(tmp_path / "other", [render_ehr_prompt(r) for r in RECORDS], hidden_size=48)
     forecaster.save(tmp_path / "fc2")
     with pytest.raises(ForecasterLoadError, match="the Forecaster was trained with"):
         Forecaster.load(tmp_path / "fc2", llm_path=str(other_llm))
@@ -167,10 +180,10 @@ def test_load_errors_are_clear(forecaster, tmp_path, llm_path):
 
 def test_forecast_latents_validates_inputs(forecaster):
     with pytest.raises(ValueError, match="unique"):
-        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, 4, 4, 4),
+        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, *LATENT),
                          torch.zeros(2, 3, 64), ["a", "a"], 2, 0, 2)
     with pytest.raises(ValueError, match="seeds for"):
-        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, 4, 4, 4),
+        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, *LATENT),
                          torch.zeros(2, 3, 64), ["a", "b"], 2, [0], 2)
 
 
@@ -185,10 +198,10 @@ def test_condition_dropout_rate_and_null_rows(forecaster):
     torch.testing.assert_close(ctx[1, 1:], torch.stack([temporal[1], target[1]]))
 
 
-def test_ehr_text_without_conditioner_is_an_error():
-    f = Forecaster(ForecasterConfig()).eval()
-    with pytest.raises(ValueError, match="no LLM conditioner"):
-        f.forecast(torch.zeros(1, 1, 32, 32), torch.tensor([365.0]), ["a"], ehr_texts=["text"], num_samples=1, steps=1)
+def test_ehr_without_encoder_is_an_error():
+    f = Forecaster(forecaster_config()).eval()
+    with pytest.raises(ValueError, match="no EHR encoder"):
+        f.forecast(torch.zeros(1, 1, 32, 32), torch.tensor([365.0]), ["a"], ehr=RECORDS[:1], num_samples=1, steps=1)
     out = f.forecast(torch.zeros(1, 1, 32, 32), torch.tensor([365.0]), ["a"], num_samples=1, steps=1)
     assert out.samples.shape == (1, 1, 1, 32, 32) and torch.equal(out.variance, torch.zeros(1, 1, 32, 32))
 
@@ -196,10 +209,81 @@ def test_ehr_text_without_conditioner_is_an_error():
 def test_prior_exams_feed_the_temporal_context(forecaster):
     """Several prior exams (padded, masked) are encoded and change the forecast."""
     images = torch.full((1, 1, 32, 32), 0.2)
-    common = dict(ehr_texts=TEXTS[:1], num_samples=2, seed=1, steps=3)
+    common = dict(ehr=RECORDS[:1], num_samples=2, seed=1, steps=3)
     single = forecaster.forecast(images, torch.tensor([365.0]), ["p"], **common)
     priors = torch.stack([torch.full((1, 32, 32), -0.5), torch.full((1, 32, 32), 0.2), torch.zeros(1, 32, 32)])[None]
     multi = forecaster.forecast(images, torch.tensor([365.0]), ["p"], prior_images=priors,
                                 days_before_target=torch.tensor([[730.0, 365.0, 0.0]]),
                                 exam_mask=torch.tensor([[True, True, False]]), **common)
     assert multi.samples.shape == single.samples.shape and not torch.equal(multi.samples, single.samples)
+
+
+def test_fresh_denoiser_ignores_the_baseline():
+    """Guards build_unet zeroing the baseline half of a fresh U-Net's conv_in: stage c
+    feeds a zero baseline, so those weights would otherwise reach stage d as random
+    noise. (Before: random weights, the output depended on the baseline.)"""
+    torch.manual_seed(0)
+    denoiser = ConditionalDenoiser(DenoiserConfig(), LATENT[0], LATENT[1], ehr_dim=None).eval()
+    assert torch.count_nonzero(denoiser.unet.conv_in.weight[:, LATENT[0]:]) == 0
+    assert torch.count_nonzero(denoiser.unet.conv_in.weight[:, :LATENT[0]]) > 0
+    noisy, t, ctx = torch.randn(2, *LATENT), torch.tensor([10, 900]), torch.randn(2, 3, 64)
+    with torch.no_grad():
+        a = denoiser(noisy, t, torch.randn(2, *LATENT), ctx)
+        b = denoiser(noisy, t, 5 * torch.randn(2, *LATENT), ctx)
+    assert torch.equal(a, b)
+
+
+def test_change_target_maps_to_and_from_the_generated_space():
+    """Guards DenoiserConfig.target "change": the denoiser generates (follow-up - baseline)
+    * change_scale, from_generated inverts it exactly (also broadcast over samples), and
+    "absolute" is the identity; an unset change_scale is an error, not a silent 1."""
+    torch.manual_seed(0)
+    follow_up, baseline = torch.randn(3, *LATENT, dtype=torch.float64), torch.randn(3, *LATENT, dtype=torch.float64)
+    f = Forecaster(forecaster_config(denoiser=DenoiserConfig(change_scale=2.5)))
+    generated = f.to_generated(follow_up, baseline)
+    torch.testing.assert_close(generated, (follow_up - baseline) * 2.5)
+    torch.testing.assert_close(f.from_generated(generated, baseline), follow_up)
+    samples = torch.stack([generated, 2 * generated], 1)  # (B, N, c, h, w)
+    torch.testing.assert_close(f.from_generated(samples, baseline[:, None])[:, 0], follow_up)
+    absolute = Forecaster(forecaster_config(denoiser=DenoiserConfig(target="absolute")))
+    assert torch.equal(absolute.to_generated(follow_up, baseline), follow_up)
+    assert torch.equal(absolute.from_generated(follow_up, baseline), follow_up)
+    unset = Forecaster(ForecasterConfig(denoiser=DenoiserConfig(change_scale=None)))
+    with pytest.raises(ValueError, match="change_scale is unset"):
+        unset.to_generated(follow_up, baseline)
+
+
+def test_forecast_latents_are_follow_up_latents():
+    """Guards Forecast.latents = baseline latent + generated change / change_scale (not
+    the raw generated change) and Forecast.baseline_latent = the baseline's latent."""
+    torch.manual_seed(0)
+    f = Forecaster(forecaster_config(denoiser=DenoiserConfig(change_scale=4.0))).eval()
+    images, horizon = torch.rand(2, 1, 32, 32) * 2 - 1, torch.tensor([365.0, 500.0])
+    out = f.forecast(images, horizon, ["a", "b"], num_samples=2, seed=1, steps=3)
+    baseline = f.vae.encode_for_diffusion(images)
+    torch.testing.assert_close(out.baseline_latent, baseline)
+    with torch.no_grad():
+        ctx = f.context(None, *f.encode_priors(baseline, horizon, None, None, None), horizon)
+        change = forecast_latents(f.denoiser, f.inference_scheduler(), baseline, ctx, ["a", "b"], 2, 1, 3).samples
+    torch.testing.assert_close(out.latents, baseline[:, None] + change / 4.0, rtol=1e-4, atol=1e-5)
+
+
+def test_regression_forecaster_is_deterministic_and_batch_independent():
+    """Guards ForecasterConfig.kind "regression" (the no-diffusion baseline): its N
+    samples are the one prediction (variance exactly 0), bit-identical alone or batched."""
+    torch.manual_seed(0)
+    f = Forecaster(forecaster_config(kind="regression", scheduler=SchedulerConfig(micro_batch=4))).eval()
+    images = torch.stack([torch.full((1, 32, 32), 0.1 * (i + 1)) for i in range(6)])
+    horizon = torch.tensor([365.0 + 30 * i for i in range(6)])
+    ids = [f"r{i}" for i in range(6)]
+    batch = f.forecast(images, horizon, ids, num_samples=3, seed=0, steps=4)
+    assert batch.samples.shape == (6, 3, 1, 32, 32)
+    assert torch.equal(batch.samples[:, 0], batch.samples[:, 1]) and torch.equal(batch.samples[:, 0], batch.samples[:, 2])
+    assert torch.count_nonzero(batch.variance) == 0
+    alone = f.forecast(images[4:5], horizon[4:5], ids[4:5], num_samples=3, seed=7, steps=2)
+    assert torch.equal(alone.samples[0], batch.samples[4])  # nor do seed and steps matter
+    with torch.no_grad():
+        baseline = f.vae.encode_for_diffusion(images[4:5])
+        ctx = f.context(None, *f.encode_priors(baseline, horizon[4:5], None, None, None), horizon[4:5])
+        direct = f.from_generated(f.regress(baseline, ctx), baseline)
+    torch.testing.assert_close(alone.latents[:, 0], direct, rtol=1e-5, atol=1e-6)

@@ -46,6 +46,17 @@ class AblationConfig:
 
 
 @dataclass
+class RegressorEvalConfig:
+    """The no-diffusion baseline (Table 1 row): the NAMD job's `regressor` stage (the
+    same networks and context trained to predict the follow-up latent in one pass, from
+    the same stage-c weights), trained by the evaluation job when missing, forecast into
+    `forecasts`."""
+
+    enabled: bool = True
+    forecasts: str = "runs/demo/forecasts_regressor"
+
+
+@dataclass
 class EvaluationConfig:
     """jobs/evaluate_namd.py: Table 1 of NAMD on `forecast.split` (forecasts from the
     `forecast` section), prediction variance (Sec. 4.3, App. D) and a Markdown report.
@@ -60,6 +71,13 @@ class EvaluationConfig:
     report: str = "runs/demo/evaluation"
     evaluator: EvaluatorConfig = field(default_factory=EvaluatorConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    regressor: RegressorEvalConfig = field(default_factory=RegressorEvalConfig)
+    # Patient-level bootstrap resamples for the AUROC confidence intervals and the paired
+    # differences (NAMD - real baseline, NAMD - ablation, NAMD - regressor).
+    bootstrap: int = 1000
+    # The nodule region for the region MAE: a disc around the crop centre whose radius is
+    # half the follow-up's long diameter plus this margin.
+    region_margin_mm: float = 2.0
     inception_torchscript: str | None = None
     lpips_vgg_path: str | None = None
     lpips_path: str | None = None
@@ -71,3 +89,5 @@ class EvaluationConfig:
         _require((self.lpips_vgg_path is None) == (self.lpips_path is None), "lpips_path",
                  "set both lpips_vgg_path and lpips_path, or neither")
         _require(self.variance_cases >= 1 and self.figure_cases >= 1, "variance_cases", "must be >= 1")
+        _require(self.bootstrap >= 100, "bootstrap", "must be >= 100 resamples")
+        _require(self.region_margin_mm >= 0, "region_margin_mm", "must be >= 0")

@@ -16,7 +16,8 @@ PATH_FIELDS = (
     "model.vae.loss.perceptual_lpips_path", "model.conditioner.llm_path", "model.denoiser.pretrained_path",
     "forecast.forecaster", "forecast.ingested", "forecast.output",
     "evaluation.evaluator_output", "evaluation.report", "evaluation.evaluator.pretrained_path",
-    "evaluation.ablation.training_output", "evaluation.ablation.forecasts", "evaluation.inception_torchscript",
+    "evaluation.ablation.training_output", "evaluation.ablation.forecasts", "evaluation.regressor.forecasts",
+    "evaluation.inception_torchscript",
     "evaluation.lpips_vgg_path", "evaluation.lpips_path", "serve.forecaster", "serve.cohort_output",
     "serve.evaluator", "tune.output",
 )

@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 REAL_BASELINE, REAL_FOLLOW_UP = "Real baseline", "Real follow-up"
 NAMD, ABLATION, COPY = "NAMD forecast", "NAMD w/o alignment + probe", "Copy the baseline"
+REGRESSOR, VAE_FLOOR = "No-diffusion regressor", "VAE floor (decoded real follow-up latent)"
 
 
 class EvaluationError(ValueError):
@@ -41,15 +42,30 @@ class EvaluationResult:
 
 
 def ablation_config(cfg: CohortcastConfig) -> CohortcastConfig:
-    """The same NAMD job without the alignment and probe losses, hence no probe task loss."""
+    """The same NAMD job without the alignment and probe losses; every other setting,
+    L_task included, stays as NAMD's. Only "probe_bce" cannot be kept (the ablation's
+    probe is untrained): it becomes "none" and the table says so."""
     a = copy.deepcopy(cfg)
     a.run_name = f"{cfg.run_name}-ablation"
     a.model.vae.loss.alignment = 0.0
     a.model.vae.loss.probe = 0.0
-    a.training.task_loss, a.training.task_weight = "none", 0.0
+    if cfg.training.task_loss == "probe_bce":
+        a.training.task_loss, a.training.task_weight = "none", 0.0
     a.training.output = cfg.evaluation.ablation.training_output
     return a
 
+
+def regressor_config(cfg: CohortcastConfig) -> CohortcastConfig:
+    """The NAMD job with its `regressor` stage added (stages already trained are skipped)."""
+    r = copy.deepcopy(cfg)
+    r.run_name = f"{cfg.run_name}-regressor"
+    r.training.stages = tuple(dict.fromkeys([*cfg.training.stages, "ldm_uncond", "regressor"]))
+    return r
+
+
+def task_loss_note(cfg: CohortcastConfig, ablation: CohortcastConfig) -> str:
+    return (f"L_task: NAMD {cfg.training.task_loss} (lambda {cfg.training.task_weight}), ablation "
+            f"{ablation.training.task_loss} (lambda {ablation.training.task_weight})")
 
 def _tensor(table, name: str) -> np.ndarray:
     return np.asarray(table.column(name).combine_chunks().to_numpy_ndarray(), np.float32)
@@ -63,10 +79,23 @@ def load_cases(output: str | Path) -> dict[str, Any]:
     if table is None:
         raise FileNotFoundError(f"{output}: no finished forecasts")
     table = table.sort_by("case_id")
-    return {"case_id": table.column("case_id").to_pylist(), "patient": table.column("patient").to_pylist(),
-            "label": np.asarray(table.column("malignant").to_pylist()), "baseline": _tensor(table, "baseline"),
-            "target": _tensor(table, "target"), "mean": _tensor(table, "mean"),
-            "variance": _tensor(table, "variance"), "samples": _tensor(table, "samples")}
+    out = {"case_id": table.column("case_id").to_pylist(), "patient": table.column("patient").to_pylist(),
+           "label": np.asarray(table.column("malignant").to_pylist()), "baseline": _tensor(table, "baseline"),
+           "target": _tensor(table, "target"), "mean": _tensor(table, "mean"),
+           "variance": _tensor(table, "variance"), "samples": _tensor(table, "samples")}
+    for name in ("mean_latent", "baseline_latent", "target_latent", "target_reconstruction"):
+        out[name] = _tensor(table, name)
+    out["target_diameter_mm"] = np.asarray(table.column("target_diameter_mm").to_pylist(), np.float32)
+    return out
+
+
+def region_masks(diameters_mm: np.ndarray, size: int, spacing_mm: float, margin_mm: float) -> np.ndarray:
+    """(n,) follow-up long diameters -> (n, size, size) discs around the crop centre (the
+    nodule, which ingestion centres), radius diameter / 2 + margin."""
+    offsets = (np.arange(size) - (size - 1) / 2.0) * spacing_mm
+    distance = np.hypot(offsets[None, :], offsets[:, None])  # (size, size) mm from the centre
+    radius = np.asarray(diameters_mm, np.float32) / 2.0 + margin_mm
+    return distance[None] <= radius[:, None, None]
 
 
 def _select(cases: dict[str, Any], keep: list[str]) -> dict[str, Any]:
@@ -131,6 +160,10 @@ def _forecaster_of(training_output: str) -> str:
     return str(Path(training_output) / "ldm_cond")
 
 
+def _regressor_of(training_output: str) -> str:
+    return str(Path(training_output) / "regressor")
+
+
 def run_evaluation(cfg: CohortcastConfig) -> EvaluationResult:
     from cohortcast.config.paths import resolve_paths
     from cohortcast.data.prepare import prepare_cohort
@@ -145,6 +178,16 @@ def run_evaluation(cfg: CohortcastConfig) -> EvaluationResult:
     if e.ablation.enabled and e.ablation.train_if_missing:
         log.info("ablation: NAMD without alignment and probe losses -> %s", e.ablation.training_output)
         run_namd(ablation_config(cfg))  # stages already trained with this config are skipped
+    # NAMD itself when forecast.forecaster holds none yet (from scratch: everything is
+    # trained), and the regressor stage next to it; stages already trained are skipped.
+    from cohortcast.models.forecaster import CONFIG_FILE
+
+    if e.regressor.enabled:
+        log.info("no-diffusion regressor: the NAMD job's regressor stage -> %s", _regressor_of(cfg.training.output))
+        run_namd(regressor_config(cfg))
+    elif not (Path(cfg.forecast.forecaster) / CONFIG_FILE).is_file():
+        log.info("no Forecaster at %s yet: training NAMD first", cfg.forecast.forecaster)
+        run_namd(cfg)
     evaluation_cfg = copy.deepcopy(cfg)
     evaluation_cfg.run_name = f"{cfg.run_name}-evaluation"
     job = EvaluationJob(cfg)
@@ -154,6 +197,8 @@ def run_evaluation(cfg: CohortcastConfig) -> EvaluationResult:
         job.forecast(runs, "forecast_namd", cfg.forecast.forecaster, cfg.forecast.output)
         if e.ablation.enabled:
             job.forecast(runs, "forecast_ablation", _forecaster_of(e.ablation.training_output), e.ablation.forecasts)
+        if e.regressor.enabled:
+            job.forecast(runs, "forecast_regressor", _regressor_of(cfg.training.output), e.regressor.forecasts)
         table, claims, cases, extras = score(cfg, evaluator_folder)
         report = write_report(cfg, table, claims, cases, extras, evaluator_val)
         if runs.enabled:
@@ -168,27 +213,25 @@ def score(cfg: CohortcastConfig, evaluator_folder: Path):
 
     from cohortcast.evaluation.feature_networks import (EVALUATOR_SPACE, INCEPTION_SPACE, batched,
                                                          inception_features, lpips_distances)
-    from cohortcast.evaluation.table import compute_table, paper_claims
+    from cohortcast.evaluation.table import compute_table, difference_claims, error_claims, paper_claims
     from cohortcast.models.evaluator import MalignancyEvaluator
 
     e = cfg.evaluation
     evaluator = MalignancyEvaluator.load(evaluator_folder)
     cases = load_cases(cfg.forecast.output)
-    ablation = load_cases(e.ablation.forecasts) if e.ablation.enabled else None
-    if ablation is not None:
-        shared = sorted(set(cases["case_id"]) & set(ablation["case_id"]))
-        if len(shared) < len(cases["case_id"]):
-            log.warning("ablation forecasts cover %d of %d cases: the table uses the shared ones", len(shared),
-                        len(cases["case_id"]))
-        cases, ablation = _select(cases, shared), _select(ablation, shared)
+    others = {ABLATION: load_cases(e.ablation.forecasts) if e.ablation.enabled else None,
+              REGRESSOR: load_cases(e.regressor.forecasts) if e.regressor.enabled else None}
+    others = {k: v for k, v in others.items() if v is not None}
+    shared = sorted(set(cases["case_id"]).intersection(*(set(o["case_id"]) for o in others.values())))
+    if len(shared) < len(cases["case_id"]):
+        log.warning("the other methods' forecasts cover %d of %d cases: the table uses the shared ones", len(shared),
+                    len(cases["case_id"]))
+    keep = [c for c, y in zip(cases["case_id"], cases["label"]) if c in set(shared) and y >= 0]
+    if len(keep) < len(shared):
+        log.warning("%d cases without a malignancy label are left out", len(shared) - len(keep))
+    cases = _select(cases, keep)
+    others = {k: _select(v, keep) for k, v in others.items()}
     labels = cases["label"]
-    known = labels >= 0
-    if not known.all():
-        log.warning("%d cases without a malignancy label are left out", int((~known).sum()))
-        keep = [c for c, k in zip(cases["case_id"], known) if k]
-        cases = _select(cases, keep)
-        ablation = _select(ablation, keep) if ablation is not None else None
-        labels = cases["label"]
     if len(set(labels.tolist())) < 2:
         raise EvaluationError(f"the {cfg.forecast.split!r} split has {len(labels)} labelled case(s), all of class "
                               f"{sorted(set(labels.tolist()))}: AUROC needs benign and malignant cases; use a larger "
@@ -205,31 +248,66 @@ def score(cfg: CohortcastConfig, evaluator_folder: Path):
     if e.lpips_vgg_path:
         lpips, lpips_label = lpips_distances(e.lpips_vgg_path, e.lpips_path, e.batch_size), "LPIPS (VGG16)"
 
-    n_samples = cases["samples"].shape[1]
+    def forecast_method(name: str, forecasts: dict, same_vae: bool, note: str = "") -> Method:
+        runs = [forecasts["samples"][:, k] for k in range(forecasts["samples"].shape[1])]
+        # Latent errors are comparable only in one latent space: the ablation has its own VAE.
+        return Method(name, runs, generated=True, mean_image=forecasts["mean"],
+                      latent=forecasts["mean_latent"] if same_vae else None, note=note)
+
     methods = [Method(REAL_BASELINE, [cases["baseline"]], generated=False),
                Method(REAL_FOLLOW_UP, [cases["target"]], generated=False),
-               Method(NAMD, [cases["samples"][:, k] for k in range(n_samples)], generated=True)]
-    if ablation is not None:
-        methods.append(Method(ABLATION, [ablation["samples"][:, k] for k in range(ablation["samples"].shape[1])],
-                              generated=True))
-    methods.append(Method(COPY, [cases["baseline"]], generated=True,
+               forecast_method(NAMD, cases, True)]
+    ablation_note = task_loss_note(cfg, ablation_config(cfg))
+    if ABLATION in others:
+        methods.append(forecast_method(ABLATION, others[ABLATION], False,
+                                       note=f"{ablation_note}; latent error n/a: its own VAE's latent space"))
+    if REGRESSOR in others:
+        methods.append(forecast_method(REGRESSOR, others[REGRESSOR], True,
+                                       note="one deterministic prediction per case: its std over seeds is 0"))
+    methods.append(Method(COPY, [cases["baseline"]], generated=True, mean_image=cases["baseline"],
+                          latent=cases["baseline_latent"],
                           note="forecasts the baseline unchanged: its AUROC/AUPRC equal the real baseline's"))
-    table = compute_table(methods, labels, cases["target"], probabilities, features, space, lpips, lpips_label)
-    claims = paper_claims(table, NAMD, ABLATION if ablation is not None else None, REAL_BASELINE, REAL_FOLLOW_UP)
+    methods.append(Method(VAE_FLOOR, [cases["target_reconstruction"]], generated=True,
+                          mean_image=cases["target_reconstruction"], latent=cases["target_latent"],
+                          note="the best any latent forecast can do through this VAE's decoder"))
+    crop = cases["target"].shape[-1]
+    masks = region_masks(cases["target_diameter_mm"], crop, float(card_spacing(cfg)), e.region_margin_mm)
+    pairs = [(NAMD, REAL_BASELINE)] + [(NAMD, other) for other in (ABLATION, REGRESSOR) if other in others]
+    table = compute_table(methods, labels, cases["target"], probabilities, features, space, lpips, lpips_label,
+                          patients=cases["patient"], target_latents=cases["target_latent"], region_masks=masks,
+                          n_boot=e.bootstrap, boot_seed=cfg.forecast.seed, differences=pairs)
+    claims = paper_claims(table, NAMD, ABLATION if ABLATION in others else None, REAL_BASELINE, REAL_FOLLOW_UP)
+    claims += error_claims(table, NAMD, [COPY] + ([REGRESSOR] if REGRESSOR in others else []))
+    claims += difference_claims(table)
     cohort = {"split": cfg.forecast.split, "cases": len(labels), "malignant": int(labels.sum()),
-              "patients": len(set(cases["patient"])), "num_samples": int(n_samples),
-              "inference_steps": cfg.forecast.inference_steps, "seed": cfg.forecast.seed}
-    return table, claims, cases, {"cohort": cohort, "ablation": ablation}
+              "patients": len(set(cases["patient"])), "num_samples": int(cases["samples"].shape[1]),
+              "inference_steps": cfg.forecast.inference_steps, "seed": cfg.forecast.seed,
+              "task_loss": ablation_note}
+    return table, claims, cases, {"cohort": cohort, "ablation": others.get(ABLATION)}
+
+
+def card_spacing(cfg: CohortcastConfig) -> float:
+    """The crops' pixel spacing (mm), from the ingested cohort's card."""
+    import json
+
+    card = json.loads((Path(cfg.forecast.ingested) / "card.json").read_text())
+    return float(card["config"]["crop_spacing_mm"])
 
 
 def _log_to_mlflow(runs, table: Table1, report: Path) -> None:
     metrics = {}
     for row in table.rows:
-        slug = row.method.lower().replace(" ", "_").replace("/", "").replace("+", "and")
+        slug = "".join(ch for ch in row.method.lower().replace(" ", "_").replace("+", "and")
+                       if ch.isalnum() or ch in "_-")
         for name in ("auroc", "auprc", "lpips", "frechet"):
             value = getattr(row, name)
             if value is not None:
                 metrics[f"{slug}/{name}_mean"], metrics[f"{slug}/{name}_std"] = value.mean, value.std
+        if row.auroc_ci is not None:
+            metrics[f"{slug}/auroc_ci_low"], metrics[f"{slug}/auroc_ci_high"] = row.auroc_ci.low, row.auroc_ci.high
+        for name in ("mae", "region_mae", "latent_error"):
+            if getattr(row, name) is not None:
+                metrics[f"{slug}/{name}"] = getattr(row, name)
     for key, value in metrics.items():
         runs.client.log_metric(runs.parent_id, key, value)
     runs.client.log_artifacts(runs.parent_id, str(report.parent), "report")
@@ -240,7 +318,7 @@ def format_result(result: EvaluationResult) -> str:
     lines = [f"NAMD evaluation on the {c['split']} split: {c['cases']} cases ({c['malignant']} malignant) from "
              f"{c['patients']} patients; {c['num_samples']} samples per case, {c['inference_steps']} DDIM steps, "
              f"seed {c['seed']}", "", result.table.markdown(), ""]
-    lines += [f"{'holds' if cl.holds else 'does NOT hold'}: {cl.text} (AUROC {cl.detail})" for cl in result.claims]
+    lines += [f"{'holds' if cl.holds else 'does NOT hold'}: {cl.text} ({cl.detail})" for cl in result.claims]
     if result.evaluator_val:
         lines.append("evaluator validation: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.evaluator_val.items())))
     lines += [f"report: {result.report}", result.mlflow]

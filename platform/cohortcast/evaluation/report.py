@@ -91,12 +91,13 @@ def _markdown(cfg, table: Table1, claims: list[Claim], c: dict, cv, evaluator_va
         f"seed {c['seed']}; AUROC/AUPRC and image metrics are mean ± std over the {c['num_samples']} sample "
         "indices (sample k of every case = seed run k); real images have one run (std 0).", "",
         f"Evaluator: ViT trained on real follow-up crops of the train split; validation {val}.",
+        *([f"{c['task_loss']}."] if c.get("task_loss") else []),
         f"Fréchet distance feature space: **{table.frechet_space}**. LPIPS: {table.lpips}.", "",
         "## Table 1", "", table.markdown(), "", *_table_legend(table), *notes, "",
         "## The paper's claims on these numbers", "",
-        *[f"- {'holds' if x.holds else '**does not hold**'}: {x.text} (AUROC {x.detail})" for x in claims], "",
+        *[f"- {'holds' if x.holds else '**does not hold**'}: {x.text} ({x.detail})" for x in claims], "",
         "## Prediction variance (NAMD Sec. 4.3, App. D)", "",
-        f"Mean probability variance over samples {cv.variance.mean():.4f} (max {cv.variance.max():.4f}); "
+        f"Mean probability variance over samples {cv.variance.mean():.3g} (max {cv.variance.max():.3g}); "
         f"{confident} of {len(cv.case_ids)} cases are confidently correct (error < 0.25, variance below the "
         "median).", "",
         "![error vs variance](figures/error_vs_variance.png)", "",

@@ -216,11 +216,11 @@ def paper_claims(table: Table1, namd: str, ablation: str | None, baseline: str, 
     """NAMD's scientific claims on AUROC means: real baseline < NAMD <= real follow-up,
     and the ablation below full NAMD."""
     b, n, f = (table.row(m).auroc for m in (baseline, namd, follow_up))
-    claims = [Claim(f"{baseline} < {namd}", b.mean < n.mean, f"{b.mean:.3f} vs {n.mean:.3f}"),
-              Claim(f"{namd} <= {follow_up}", n.mean <= f.mean, f"{n.mean:.3f} vs {f.mean:.3f}")]
+    claims = [Claim(f"{baseline} < {namd}", b.mean < n.mean, f"AUROC {b.mean:.3f} vs {n.mean:.3f}"),
+              Claim(f"{namd} <= {follow_up}", n.mean <= f.mean, f"AUROC {n.mean:.3f} vs {f.mean:.3f}")]
     if ablation:
         a = table.row(ablation).auroc
-        claims.append(Claim(f"{ablation} < {namd}", a.mean < n.mean, f"{a.mean:.3f} vs {n.mean:.3f}"))
+        claims.append(Claim(f"{ablation} < {namd}", a.mean < n.mean, f"AUROC {a.mean:.3f} vs {n.mean:.3f}"))
     return claims
 
 
@@ -244,4 +244,4 @@ def error_claims(table: Table1, forecast: str, references: Sequence[str]) -> lis
 def difference_claims(table: Table1) -> list[Claim]:
     """Each paired AUROC difference a − b is claimed positive: its CI lies above 0."""
     return [Claim(f"{d.a} − {d.b} AUROC CI excludes 0", d.interval.low > 0,
-                  f"{_minus(f'{d.mean:+.3f}')} {_minus(str(d.interval))}") for d in table.differences]
+                  f"AUROC difference {_minus(f'{d.mean:+.3f}')} {_minus(str(d.interval))}") for d in table.differences]

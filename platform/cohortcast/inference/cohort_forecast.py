@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 CASE_FILE = "forecast.parquet"
 SETTINGS_FILE = "settings.json"
+CASE_FORMAT = 2  # 2: latents (mean, baseline, target), the VAE floor and the follow-up diameter per case
 
 
 class ForecastSettingsMismatch(ValueError):
@@ -53,7 +54,8 @@ def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str,
     from cohortcast.pipeline.stage_outputs import read_marker
 
     marker = read_marker(job.forecaster) or {}
-    return {"forecaster": str(job.forecaster), "forecaster_key": marker.get("key"), "split": job.split,
+    return {"case_format": CASE_FORMAT, "forecaster": str(job.forecaster), "forecaster_key": marker.get("key"),
+            "split": job.split,
             "num_samples": job.num_samples, "inference_steps": job.inference_steps, "seed": job.seed,
             "guidance_scale": job.guidance_scale, "ingest_fingerprint": card.get("fingerprint")}
 
@@ -93,6 +95,8 @@ def make_case(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "malignant": np.asarray([int(np.max(group["malignant"]))]),
         "ehr_json": np.asarray([json.dumps({k: plain_value(group[k][b]) for k in EHR_FEATURES})]),
         "centre_lps": np.asarray([centre], np.float64),
+        # the follow-up's nodule size: the evaluation's nodule-region MAE is measured on it
+        "target_diameter_mm": np.asarray([float(group["SCT_LONG_DIA"][t] or 0.0)], np.float32),
         "baseline": np.asarray(group["crop"], np.float32)[b][None], "target": np.asarray(group["crop"], np.float32)[t][None],
     }
     # A nodule seen once has nothing to forecast against: same columns, no row.
@@ -130,13 +134,20 @@ class CaseForecaster:
             torch.from_numpy(np.asarray(batch["horizon_days"], np.float32)), ids, ehr=records,
             num_samples=self.job.num_samples, seed=self.job.seed, steps=self.job.inference_steps,
             guidance_scale=self.job.guidance_scale)
+        # For the evaluation's latent error and VAE floor: the real follow-up through the
+        # same VAE (its latent, and that latent decoded).
+        target = torch.from_numpy(np.asarray(batch["target"], np.float32))[:, None]
+        target_latent = self.model.vae.encode_for_diffusion(target)
+        floor = self.model.vae.decode_from_diffusion(target_latent)
+        latents = {"mean_latent": forecast.latents.mean(1).numpy(), "baseline_latent": forecast.baseline_latent.numpy(),
+                   "target_latent": target_latent.numpy(), "target_reconstruction": floor[:, 0].numpy()}
         for i, case_id in enumerate(ids):
             self._write(batch, i, case_id, forecast.mean[i, 0].numpy(), forecast.variance[i, 0].numpy(),
-                        forecast.samples[i, :, 0].numpy())
+                        forecast.samples[i, :, 0].numpy(), {k: v[i] for k, v in latents.items()})
         seconds = (time.perf_counter() - started) / len(ids)
         return {"case_id": np.asarray(ids), "seconds": np.full(len(ids), seconds)}
 
-    def _write(self, batch, i: int, case_id: str, mean, variance, samples) -> None:
+    def _write(self, batch, i: int, case_id: str, mean, variance, samples, extra: dict[str, np.ndarray]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
@@ -147,13 +158,14 @@ class CaseForecaster:
         with atomic_folder(self.cases / key, overwrite=True) as tmp:
             scalars = {k: [batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]]
                        for k in ("case_id", "patient", "nodule_id", "baseline_study", "target_study", "baseline_date",
-                                 "target_date", "horizon_days", "malignant")}
+                                 "target_date", "horizon_days", "malignant", "target_diameter_mm")}
             table = pa.table({**scalars, "seed": [self.job.seed], "num_samples": [self.job.num_samples],
                               "inference_steps": [self.job.inference_steps],
                               "baseline": _tensor_column(np.asarray(batch["baseline"][i:i + 1], np.float32)),
                               "target": _tensor_column(np.asarray(batch["target"][i:i + 1], np.float32)),
                               "mean": _tensor_column(mean[None]), "variance": _tensor_column(variance[None]),
-                              "samples": _tensor_column(samples[None])})
+                              "samples": _tensor_column(samples[None]),
+                              **{k: _tensor_column(v[None]) for k, v in extra.items()}})
             pq.write_table(table, tmp / CASE_FILE)
             write_case_images(tmp, to_hu(mean, self.hu_window, self.normalise), variance,
                               to_hu(samples, self.hu_window, self.normalise), batch["centre_lps"][i], self.spacing,
