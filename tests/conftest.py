@@ -66,6 +66,19 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def one_thread():
+    """Run a training-heavy test on one intra-op thread (restored after). On a small
+    shared CPU, two OpenMP threads competing with other processes spin-wait: a tiny
+    model's step measured 10-20x slower than on one thread."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def forecaster_config(**kw):
     """A ForecasterConfig that an untrained Forecaster can forecast with: the latent
     scaling factor and the change scale, computed from training data in a real run

@@ -8,7 +8,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cohortcast.config.models import ConditionerConfig, ForecasterConfig, SchedulerConfig
+from conftest import forecaster_config
+
+from cohortcast.config.models import ConditionerConfig, SchedulerConfig
 from cohortcast.config.training import ForecastJobConfig
 from cohortcast.data.nifti_reader import read_nifti
 from cohortcast.data.readers import read_study
@@ -26,8 +28,8 @@ def forecaster_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("forecaster")
     llm = write_tiny_gemma3(root / "llm", ["solid nodule right upper lobe long axis mm"])
     torch.manual_seed(0)
-    cfg = ForecasterConfig(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
-                           scheduler=SchedulerConfig(micro_batch=4))
+    cfg = forecaster_config(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
+                            scheduler=SchedulerConfig(micro_batch=4))
     Forecaster(cfg).save(root / "model")
     return str(root / "model")
 

@@ -10,10 +10,12 @@ import pytest
 import torch
 
 from cohortcast.config import IngestConfig, SplitConfig, load_config
-from cohortcast.config.models import ConditionerConfig, ForecasterConfig, SchedulerConfig
+from conftest import forecaster_config
+
+from cohortcast.config.models import ConditionerConfig, SchedulerConfig
 from cohortcast.config.training import ScalingSettings, StageConfig
-from cohortcast.evaluation.namd_evaluation import (COPY, NAMD, REAL_BASELINE, REAL_FOLLOW_UP, ablation_config,
-                                                   run_evaluation)
+from cohortcast.evaluation.namd_evaluation import (COPY, NAMD, REAL_BASELINE, REAL_FOLLOW_UP, VAE_FLOOR,
+                                                   ablation_config, run_evaluation)
 from cohortcast.models.forecaster import Forecaster
 from cohortcast.models.tiny_llm import write_tiny_gemma3
 
@@ -27,15 +29,19 @@ def test_ablation_config_drops_alignment_probe_and_task_loss():
     assert a.training.output == cfg.evaluation.ablation.training_output != cfg.training.output
     assert a.model.vae.loss.reconstruction == cfg.model.vae.loss.reconstruction and a.ingest == cfg.ingest
     assert cfg.model.vae.loss.alignment > 0  # the original is untouched
+    cfg.training.task_loss, cfg.training.task_weight = "decoded_l1", 0.5  # kept: only probe_bce needs the probe
+    assert (ablation_config(cfg).training.task_loss, ablation_config(cfg).training.task_weight) == ("decoded_l1", 0.5)
 
 
 def evaluation_config(tmp_path, tiny_cohort, tiny_ingested):
     llm = write_tiny_gemma3(tmp_path / "llm", ["solid nodule right upper lobe long axis mm"])
     torch.manual_seed(0)
-    model = ForecasterConfig(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
-                             scheduler=SchedulerConfig(micro_batch=4))
+    model = forecaster_config(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
+                              scheduler=SchedulerConfig(micro_batch=4))
     Forecaster(model).save(tmp_path / "forecaster")
-    cfg = load_config(None, ["evaluation.ablation.enabled=false", "evaluation.evaluator.validate_every_epochs=1"])
+    # No ablation and no regressor (both would train the NAMD stages): the plumbing is under test.
+    cfg = load_config(None, ["evaluation.ablation.enabled=false", "evaluation.regressor.enabled=false",
+                             "evaluation.evaluator.validate_every_epochs=1"])
     cfg.workdir, cfg.run_name = str(tmp_path), "eval-test"
     cfg.model = model
     # The tiny_ingested fixture's own settings: prepare_cohort finds it up to date.
@@ -61,11 +67,13 @@ def test_evaluation_job_end_to_end(ray_session, tiny_cohort, tiny_ingested, tmp_
     cfg = evaluation_config(tmp_path, tiny_cohort, tiny_ingested)
     result = run_evaluation(copy.deepcopy(cfg))
     table = result.table
-    assert [r.method for r in table.rows] == [REAL_BASELINE, REAL_FOLLOW_UP, NAMD, COPY]
+    assert [r.method for r in table.rows] == [REAL_BASELINE, REAL_FOLLOW_UP, NAMD, COPY, VAE_FLOOR]
     assert table.row(NAMD).auroc.n == 3 and table.row(REAL_BASELINE).auroc.n == 1
     assert table.row(COPY).auroc.mean == table.row(REAL_BASELINE).auroc.mean
     assert table.frechet_space.startswith("evaluator ViT") and table.lpips.startswith("n/a")
-    assert {c.text for c in result.claims} == {f"{REAL_BASELINE} < {NAMD}", f"{NAMD} <= {REAL_FOLLOW_UP}"}
+    texts = {c.text for c in result.claims}
+    assert {f"{REAL_BASELINE} < {NAMD}", f"{NAMD} <= {REAL_FOLLOW_UP}"} <= texts
+    assert {f"{NAMD} mean-forecast MAE < {COPY}", f"{NAMD} latent error < {COPY}"} <= texts  # the error columns
 
     report = tmp_path / "report"
     text = (report / "report.md").read_text()

@@ -77,11 +77,16 @@ def test_a_one_class_split_is_a_clear_error(tmp_path):
     MalignancyEvaluator.build(EvaluatorConfig(), image_size=8).save(tmp_path / "evaluator")
     for i in range(3):
         crop = np.zeros((1, 8, 8), np.float32)
+        latent = np.zeros((1, 4, 2, 2), np.float32)  # case format 2: latents, VAE floor, follow-up size
         table = pa.table({"case_id": [f"sub-{i}/n1"], "patient": [f"sub-{i}"], "malignant": [0],
-                          **{k: _tensor_column(crop) for k in ("baseline", "target", "mean", "variance")},
+                          "target_diameter_mm": [6.0],
+                          **{k: _tensor_column(crop) for k in ("baseline", "target", "mean", "variance",
+                                                               "target_reconstruction")},
+                          **{k: _tensor_column(latent) for k in ("mean_latent", "baseline_latent", "target_latent")},
                           "samples": _tensor_column(np.zeros((1, 2, 8, 8), np.float32))})
         (tmp_path / "forecasts" / "cases" / f"k{i}").mkdir(parents=True)
         pq.write_table(table, tmp_path / "forecasts" / "cases" / f"k{i}" / CASE_FILE)
-    cfg = load_config(None, ["evaluation.ablation.enabled=false", f"forecast.output={tmp_path / 'forecasts'}"])
+    cfg = load_config(None, ["evaluation.ablation.enabled=false", "evaluation.regressor.enabled=false",
+                             f"forecast.output={tmp_path / 'forecasts'}"])
     with pytest.raises(EvaluationError, match=r"'test' split has 3 labelled case\(s\), all of class \[0\]"):
         score(cfg, tmp_path / "evaluator")

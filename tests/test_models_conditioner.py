@@ -65,3 +65,14 @@ def test_ehr_prompts_batch(conditioner):
     with torch.no_grad():
         out = conditioner([render_ehr_prompt(EHR), render_ehr_prompt({**EHR, "age": 50.0})])
     assert torch.isfinite(out).all() and not torch.allclose(out[0], out[1])
+
+
+def test_records_are_read_as_their_rendered_prompt(conditioner):
+    """Guards SoftPromptConditioner.encode_records (the Forecaster now passes EHR records,
+    not texts): a record reads exactly as its NAMD report prompt."""
+    older = {**EHR, "age": 50.0}
+    with torch.no_grad():
+        by_record = conditioner.encode_records([EHR, older])
+        by_text = conditioner([render_ehr_prompt(EHR), render_ehr_prompt(older)])
+    torch.testing.assert_close(by_record, by_text)
+    assert not torch.allclose(by_record[0], by_record[1])

@@ -14,6 +14,7 @@ from cohortcast.inference.sampler import ddim_loop, forecast_latents, sample_see
 from cohortcast.models.denoiser import ConditionalDenoiser
 from cohortcast.models.ehr_prompt import render_ehr_prompt
 from cohortcast.models.forecaster import Forecaster, ForecasterLoadError
+from cohortcast.models.schedulers import training_target
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.tiny_llm import write_tiny_gemma3
 
@@ -65,7 +66,8 @@ def test_training_step_gradients_reach_every_trainable_part(forecaster):
     sched = f.train_scheduler()
     noise = torch.randn_like(target)
     t = torch.randint(0, sched.config.num_train_timesteps, (3,))
-    loss = F.mse_loss(f.denoiser(sched.add_noise(target, noise, t), t, baseline, ctx), noise)
+    loss = F.mse_loss(f.denoiser(sched.add_noise(target, noise, t), t, baseline, ctx),
+                      training_target(sched, target, noise, t))  # v by default
     f.zero_grad()
     loss.backward()
     for name in ("denoiser.unet.conv_in.weight", "denoiser.ehr_proj.weight", "denoiser.null_context",
@@ -278,7 +280,7 @@ def test_regression_forecaster_is_deterministic_and_batch_independent():
     ids = [f"r{i}" for i in range(6)]
     batch = f.forecast(images, horizon, ids, num_samples=3, seed=0, steps=4)
     assert batch.samples.shape == (6, 3, 1, 32, 32)
-    assert torch.equal(batch.samples[:, 0], batch.samples[:, 1]) and torch.equal(batch.samples[:, 0], batch.samples[:, 2])
+    assert all(torch.equal(batch.samples[:, 0], batch.samples[:, k]) for k in (1, 2))
     assert torch.count_nonzero(batch.variance) == 0
     alone = f.forecast(images[4:5], horizon[4:5], ids[4:5], num_samples=3, seed=7, steps=2)
     assert torch.equal(alone.samples[0], batch.samples[4])  # nor do seed and steps matter
@@ -287,3 +289,21 @@ def test_regression_forecaster_is_deterministic_and_batch_independent():
         ctx = f.context(None, *f.encode_priors(baseline, horizon[4:5], None, None, None), horizon[4:5])
         direct = f.from_generated(f.regress(baseline, ctx), baseline)
     torch.testing.assert_close(alone.latents[:, 0], direct, rtol=1e-5, atol=1e-6)
+
+
+def test_fixed_chunks_have_one_memory_layout():
+    """Guards run_fixed_chunks handing every chunk to the network in one memory layout:
+    sampled latents came back channels-last, an unpadded slice kept that layout while a
+    padded chunk (torch.cat) was contiguous, and CPU convolutions give other bits for
+    the two (a case's forecast then depended on where it fell in the batch)."""
+    from cohortcast.inference.sampler import run_fixed_chunks
+
+    x = torch.randn(6, 4, 8, 8).to(memory_format=torch.channels_last)
+    layouts = []
+
+    def fn(part):
+        layouts.append(part.is_contiguous())
+        return part * 2
+
+    out = run_fixed_chunks(fn, [x], 4)
+    assert layouts == [True, True] and torch.equal(out, x * 2)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch
 
-from cohortcast.config.models import ConditionerConfig, ForecasterConfig, SchedulerConfig
+from conftest import forecaster_config
+
+from cohortcast.config.models import ConditionerConfig, SchedulerConfig
 from cohortcast.config.serving import ServeConfig
 from cohortcast.models.forecaster import Forecaster
 from cohortcast.models.tiny_llm import write_tiny_gemma3
@@ -20,9 +22,9 @@ def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-model")
     llm = write_tiny_gemma3(root / "llm", ["solid nodule right upper lobe long axis mm"])
     torch.manual_seed(0)
-    return Forecaster(ForecasterConfig(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2,
-                                                                     max_length=64),
-                                       scheduler=SchedulerConfig(micro_batch=4))).eval()
+    return Forecaster(forecaster_config(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2,
+                                                                      max_length=64),
+                                        scheduler=SchedulerConfig(micro_batch=4))).eval()
 
 
 def request(seed=0, value=0.1, **kw):
@@ -43,6 +45,14 @@ def test_answers_do_not_depend_on_the_batch(model):
     # ...computed in the same call as seed 0, yet equal to itself alone.
     np.testing.assert_array_equal(run_batch(model, [c])[0]["samples"], batched[2]["samples"])
     assert alone["samples"].shape == (2, 32, 32)
+
+
+def test_prepared_request_carries_the_validated_record():
+    """PreparedRequest.ehr (a dict, for models with an EHR encoder) replaced ehr_text;
+    equal records give equal case ids (they seed the samples)."""
+    with_ehr, without = prepare(request(), (32, 32), CFG, True), prepare(request(), (32, 32), CFG, False)
+    assert with_ehr.ehr["SCT_LONG_DIA"] == 8.0 and with_ehr.ehr["gender"] == "Female" and without.ehr is None
+    assert prepare(request(), (32, 32), CFG, True).case_id == with_ehr.case_id != without.case_id
 
 
 @pytest.mark.parametrize("change, field", [

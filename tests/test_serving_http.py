@@ -17,7 +17,7 @@ import torch
 
 from cohortcast.config import IngestConfig
 from cohortcast.config.evaluation import EvaluatorConfig
-from cohortcast.config.models import ConditionerConfig, ForecasterConfig, SchedulerConfig
+from cohortcast.config.models import ConditionerConfig, SchedulerConfig
 from cohortcast.config.serving import ServeConfig
 from cohortcast.models.evaluator import MalignancyEvaluator
 from cohortcast.models.forecaster import Forecaster
@@ -32,13 +32,13 @@ def service(ray_session, tmp_path_factory):
     from ray import serve
 
     from cohortcast.serving.app import build_app
-    from conftest import free_port
+    from conftest import forecaster_config, free_port
 
     root = tmp_path_factory.mktemp("serve-http")
     llm = write_tiny_gemma3(root / "llm", ["solid nodule right upper lobe long axis mm"])
     torch.manual_seed(0)
-    Forecaster(ForecasterConfig(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
-                                scheduler=SchedulerConfig(micro_batch=4))).save(root / "model")
+    Forecaster(forecaster_config(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
+                                 scheduler=SchedulerConfig(micro_batch=4))).save(root / "model")
     MalignancyEvaluator.build(EvaluatorConfig(), image_size=32).save(root / "evaluator")
     port = free_port()
 

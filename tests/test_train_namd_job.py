@@ -77,9 +77,9 @@ def test_train_namd_job_end_to_end(ray_session, mlflow_server, tmp_path, monkeyp
     # The registered Forecaster loads through MLflow and forecasts a pseudonymous case.
     model = mlflow.pyfunc.load_model("models:/namd-e2e/1")
     crop = np.zeros((32, 32), np.float32).tolist()
+    ehr = json.dumps({"SCT_PRE_ATT": "Soft Tissue", "SCT_EPI_LOC": "Right Upper Lobe", "SCT_LONG_DIA": 8.0})
     out = model.predict(pd.DataFrame({"case_id": ["sub-x/n1"], "baseline": [crop], "horizon_days": [365.0],
-                                      "ehr_text": ["solid nodule right upper lobe"]}), params={"num_samples": 2,
-                                                                                                "steps": 3})
+                                      "ehr": [ehr]}), params={"num_samples": 2, "steps": 3})
     assert np.asarray(out["mean"][0]).shape == (32, 32) and np.isfinite(np.asarray(out["mean"][0])).all()
 
     # Privacy: no manifest identifier in any param or in the logged dataset card.

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.ray
 
 def test_unconditional_stage_trains_the_denoiser_from_the_cache(tiny_ingested, tmp_path):
     torch.manual_seed(0)
-    save_vae(NoduleVAE(VAEConfig()), tmp_path / "vae")
+    vae = NoduleVAE(VAEConfig())
+    vae.set_scaling_factor(1.0)
+    save_vae(vae, tmp_path / "vae")
     cache = build_latent_cache(tiny_ingested, tmp_path / "vae", tmp_path / "cache", actors=1)
     model = ForecasterConfig()
     stage = StageConfig(max_steps=4, micro_batch_size=2, lr=1e-3, warmup_steps=1, zero_stage=1, checkpoint_every=2)
@@ -25,7 +27,7 @@ def test_unconditional_stage_trains_the_denoiser_from_the_cache(tiny_ingested, t
                        ScalingSettings(num_workers=2, storage_path=str(tmp_path / "runs")))
     assert result.error is None and result.metrics["step"] == 4
     loss = result.metrics["loss/total"]
-    assert 0 < loss < 10  # epsilon-MSE of a fresh model is about 1
+    assert 0 < loss < 10  # v-MSE (the default prediction type) of a fresh model is about 1
     denoiser = build_denoiser(model)
     before = denoiser.unet.conv_in.weight.clone()
     denoiser.load_state_dict(consolidated_state_dict(result.checkpoint))

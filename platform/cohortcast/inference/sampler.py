@@ -30,7 +30,10 @@ def run_fixed_chunks(fn, tensors: list[torch.Tensor], chunk: int) -> torch.Tenso
     n = tensors[0].shape[0]
     outputs = []
     for start in range(0, n, chunk):
-        part = [t[start:start + chunk] for t in tensors]
+        # One memory layout for every chunk: sampled latents came back channels-last, and a
+        # padded (torch.cat) chunk would be contiguous while an unpadded slice is not; CPU
+        # convolutions pick other kernels (other bits) for the two layouts.
+        part = [t[start:start + chunk].contiguous() for t in tensors]
         real = part[0].shape[0]
         if real < chunk:
             part = [torch.cat([p, p[-1:].expand(chunk - real, *p.shape[1:])]) for p in part]

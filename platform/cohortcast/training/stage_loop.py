@@ -62,8 +62,8 @@ def _keep_if_best(engine, value: float, best: dict, path: str) -> None:
 
     from safetensors.torch import save_file
 
-    if best["value"] is not None and value >= best["value"]:
-        return
+    if not np.isfinite(value) or (best["value"] is not None and value >= best["value"]):
+        return  # NaN compares False with everything: it would count as an improvement
     best.update(value=float(value), step=int(engine.global_steps))
     state = {k: v.detach().float().contiguous().cpu() for k, v in engine.module.state_dict().items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
