@@ -64,8 +64,10 @@ def regressor_config(cfg: CohortcastConfig) -> CohortcastConfig:
 
 
 def task_loss_note(cfg: CohortcastConfig, ablation: CohortcastConfig) -> str:
-    return (f"L_task: NAMD {cfg.training.task_loss} (lambda {cfg.training.task_weight}), ablation "
-            f"{ablation.training.task_loss} (lambda {ablation.training.task_weight})")
+    def describe(t) -> str:
+        return t.task_loss if t.task_loss == "none" else f"{t.task_loss} (lambda {t.task_weight})"
+
+    return f"L_task: NAMD {describe(cfg.training)}, ablation {describe(ablation.training)}"
 
 def _tensor(table, name: str) -> np.ndarray:
     return np.asarray(table.column(name).combine_chunks().to_numpy_ndarray(), np.float32)
