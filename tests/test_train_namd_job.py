@@ -16,10 +16,13 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(1500)]
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 4
-OVERRIDES = [f"training.{s}.max_steps={STEPS}" for s in ("vae", "ldm_uncond", "ldm_cond")] + [
-    f"training.{s}.checkpoint_every=2" for s in ("vae", "ldm_uncond", "ldm_cond")] + [
+TRAINED = ("vae", "ldm_uncond", "ldm_cond", "regressor")
+OVERRIDES = [f"training.{s}.max_steps={STEPS}" for s in TRAINED] + [
+    f"training.{s}.checkpoint_every=2" for s in TRAINED] + [
     # The demo reports every 3rd step; this test checks one metric row per step.
-    f"training.{s}.log_every=1" for s in ("vae", "ldm_uncond", "ldm_cond")] + [
+    f"training.{s}.log_every=1" for s in TRAINED] + [
+    # The no-diffusion regressor stage too (the evaluation job adds it on its own).
+    "training.stages=[vae,latents,ldm_uncond,ldm_cond,regressor]",
     # Validation once, at the end of each stage (what the assertions read), and small.
     "training.validation.every_epochs=100", "training.validation.cases=2", "training.validation.samples=1",
     "training.validation.inference_steps=2", "mlflow.registry_name=namd-e2e", "mlflow.experiment=namd-e2e",
@@ -51,7 +54,7 @@ def test_train_namd_job_end_to_end(ray_session, mlflow_server, tmp_path, monkeyp
     first = submit(ray_session, tmp_path, mlflow_server)
     assert first.returncode == 0, first.stdout[-4000:] + first.stderr[-4000:]
     summary = first.stdout[first.stdout.index("NAMD job summary"):]
-    for stage in ("vae", "latents", "ldm_uncond", "ldm_cond"):
+    for stage in ("vae", "latents", "ldm_uncond", "ldm_cond", "regressor"):
         assert any(line.startswith(stage) and ("trained" in line or "built" in line) for line in summary.splitlines())
     assert f"MLflow: {mlflow_server}" in summary
 
@@ -64,12 +67,22 @@ def test_train_namd_job_end_to_end(ray_session, mlflow_server, tmp_path, monkeyp
     assert artifacts == {"dataset/ingest_card.json"}
     children = {r.data.tags["mlflow.runName"]: r for r in client.search_runs(
         [experiment.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")}
-    assert set(children) == {"vae", "latents", "ldm_uncond", "ldm_cond"}
+    assert set(children) == {"vae", "latents", "ldm_uncond", "ldm_cond", "regressor"}
     cond = children["ldm_cond"]
     history = client.get_metric_history(cond.info.run_id, "loss/total")
     assert sorted(m.step for m in history) == list(range(1, STEPS + 1))  # per step, once (rank 0 only)
-    for key in ("loss/diffusion", "loss/task", "lr", "samples_per_s", "val/forecast_mae", "val/no_change_mae"):
+    for key in ("loss/diffusion", "loss/task", "lr", "samples_per_s", "val/forecast_mae", "val/no_change_mae",
+                "val/latent_error", "val/no_change_latent_error", "val/best_latent_error"):
         assert key in cond.data.metrics, key
+    # The exported Forecaster is the best-validation weights, with the scales computed
+    # from the trained VAE and the training changes; the regressor is a Forecaster too.
+    from cohortcast.models.forecaster import Forecaster
+
+    assert list((tmp_path / "runs/demo/ray_results").glob("ldm_cond-*/best_validation.safetensors"))
+    forecaster = Forecaster.load(tmp_path / "runs/demo/train/ldm_cond", llm_path=str(tmp_path / "runs/demo/tiny-gemma3"))
+    assert forecaster.cfg.vae.scaling_factor > 0 and forecaster.cfg.denoiser.change_scale > 0
+    regressor = Forecaster.load(tmp_path / "runs/demo/train/regressor", llm_path=str(tmp_path / "runs/demo/tiny-gemma3"))
+    assert regressor.cfg.kind == "regression" and regressor.cfg.vae.scaling_factor == forecaster.cfg.vae.scaling_factor
     grids = client.list_artifacts(cond.info.run_id, "validation")
     assert grids and all(g.path.endswith(".png") for g in grids)
     assert "val/reconstruction_l1" in children["vae"].data.metrics
@@ -91,5 +104,5 @@ def test_train_namd_job_end_to_end(ray_session, mlflow_server, tmp_path, monkeyp
     again = submit(ray_session, tmp_path, mlflow_server)
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     rerun = again.stdout[again.stdout.index("NAMD job summary"):]
-    for stage in ("vae", "latents", "ldm_uncond", "ldm_cond"):
+    for stage in ("vae", "latents", "ldm_uncond", "ldm_cond", "regressor"):
         assert any(line.startswith(stage) and "up to date" in line for line in rerun.splitlines()), rerun

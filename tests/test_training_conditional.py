@@ -197,3 +197,14 @@ def test_regression_objective_trains_the_denoiser_in_one_pass():
         grad = dict(f.named_parameters())[name].grad
         assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0, name
     assert all(p.grad is None for p in f.vae.parameters())
+
+
+def test_probe_loss_only_scores_rows_in_the_orientation_the_probe_was_trained_on(forecaster):
+    """The VAE probe saw crops as ingested only: rotated rows (augmentation) get no probe BCE."""
+    examples = _examples([1, 0])
+    examples["orientation"] = torch.tensor([3, 5])
+    torch.manual_seed(1)
+    assert float(ConditionalObjective(forecaster, "probe_bce")(examples)["task"].detach()) == 0.0
+    examples["orientation"] = torch.tensor([0, 0])
+    torch.manual_seed(1)
+    assert float(ConditionalObjective(forecaster, "probe_bce")(examples)["task"].detach()) > 0.0

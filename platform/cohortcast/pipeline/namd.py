@@ -196,7 +196,8 @@ class NAMDJob:
         t, m = self.cfg.training, self.cfg.model
         uncond_key = outputs.read_marker(denoiser_folder)["key"]
         stage = t.regressor if name == "regressor" else t.ldm_cond
-        return outputs.stage_key(name, stage, m, t.task_loss, t.task_weight, cache["key"], uncond_key,
+        # validation is in the key: it picks which weights are exported (best latent error)
+        return outputs.stage_key(name, stage, m, t.task_loss, t.task_weight, t.validation, cache["key"], uncond_key,
                                  t.scaling.num_workers)
 
     def stage_ldm_cond(self, runs, cache: dict, vae_folder: Path, denoiser_folder: Path,

@@ -134,8 +134,6 @@ def prepare_crop(crop: np.ndarray, request, crop_shape: tuple[int, int], cfg, us
                  field: str) -> PreparedRequest:
     """A decoded crop + the request's horizon, EHR, samples, steps and seed (any object
     with those attributes) -> a PreparedRequest; `field` names the crop's source in errors."""
-    from cohortcast.models.ehr_prompt import render_ehr_prompt
-
     if crop.shape != tuple(crop_shape):
         raise RequestError(field, f"shape {crop.shape}; this model takes {tuple(crop_shape)} crops")
     if not np.issubdtype(crop.dtype, np.number) or not np.isfinite(crop).all():
@@ -149,9 +147,10 @@ def prepare_crop(crop: np.ndarray, request, crop_shape: tuple[int, int], cfg, us
     ehr = check_ehr(dict(request.ehr))  # validated even when this model does not use it
     ehr = ehr if uses_ehr else None
     crop = crop.astype(np.float32)
-    # The case id (it seeds the samples) hashes what the model sees: the crop, the
-    # horizon and the EHR as its rendered prompt (equal records, equal prompts).
-    text = render_ehr_prompt(ehr) if ehr is not None else None
-    digest = hashlib.sha256(crop.tobytes() + json.dumps([request.horizon_days, text], sort_keys=True).encode())
+    # The case id (it seeds the samples, and equal ids share one answer) hashes what the
+    # model sees: the crop, the horizon and the validated EHR record itself (the rendered
+    # prompt rounds values that the structured encoder reads exactly).
+    digest = hashlib.sha256(crop.tobytes() + json.dumps([request.horizon_days, ehr], sort_keys=True,
+                                                        default=str).encode())
     return PreparedRequest(f"req-{digest.hexdigest()[:24]}", crop, float(request.horizon_days), ehr, samples, steps,
                            request.seed)

@@ -31,9 +31,12 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
 
         params = params or {}
         baseline = torch.from_numpy(np.stack([np.asarray(b, np.float32) for b in model_input["baseline"]]))[:, None]
+        if "ehr_text" in model_input.columns:
+            raise ValueError("the `ehr_text` column is no longer read: pass `ehr`, a JSON object of NAMD EHR "
+                             "features by manifest name, per row")
         records = None
         if "ehr" in model_input.columns and self.forecaster.conditioner is not None:
-            records = [json.loads(r) if isinstance(r, str) else dict(r) for r in model_input["ehr"]]
+            records = [_record(r) for r in model_input["ehr"]]
         forecast = self.forecaster.forecast(
             baseline, torch.tensor(model_input["horizon_days"].to_numpy(), dtype=torch.float32),
             [str(c) for c in model_input["case_id"]], ehr=records,
@@ -42,6 +45,18 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
         return pd.DataFrame({"case_id": list(model_input["case_id"]),
                              "mean": [m[0].tolist() for m in forecast.mean],
                              "variance": [v[0].tolist() for v in forecast.variance]})
+
+
+def _record(value) -> dict:
+    """One `ehr` cell -> an EHR record: a JSON object string or a mapping; missing = {}."""
+    if value is None or (isinstance(value, float) and value != value):
+        return {}
+    record = json.loads(value) if isinstance(value, str) else value
+    if record is None:
+        return {}
+    if not isinstance(record, dict):
+        raise ValueError(f"`ehr` must hold JSON objects of EHR features, got {type(record).__name__}")
+    return dict(record)
 
 
 def log_forecaster(folder: str, registry_name: str | None = None):

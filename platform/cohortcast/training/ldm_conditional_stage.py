@@ -84,6 +84,8 @@ class ConditionalObjective(nn.Module):
         dtype = vae.probe.weight.dtype
         if self.task_loss == "probe_bce":
             labelled = batch["label"] >= 0
+            if "orientation" in batch:  # the probe was trained on crops as ingested only
+                labelled = labelled & (batch["orientation"] == 0)
             if not labelled.any():
                 return x0.sum() * 0.0
             logits = vae.probe_logit((x0 / vae.scaling_factor).to(dtype)).float()

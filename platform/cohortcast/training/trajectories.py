@@ -88,5 +88,6 @@ def sample_targets(batch: dict[str, np.ndarray], rng: np.random.Generator, augme
         "horizon_days": torch.from_numpy((target_days - days[idx, target - 1]).astype(np.float32)),
         "label": torch.from_numpy(np.asarray(batch["malignant"], np.float32)),
         "ehr": records,
+        "orientation": torch.from_numpy(orientation.astype(np.int64)),
         "case_id": [f"{p}/{q}" for p, q in zip(batch["patient"], batch["nodule_id"])],
     }
