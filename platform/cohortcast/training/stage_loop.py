@@ -56,6 +56,13 @@ def _batches(shard, stage: StageConfig, hooks: StageHooks, device, rng: np.rando
         yield _to_device(hooks.prepare_batch(batch, rng), device)
 
 
+def _can_fuse(params: list[torch.nn.Parameter], device: torch.device) -> bool:
+    """torch's fused AdamW (one kernel over all tensors) runs on CPU and CUDA for
+    floating-point parameters: the optimizer step of the tiny U-Net took 2 ms instead of
+    10-11 ms for the default per-tensor loop on CPU (211 tensors, one thread)."""
+    return device.type in ("cpu", "cuda") and all(p.is_floating_point() for p in params)
+
+
 def _keep_if_best(engine, value: float, best: dict, path: str) -> None:
     """Write the module's weights to `path` when `value` beats the best so far (atomic)."""
     import os
@@ -83,6 +90,7 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
     from cohortcast.tracking.stage_tracker import StageTracker
 
     hooks = hooks or StageHooks()
+    setup_started = time.perf_counter()
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -99,7 +107,7 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
     seed_everything(stage.seed)  # identical initial weights on every rank
     model = build_model()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=_can_fuse(params, device))
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
                                                    config=deepspeed_config(stage, precision, world))
     state = restore(engine) or {}
@@ -137,6 +145,9 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
             out.update({f"val/best_{hooks.best_metric}": best["value"], "val/best_step": best["step"]})
         return out
 
+    if rank == 0:
+        log.info("stage set up in %.1f s (model, DeepSpeed engine, checkpoint restore, data shards)",
+                 time.perf_counter() - setup_started)
     samples, started = 0, time.perf_counter()
     while engine.global_steps < stage.max_steps:
         batches = 0

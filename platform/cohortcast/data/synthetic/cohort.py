@@ -8,6 +8,7 @@ output is identical whatever the number of worker processes.
 from __future__ import annotations
 
 import json
+import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
@@ -111,8 +112,10 @@ def generate_cohort(cfg: SynthConfig, out: str | Path, workers: int = 1, overwri
         bar = tqdm(total=cfg.patients, desc="synth patients", unit="pt", disable=not progress)
         tables: dict[str, list[dict]] = {"patients": [], "studies": [], "findings": [], "labels": []}
         if workers > 1:
-            with ProcessPoolExecutor(max_workers=workers) as pool:
-                results = pool.map(_generate_one, jobs)
+            # spawn, not fork: the caller may hold Ray's and torch's threads, which a
+            # forked child would inherit in whatever state they were in
+            with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+                results = pool.map(_generate_one, jobs, chunksize=4)
                 for rows in results:
                     [tables[name].extend(rows[name]) for name in tables]
                     bar.update()
