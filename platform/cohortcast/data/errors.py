@@ -36,3 +36,10 @@ class MissingPixelDataError(StudyError):
 
 class FindingOutsideImageError(StudyError):
     reason = "finding_outside_image"
+
+
+class TooLargeError(StudyError):
+    """More voxels or uncompressed bytes than the configured ReadLimits allow, found
+    from headers before the data is allocated (decompression bombs included)."""
+
+    reason = "too_large"
