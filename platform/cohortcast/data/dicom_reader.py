@@ -152,9 +152,10 @@ def _check_pixel_length(ds: pydicom.Dataset, header: _Header) -> None:
     """Native (uncompressed) pixel data must hold what Rows x Columns x BitsAllocated
     declare: shorter is a truncated file, longer a header that describes other pixels
     (pydicom would silently drop the excess)."""
-    if "PixelData" not in ds or ds.file_meta.get("TransferSyntaxUID") is None:
-        return
-    if ds.file_meta.TransferSyntaxUID.is_compressed:
+    try:
+        if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
+            return
+    except Exception:  # no or unknown transfer syntax: the decoder reports it
         return
     have, want = len(ds.PixelData), header.nbytes
     if have < want:

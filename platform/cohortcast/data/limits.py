@@ -33,9 +33,9 @@ class ReadLimits:
             raise TooLargeError(where, f"{what} {voxels} voxels, more than the limit of {self.max_voxels} "
                                        f"({self._key('max_voxels')})")
         if nbytes > self.max_uncompressed_bytes:
-            raise TooLargeError(where, f"{what} {_size(nbytes)}, more than the limit of "
-                                       f"{_size(self.max_uncompressed_bytes)} ({self._key('max_uncompressed_mb')})")
+            raise TooLargeError(where, f"{what} {format_size(nbytes)}, more than the limit of "
+                                       f"{format_size(self.max_uncompressed_bytes)} ({self._key('max_uncompressed_mb')})")
 
 
-def _size(nbytes: int) -> str:
+def format_size(nbytes: int) -> str:
     return f"{nbytes / MB:.1f} MB" if nbytes >= MB // 10 else f"{nbytes} bytes"

@@ -26,7 +26,7 @@ from cohortcast.data.errors import (
     TooLargeError,
     from_os_error,
 )
-from cohortcast.data.limits import MB, ReadLimits
+from cohortcast.data.limits import ReadLimits, format_size
 from cohortcast.data.volume import RAS_TO_LPS, Volume
 
 _HEADER_BYTES = 540  # NIfTI-2; NIfTI-1 is 348
@@ -130,8 +130,8 @@ def _read_data(path: Path, gz: bool, need: int) -> bytes:
     if len(raw) < need:
         raise CorruptFileError(path, f"truncated: holds {len(raw)} of the {need} bytes its header declares")
     if len(raw) > need + _GZIP_SLACK:
-        raise TooLargeError(path, f"gzip stream decompresses to more than the {need / MB:.1f} MB its header "
-                                  f"declares (stopped reading at {len(raw) / MB:.1f} MB): a decompression bomb or "
+        raise TooLargeError(path, f"gzip stream decompresses to more than the {format_size(need)} its header "
+                                  f"declares (stopped reading at {format_size(len(raw))}): a decompression bomb or "
                                   "not the image the header describes")
     return raw
 
@@ -145,7 +145,7 @@ def read_nifti(path: str | Path, modality: str = "CT", limits: ReadLimits | None
     gz = str(path).lower().endswith(".gz")
     head = _read_bytes(path, gz, _HEADER_BYTES)
     if not head:
-        raise EmptyFileError(path, "is empty (0 bytes)" if not gz else "decompresses to nothing")
+        raise EmptyFileError(path, "is empty (0 bytes)" if path.stat().st_size == 0 else "decompresses to nothing")
     klass, header = _parse_header(head, path)
     shape, itemsize, offset = _declared(header, path)
     voxels = math.prod(shape)
