@@ -510,6 +510,32 @@ def test_valid_study_passes_the_guards(hostile):
     assert result["status"] == OK and non_finite_columns(result) == [] and len(result["patches"]) == 1
 
 
+def test_finding_counts_and_summary_add_up():
+    """The summary used to say "findings 20: 20 cropped" when only 6 rows were written:
+    findings of quarantined studies were counted as cropped."""
+    from cohortcast.data.ingest import finding_counts
+    from cohortcast.data.prepare import format_summary
+
+    tasks = [{"study": f"ses-{k}", "findings_json": json.dumps([{}] * n)} for k, n in enumerate([3, 4, 5, 8])]
+    quarantine = [{"study": "ses-1", "nodule_id": None}, {"study": "ses-3", "nodule_id": None},
+                  {"study": "ses-2", "nodule_id": "N1"}, {"study": "ses-2", "nodule_id": "N2"}]
+    counts = finding_counts(tasks, quarantine, {"train": 6, "val": 0, "test": 0})
+    assert counts == {"findings": 20, "findings_cropped": 6, "findings_with_quarantined_study": 12,
+                      "findings_quarantined": 2}
+    card = {"config": {"output": "out"}, "manifest_fingerprint": "m" * 64, "fingerprint": "f" * 64,
+            "counts": {"patients": 2, "studies": 4, "studies_ingested": 2, "studies_quarantined": 2, **counts,
+                       "nodule_rows": {"train": 6}, "study_rows": {"train": 2}},
+            "tables": {"nodules": {"crop": [16, 16], "patch": [8] * 3}, "studies": {"volume": [8, 16, 16]}}}
+    assert "findings 20: 6 cropped, 12 with their quarantined study, 2 quarantined themselves" in format_summary(card)
+
+
+def test_scrub_root_removes_the_manifest_folder():
+    from cohortcast.data.ingest import scrub_root
+
+    row = {"message": "/data/site-Doe_John/manifest/studies/x: study path does not exist", "nodule_id": None}
+    assert scrub_root(row, Path("/data/site-Doe_John/manifest"))["message"] == "studies/x: study path does not exist"
+
+
 # --- one ingestion run over the whole corpus -----------------------------------------
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,8 @@ def _read_header(path: Path, limits: ReadLimits, in_series: bool) -> _Header:
     size = _file_size(path)
     if size == 0:
         raise EmptyFileError(path, "is empty (0 bytes)")
-    # The full read later loads the whole file: bound it before anything is parsed.
+    # The parse reads through the whole file (large values deferred, small ones kept):
+    # bound its size before anything is parsed.
     limits.check(path, 0, size, "the file is")
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
