@@ -599,6 +599,8 @@ def test_nothing_half_written_and_counts_add_up(ingested):
     out = ingested["out"]
     assert not list(out.parent.glob(f".{out.name}.tmp-*"))
     card = json.loads((out / "card.json").read_text())
+    assert {"fingerprint", "manifest_fingerprint", "config", "counts", "quarantine_reasons", "tables"} <= set(card)
+    assert (card["config"]["max_voxels"], card["config"]["max_uncompressed_mb"]) == (MAX_VOXELS, MAX_MB)
     c = card["counts"]
     assert c["findings"] == c["findings_cropped"] + c["findings_with_quarantined_study"] + c["findings_quarantined"]
     assert c["findings_cropped"] == sum(c["nodule_rows"].values()) == len(pq.read_table(out / "nodules"))

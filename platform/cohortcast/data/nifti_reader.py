@@ -108,7 +108,7 @@ def _declared(header, path: Path) -> tuple[tuple[int, ...], int, int]:
     except Exception as exc:
         raise CorruptFileError(path, f"NIfTI header cannot be parsed ({type(exc).__name__}: {exc})") from None
     if not shape or min(shape) < 1:
-        raise SliceGeometryError(path, f"image shape {shape} has an empty dimension")
+        raise SliceGeometryError(path, f"image shape {shape} has an empty or negative dimension")
     if offset < 348 or itemsize < 1:
         raise CorruptFileError(path, f"header declares data offset {offset} inside the header")
     return shape, itemsize, offset
