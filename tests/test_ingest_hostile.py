@@ -529,6 +529,17 @@ def test_finding_counts_and_summary_add_up():
     assert "findings 20: 6 cropped, 12 with their quarantined study, 2 quarantined themselves" in format_summary(card)
 
 
+def test_read_limits_come_from_the_ingest_config():
+    from cohortcast.config import ConfigError
+    from cohortcast.data.study_processing import read_limits
+
+    cfg = IngestConfig()
+    assert read_limits(cfg) == ReadLimits(512 * 512 * 2048, 4096 * 2**20, "ingest")
+    for field in ("max_voxels", "max_uncompressed_mb"):
+        with pytest.raises(ConfigError, match=field):
+            IngestConfig(**{field: 0}).validate()
+
+
 def test_scrub_root_removes_the_manifest_folder():
     from cohortcast.data.ingest import scrub_root
 
