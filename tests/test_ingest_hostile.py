@@ -25,7 +25,7 @@ import pytest
 
 from cohortcast.config import IngestConfig
 from cohortcast.data.errors import StudyError
-from cohortcast.data.manifest import load_manifest, write_tables
+from cohortcast.data.manifest import EHR_FEATURES, load_manifest, write_tables
 from cohortcast.data.nifti_reader import write_nifti
 from cohortcast.data.readers import ReadLimits, read_study
 from cohortcast.data.synthetic.dicom_writer import DicomIdentity, write_ct_series
@@ -463,7 +463,8 @@ def _task(root: Path, rel: str, **kw) -> dict:
             "num_exams": 1, "days_since_baseline": 0, "modality": "CT", "report_text": "",
             "path": str(root / rel), "rel_path": rel, "mask_path": "", "mask_path_rel": "",
             "findings_json": json.dumps([{"nodule_id": "N0", "malignant": 0, "center_x_mm": CENTRE[0],
-                                          "center_y_mm": CENTRE[1], "center_z_mm": CENTRE[2]}]), **kw}
+                                          "center_y_mm": CENTRE[1], "center_z_mm": CENTRE[2],
+                                          **{k: None for k in EHR_FEATURES}}]), **kw}
 
 
 def _cfg(**kw) -> IngestConfig:
