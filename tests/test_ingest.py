@@ -91,6 +91,14 @@ def test_quarantine_counts_and_reasons(ingested):
     outside = quarantine[quarantine.reason == "finding_outside_image"]
     assert outside.nodule_id.tolist() == [ingested["outside"][1]]
     assert "outside image" in outside.message.iloc[0]
+    # Every finding in one bucket: cropped, with its quarantined study, or itself quarantined.
+    bad = m.studies.set_index("path").loc[[ingested["corrupt"], ingested["missing"]], "study_id"]
+    assert c["findings_with_quarantined_study"] == int(m.findings.study_id.isin(bad).sum()) > 0
+    assert c["findings"] == c["findings_cropped"] + c["findings_with_quarantined_study"] + c["findings_quarantined"]
+    # Messages name the manifest-relative path, never where the manifest folder lives.
+    root = str(ingested["root"].resolve())
+    assert all(root not in msg and str(ingested["root"]) not in msg for msg in quarantine.message)
+    assert any(msg.startswith(ingested["corrupt"] + "/") for msg in quarantine.message)
 
 
 def test_nodule_rows_shapes_labels_and_ehr(ingested):

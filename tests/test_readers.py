@@ -14,7 +14,8 @@ from pydicom.data import get_testdata_file
 
 from cohortcast.data.dicom_reader import read_dicom_file, read_dicom_series
 from cohortcast.data.errors import (
-    CorruptFileError, MissingPathError, MissingPixelDataError, MixedSeriesError, SliceGeometryError,
+    CorruptFileError, EmptySeriesError, MissingPathError, MissingPixelDataError, MixedSeriesError,
+    ModalityMismatchError, NotDicomError, SliceGeometryError,
 )
 from cohortcast.data.nifti_reader import read_nifti, write_nifti
 from cohortcast.data.readers import read_study
@@ -108,16 +109,22 @@ def test_missing_pixel_data(tmp_path):
 
 
 def test_corrupt_and_missing_files(tmp_path):
-    with pytest.raises(CorruptFileError, match="pixel data cannot be decoded|not a readable DICOM"):
-        read_study(get_testdata_file("MR_truncated.dcm"))  # a real truncated file shipped by pydicom
+    with pytest.raises(CorruptFileError, match="pixel data is truncated"):
+        read_study(get_testdata_file("MR_truncated.dcm"), modality="MR")  # a real truncated file shipped by pydicom
     (tmp_path / "notes.dcm").write_text("this is not DICOM")
-    with pytest.raises(CorruptFileError, match="notes.dcm"):
+    with pytest.raises(NotDicomError, match="notes.dcm: is not a DICOM file"):
         read_study(tmp_path / "notes.dcm")
     with pytest.raises(MissingPathError):
         read_study(tmp_path / "nowhere")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(MissingPathError, match="empty"):
+    with pytest.raises(EmptySeriesError, match="holds no files"):
         read_study(tmp_path / "empty")
+
+
+def test_dicom_modality_must_match_the_listed_one():
+    with pytest.raises(ModalityMismatchError, match="Modality is MR but the study is listed as CT"):
+        read_study(get_testdata_file("MR_small.dcm"), modality="CT")
+    assert read_study(get_testdata_file("MR_small.dcm"), modality="MR").modality == "MR"
 
 
 def test_radiograph_uses_imager_pixel_spacing(tmp_path):

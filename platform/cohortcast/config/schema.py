@@ -97,6 +97,11 @@ class IngestConfig:
     include_volumes: bool = True
     split: SplitConfig = field(default_factory=SplitConfig)
     rows_per_file: int = 512
+    # Read limits, checked from headers before anything is allocated or decompressed
+    # (huge headers, decompression bombs): a study over either is quarantined as
+    # `too_large`. The defaults fit a 2048-slice 512 x 512 CT with room to spare.
+    max_voxels: int = 512 * 512 * 2048
+    max_uncompressed_mb: int = 4096
     # Parallelism: one Ray task per study read; CPUs each task reserves.
     num_cpus_per_task: float = 1.0
     overwrite: bool = False
@@ -110,6 +115,8 @@ class IngestConfig:
         _require(self.patch_spacing_mm > 0, "patch_spacing_mm", "must be > 0")
         _require(all(4 <= s <= 512 for s in self.volume_shape), "volume_shape", "each size must be in 4..512")
         _require(self.rows_per_file >= 1, "rows_per_file", "must be >= 1")
+        _require(self.max_voxels >= 1, "max_voxels", "must be >= 1")
+        _require(self.max_uncompressed_mb >= 1, "max_uncompressed_mb", "must be >= 1 (MB)")
         _require(self.num_cpus_per_task > 0, "num_cpus_per_task", "must be > 0")
 
 

@@ -23,10 +23,12 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -94,25 +96,36 @@ def content_fingerprint(manifest: Manifest, cfg: IngestConfig, pseudo: Pseudonym
     return hashlib.sha256(blob.encode()).hexdigest()
 
 
+def require_finite_row(row: dict[str, Any], columns: tuple[str, ...]) -> dict[str, Any]:
+    """The Parquet write boundary: a tensor holding NaN/Inf is never written.
+    process_study quarantines such studies first, so this raising means a bug, and
+    the run fails before its output folder is renamed into place."""
+    for name in columns:
+        if not np.isfinite(np.asarray(row[name])).all():
+            raise ValueError(f"refusing to write non-finite values in column {name!r} of study {row['study']}")
+    return row
+
+
 def explode_nodules(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
     """Study result -> one row per usable finding (the NAMD training rows)."""
     if result["status"] != OK:
         return
     usable = [f for f in json.loads(result["findings_json"]) if f["status"] == OK]
     for f, crop, patch in zip(usable, result["crops"], result["patches"]):
-        yield {"patient": result["patient"], "study": result["study"], "split": result["split"],
+        row = {"patient": result["patient"], "study": result["study"], "split": result["split"],
                "nodule_id": f["nodule_id"], "study_date": result["study_date"],
                "days_since_baseline": int(result["days_since_baseline"]), "exam_index": int(result["exam_index"]),
                "num_exams": int(result["num_exams"]), "modality": result["modality"], "malignant": int(f["malignant"]),
                **{k: f[k] for k in EHR_FEATURES},
                "center_x_mm": f["center_x_mm"], "center_y_mm": f["center_y_mm"], "center_z_mm": f["center_z_mm"],
                "crop": crop, "patch": patch}
+        yield require_finite_row(row, ("crop", "patch"))
 
 
 def study_row(result: dict[str, Any]) -> dict[str, Any]:
     keep = ("patient", "study", "split", "study_date", "days_since_baseline", "exam_index", "num_exams", "modality",
             "report_text", "has_mask", "volume", "mask", "source_shape", "source_affine", "volume_affine")
-    return {k: result[k] for k in keep}
+    return require_finite_row({k: result[k] for k in keep}, ("volume", "mask", "source_affine", "volume_affine"))
 
 
 def quarantine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -121,6 +134,15 @@ def quarantine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
         return [{**base, "nodule_id": None, "reason": result["reason"], "message": result["message"]}]
     return [{**base, "nodule_id": f["nodule_id"], "reason": f["reason"], "message": f["message"]}
             for f in json.loads(result["findings_json"]) if f["status"] == QUARANTINED]
+
+
+def scrub_root(row: dict[str, Any], root: Path) -> dict[str, Any]:
+    """Second line of defence behind study_processing.relative_message: no quarantine
+    message names the manifest folder's absolute path (it may hold identifiers)."""
+    message = row["message"]
+    for prefix in (f"{root}{os.sep}", str(root)):
+        message = message.replace(prefix, "")
+    return {**row, "message": message}
 
 
 def _write_table(ds, folder: Path, cfg: IngestConfig, rows: int) -> None:
@@ -171,7 +193,7 @@ def run_ingest(cfg: IngestConfig, privacy: PrivacyConfig | None = None, ray_cfg:
     # Light columns only: the driver never holds image tensors.
     summaries = list(results.select_columns(
         ["patient", "study", "split", "rel_path", "status", "reason", "message", "findings_json"]).iter_rows())
-    quarantine = [row for r in summaries for row in quarantine_rows(r)]
+    quarantine = [scrub_root(row, manifest.root) for r in summaries for row in quarantine_rows(r)]
     for row in quarantine:
         log.warning("quarantined %s%s: %s", row["study"], f" nodule {row['nodule_id']}" if row["nodule_id"] else "",
                     row["message"])
@@ -187,9 +209,26 @@ def run_ingest(cfg: IngestConfig, privacy: PrivacyConfig | None = None, ray_cfg:
     return {**card, "reused": False}
 
 
+def finding_counts(tasks: list[dict[str, Any]], quarantine: list[dict[str, Any]],
+                   nodule_counts: dict[str, int]) -> dict[str, int]:
+    """Every manifest finding lands in exactly one bucket: cropped (a nodule row),
+    quarantined with its study, or quarantined itself (e.g. outside the image)."""
+    bad_studies = {q["study"] for q in quarantine if q["nodule_id"] is None}
+    return {
+        "findings": sum(len(json.loads(t["findings_json"])) for t in tasks),
+        "findings_cropped": sum(nodule_counts.values()),
+        "findings_with_quarantined_study": sum(len(json.loads(t["findings_json"])) for t in tasks
+                                               if t["study"] in bad_studies),
+        "findings_quarantined": sum(1 for q in quarantine if q["nodule_id"] is not None),
+    }
+
+
 def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts) -> dict[str, Any]:
     bad_studies = sum(1 for q in quarantine if q["nodule_id"] is None)
-    n_findings = sum(len(json.loads(t["findings_json"])) for t in tasks)
+    findings = finding_counts(tasks, quarantine, nodule_counts)
+    if findings["findings"] != (findings["findings_cropped"] + findings["findings_with_quarantined_study"]
+                                + findings["findings_quarantined"]):
+        log.error("finding counts do not add up (a bug; the tables are right, the card is not): %s", findings)
     return {
         "cohortcast_version": __version__,
         "fingerprint": fingerprint,
@@ -200,8 +239,7 @@ def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_co
             "studies": len(tasks),
             "studies_ingested": len(tasks) - bad_studies,
             "studies_quarantined": bad_studies,
-            "findings": n_findings,
-            "findings_quarantined": len(quarantine) - bad_studies,
+            **findings,
             "nodule_rows": nodule_counts,
             "study_rows": study_counts,
         },

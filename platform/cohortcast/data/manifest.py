@@ -176,7 +176,7 @@ def _validate_table(name: str, frame: pd.DataFrame, problems: list[str]) -> pd.D
                 continue
             try:
                 v = _convert(value, col)
-            except (ValueError, TypeError) as exc:
+            except (ValueError, TypeError, ArithmeticError) as exc:  # int(inf), float(10**400): OverflowError
                 problems.append(f"{where}: {value!r} is not a valid {col.kind} ({exc})")
                 converted.append(None)
                 continue

@@ -30,14 +30,23 @@ def prepare_cohort(cfg: CohortcastConfig) -> dict[str, Any]:
     return run_ingest(cfg.ingest, cfg.privacy, cfg.ray)
 
 
+def _findings_line(c: dict[str, Any]) -> str:
+    """findings = cropped + with their quarantined study + quarantined themselves.
+    Cards written before these counts existed lack the first two: say so, do not guess."""
+    if "findings_cropped" not in c:
+        return f"  findings {c['findings']}: {c['findings_quarantined']} quarantined (older card: no breakdown)"
+    return (f"  findings {c['findings']}: {c['findings_cropped']} cropped, "
+            f"{c['findings_with_quarantined_study']} with their quarantined study, "
+            f"{c['findings_quarantined']} quarantined themselves")
+
+
 def format_summary(card: dict[str, Any]) -> str:
     c = card["counts"]
     lines = [
         f"ingestion {'reused (up to date)' if card.get('reused') else 'complete'}: {card['config']['output']}",
         f"  patients {c['patients']}, studies {c['studies']}: {c['studies_ingested']} ingested, "
         f"{c['studies_quarantined']} quarantined",
-        f"  findings {c['findings']}: {c['findings'] - c['findings_quarantined']} cropped, "
-        f"{c['findings_quarantined']} quarantined",
+        _findings_line(c),
         "  nodule rows by split: " + ", ".join(f"{k} {v}" for k, v in c["nodule_rows"].items()),
         "  study rows by split:  " + ", ".join(f"{k} {v}" for k, v in c["study_rows"].items()),
         f"  crop {card['tables']['nodules']['crop']}, patch {card['tables']['nodules']['patch']}, "

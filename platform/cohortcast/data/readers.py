@@ -1,34 +1,55 @@
-"""One entry point for any study path: DICOM series folder, DICOM file or NIfTI."""
+"""One entry point for any study path: DICOM series folder, DICOM file or NIfTI.
+
+read_study raises only StudyError subclasses (a reader bug surfaces as the base
+StudyError, reason `unreadable`, naming the exception type), and what it returns has
+finite voxels and a finite, invertible affine."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import stat
 from pathlib import Path
 
+import numpy as np
+
 from cohortcast.data.dicom_reader import read_dicom_file, read_dicom_series
-from cohortcast.data.errors import MissingPathError
+from cohortcast.data.errors import SliceGeometryError, StudyError, from_os_error
+from cohortcast.data.limits import ReadLimits
 from cohortcast.data.nifti_reader import is_nifti, read_nifti
-from cohortcast.data.volume import Volume
+from cohortcast.data.volume import Volume, require_finite
+
+__all__ = ["ReadLimits", "read_study"]
 
 
-@dataclass(frozen=True)
-class ReadLimits:
-    """Bounds checked from headers before any voxel is allocated or decompressed:
-    ingestion (`ingest.max_voxels`, `ingest.max_uncompressed_mb`) and the service
-    (`serve.max_voxels`, `serve.max_uncompressed_mb`) pass their own. Breaking one
-    raises errors.TooLargeError."""
+def _is_dir(path: Path) -> bool:
+    """stat() follows links: a loop, a dangling link or a forbidden parent folder
+    raises here, named, instead of looking like a missing path."""
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except OSError as exc:
+        raise from_os_error(path, exc, "study path") from None
 
-    max_voxels: int = 512 * 512 * 2048
-    max_uncompressed_bytes: int = 4 * 2**30
+
+def _read(path: Path, modality: str, limits: ReadLimits) -> Volume:
+    if _is_dir(path):
+        return read_dicom_series(path, modality=modality, limits=limits)
+    if is_nifti(path):
+        return read_nifti(path, modality=modality, limits=limits)
+    return read_dicom_file(path, modality=modality, limits=limits)
 
 
 def read_study(path: str | Path, modality: str = "CT", limits: ReadLimits | None = None) -> Volume:
+    """Read a study, refusing it (StudyError) before allocating when its headers break
+    `limits`, and when a DICOM Modality tag contradicts `modality`."""
     path = Path(path)
     limits = limits or ReadLimits()
-    if not path.exists():
-        raise MissingPathError(path, "study path does not exist")
-    if path.is_dir():
-        return read_dicom_series(path)
-    if is_nifti(path):
-        return read_nifti(path, modality=modality)
-    return read_dicom_file(path)
+    try:
+        volume = _read(path, modality, limits)
+    except StudyError:
+        raise
+    except Exception as exc:  # a reader bug or an exotic file must still be a StudyError
+        raise StudyError(path, f"could not be read ({type(exc).__name__})") from exc
+    require_finite(volume.array, path)
+    affine = volume.affine
+    if not np.all(np.isfinite(affine)) or abs(np.linalg.det(affine[:3, :3])) < 1e-9:
+        raise SliceGeometryError(path, "affine is singular or not finite")
+    return volume

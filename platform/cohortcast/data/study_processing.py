@@ -11,8 +11,9 @@ from typing import Any
 import numpy as np
 
 from cohortcast.config import IngestConfig
-from cohortcast.data.errors import SliceGeometryError, StudyError
-from cohortcast.data.readers import read_study
+from cohortcast.data.errors import NonFiniteVoxelsError, SliceGeometryError, StudyError
+from cohortcast.data.limits import MB
+from cohortcast.data.readers import ReadLimits, read_study
 from cohortcast.data.transforms import axial_crop, check_inside, patch_3d, resample_to_shape, window
 
 OK, QUARANTINED = "ok", "quarantined"
@@ -32,21 +33,45 @@ def _empty_result(task: dict, cfg: IngestConfig) -> dict[str, Any]:
     }
 
 
-def _quarantine(result: dict, exc: StudyError) -> dict:
-    result.update(status=QUARANTINED, reason=exc.reason, message=str(exc))
+# Tensor columns of a result; none may hold NaN/Inf when it reaches Parquet.
+TENSOR_COLUMNS = ("crops", "patches", "volume", "mask", "source_affine", "volume_affine")
+
+
+def relative_message(message: str, task: dict) -> str:
+    """Readers name the absolute paths they opened; outputs name the manifest's
+    relative paths (folder names above them may hold identifiers)."""
+    pairs = [(task.get("mask_path") or "", task.get("mask_path_rel") or ""), (task["path"], task["rel_path"])]
+    for absolute, relative in sorted(pairs, key=lambda p: -len(p[0])):  # longest first: one may contain the other
+        if absolute:
+            message = message.replace(absolute, relative)
+    return message
+
+
+def _quarantine(result: dict, exc: StudyError, task: dict) -> dict:
+    result.update(status=QUARANTINED, reason=exc.reason, message=relative_message(str(exc), task))
     return result
+
+
+def read_limits(cfg: IngestConfig) -> ReadLimits:
+    return ReadLimits(max_voxels=cfg.max_voxels, max_uncompressed_bytes=cfg.max_uncompressed_mb * MB,
+                      config_section="ingest")
+
+
+def non_finite_columns(result: dict) -> list[str]:
+    return [k for k in TENSOR_COLUMNS if not np.isfinite(np.asarray(result[k])).all()]
 
 
 def process_study(task: dict, cfg: IngestConfig) -> dict[str, Any]:
     """One manifest study -> one result row (see _empty_result for its columns)."""
     result = _empty_result(task, cfg)
     lo, hi = cfg.hu_window
+    limits = read_limits(cfg)
     try:
-        volume = read_study(task["path"], modality=task["modality"])
+        volume = read_study(task["path"], modality=task["modality"], limits=limits)
     except StudyError as exc:
-        return _quarantine(result, exc)
+        return _quarantine(result, exc, task)
     except Exception as exc:  # a reader bug or an exotic file must not stop the cohort
-        return _quarantine(result, StudyError(task["rel_path"], f"unexpected {type(exc).__name__}: {exc}"))
+        return _quarantine(result, StudyError(task["rel_path"], f"unexpected {type(exc).__name__}: {exc}"), task)
     result["source_shape"] = np.array(volume.shape, np.int64)
     result["source_affine"] = volume.affine.reshape(-1)
 
@@ -56,7 +81,8 @@ def process_study(task: dict, cfg: IngestConfig) -> dict[str, Any]:
         try:
             check_inside(volume, centre, f"{task['rel_path']} nodule {finding['nodule_id']}")
         except StudyError as exc:
-            findings.append({**finding, "status": QUARANTINED, "reason": exc.reason, "message": str(exc)})
+            findings.append({**finding, "status": QUARANTINED, "reason": exc.reason,
+                             "message": relative_message(str(exc), task)})
             continue
         crops.append(window(axial_crop(volume, centre, cfg.crop_size, cfg.crop_spacing_mm), lo, hi, cfg.normalise))
         patches.append(window(patch_3d(volume, centre, cfg.patch_size, cfg.patch_spacing_mm), lo, hi, cfg.normalise))
@@ -71,12 +97,22 @@ def process_study(task: dict, cfg: IngestConfig) -> dict[str, Any]:
         result["volume_affine"] = resampled.affine.reshape(-1)
         if task.get("mask_path"):
             try:
-                mask = read_study(task["mask_path"], modality="SEG")
+                mask = read_study(task["mask_path"], modality="SEG", limits=limits)
                 if mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
                     raise SliceGeometryError(task["mask_path_rel"], f"mask grid {mask.shape} does not match the "
                                                                     f"image grid {volume.shape}")
             except StudyError as exc:
-                return _quarantine(result, exc)
+                return _quarantine(result, exc, task)
             result["mask"] = (resample_to_shape(mask, cfg.volume_shape, order=0, cval=0).array > 0.5).astype(np.uint8)
             result["has_mask"] = True
+    return _guard_finite(result, task)
+
+
+def _guard_finite(result: dict, task: dict) -> dict:
+    """The last check before the Parquet writer: readers refuse non-finite voxels, so
+    this fires only if a transform makes one; the study is quarantined, not written."""
+    bad = non_finite_columns(result)
+    if bad:
+        return _quarantine(result, NonFiniteVoxelsError(task["rel_path"], f"non-finite values in the computed "
+                                                                          f"{', '.join(bad)}"), task)
     return result
