@@ -21,7 +21,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cohortcast.tuning.sweep import SweepFailed
 
     return (ConfigError, ManifestError, StageNotAvailable, ForecasterLoadError, ForecastSettingsMismatch,
-            EvaluationError, SweepFailed, MissingSecretError, FileNotFoundError, FileExistsError)
+            EvaluationError, SweepFailed, MissingSecretError, FileNotFoundError,
+            FileExistsError)
 
 
 def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:

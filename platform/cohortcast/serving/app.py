@@ -32,6 +32,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cohortcast import __version__
 from cohortcast.config.serving import ServeConfig
@@ -96,6 +97,13 @@ async def _on_request_error(request, exc: RequestError) -> JSONResponse:
     return _error(exc.status, exc.field, exc.message)
 
 
+async def _on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths (404), wrong methods (405), unparseable multipart bodies (400): the
+    # same ErrorBody as every other refusal, so clients need one error shape.
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "field": None},
+                        headers=getattr(exc, "headers", None))
+
+
 async def _on_unexpected(request, exc: Exception) -> JSONResponse:
     # Last resort only (causes are fixed where they arise): a schema-conformant 500
     # without internals; the traceback goes to the replica's log.
@@ -106,6 +114,7 @@ async def _on_unexpected(request, exc: Exception) -> JSONResponse:
 # Registered before @serve.ingress freezes a copy of `app` for the replicas.
 app.add_exception_handler(RequestValidationError, _on_validation_error)
 app.add_exception_handler(RequestError, _on_request_error)
+app.add_exception_handler(StarletteHTTPException, _on_http_error)
 app.add_exception_handler(Exception, _on_unexpected)
 
 def _unavailable(exc: Exception) -> bool:

@@ -78,13 +78,13 @@ def confined_cohort(ingested: str, roots: list[str]) -> Path:
             path = (base / ingested).resolve()  # an absolute `ingested` replaces the root
             if path == base or base in path.parents:
                 if not (path / "card.json").is_file():
-                    raise RequestError("ingested", f"{shown(ingested)} is not an ingested cohort (no card.json)")
+                    raise RequestError("ingested", f"{shown(ingested, 300)} is not an ingested cohort (no card.json)")
                 return path
     except RequestError:
         raise
     except (OSError, ValueError):  # embedded NUL, names too long, loops
-        raise RequestError("ingested", f"{shown(ingested)} is not a usable path") from None
-    raise RequestError("ingested", f"{shown(ingested)} is not under a folder this service allows "
+        raise RequestError("ingested", f"{shown(ingested, 300)} is not a usable path") from None
+    raise RequestError("ingested", f"{shown(ingested, 300)} is not under a folder this service allows "
                                    "(serve.cohort_roots)", status=403)
 
 
