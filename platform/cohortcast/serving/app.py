@@ -80,17 +80,20 @@ def _error(status: int, field: str | None, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "field": field})
 
 
-def _validation_field(location: tuple) -> str:
+def _validation_field(error: dict) -> str:
     """FastAPI's error location -> the field's name as the client wrote it."""
-    parts = [str(p) for p in location if p not in ("body", "query", "header", "path", "form")]
+    if error.get("type") == "json_invalid":  # located by character offset: the body as a whole
+        return "body"
+    parts = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path", "form")]
     return ".".join(parts) or "body"
 
 
 async def _on_validation_error(request, exc: RequestValidationError) -> JSONResponse:
     # FastAPI's default answer echoes the input, which fails to serialise when it is NaN
     # (a 500) and would send back whatever the client put there. Name the field only.
-    first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-    return _error(422, _validation_field(tuple(first.get("loc", ()))), str(first.get("msg", "invalid")))
+    errors = exc.errors()
+    first = errors[0] if errors else {"msg": "invalid request"}
+    return _error(422, _validation_field(first), str(first.get("msg", "invalid request")))
 
 
 async def _on_request_error(request, exc: RequestError) -> JSONResponse:
