@@ -67,11 +67,10 @@ def local_app(model: Any, cfg, token: str | None = None, llm_path: str | None = 
     from cohortcast.serving.app import ForecastAPI, app
 
     handle = model if hasattr(getattr(model, "info", None), "remote") else LocalHandle(model)
-    instance = ForecastAPI.__new__(ForecastAPI)
-    # The user constructor only (the class @serve.ingress wrapped): the wrapper's async
-    # __init__ needs a Serve replica.
+    # The class @serve.ingress wrapped, not the wrapper: its async __init__ (and __del__)
+    # need a Serve replica.
     routes_class = next(c for c in ForecastAPI.__mro__ if "healthz" in c.__dict__)
-    routes_class.__init__(instance, handle, cfg, token, llm_path, ingest or IngestConfig())
+    instance = routes_class(handle, cfg, token, llm_path, ingest or IngestConfig())
     local = FastAPI(title=app.title, version=app.version, description=app.description)
     routers = _class_routers(app)
     for router in routers:

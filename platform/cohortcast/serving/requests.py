@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 
 
 SEED_MAX = 2**63 - 1
+MAX_NPY_ELEMENTS = 2**26  # any array a request may carry (a 512 x 512 crop is 2**18)
 
 
 class ForecastSettings(BaseModel):
@@ -99,6 +100,8 @@ def decode_npy(text: str, field: str, shape: tuple[int, ...] | None = None) -> n
         raise RequestError(field, f"dtype {dtype.str!r}; expected a real float array (float16/32/64)")
     if shape is not None and header_shape != tuple(shape):
         raise RequestError(field, f"shape {header_shape}; this model takes {tuple(shape)} arrays")
+    if int(np.prod(header_shape, dtype=np.float64)) > MAX_NPY_ELEMENTS:
+        raise RequestError(field, f"shape {header_shape} holds more than {MAX_NPY_ELEMENTS} values", status=413)
     try:
         array = np.load(io.BytesIO(raw), allow_pickle=False)
     except Exception as exc:  # truncated data after a valid header
