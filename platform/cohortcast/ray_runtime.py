@@ -23,7 +23,8 @@ def ensure_ray(cfg: RayConfig | None = None, dashboard: bool = False) -> str | N
     cfg = cfg or RayConfig()
     kwargs = {"include_dashboard": False, "log_to_driver": True}
     # Under `ray job submit` RAY_ADDRESS names the cluster: join it (sizing it is not ours).
-    joining = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
+    # address "local" always starts a new instance (never joins one found on this machine).
+    joining = cfg.address not in (None, "local") or bool(os.environ.get("RAY_ADDRESS"))
     if not joining:
         kwargs["include_dashboard"] = dashboard
         if cfg.num_cpus is not None:

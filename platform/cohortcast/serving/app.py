@@ -201,7 +201,7 @@ class ForecastAPI:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/model", responses=_errors(401, 503))
+    @app.get("/v1/model", responses=_errors(401, 422, 503))
     async def model_info(self, authorization: str | None = Header(default=None)) -> dict[str, Any]:
         self._check_token(authorization)
         limits = {name: getattr(self.cfg, name) for name in ("max_samples", "max_steps", "max_horizon_days",
