@@ -186,7 +186,8 @@ def read_uploaded_study(uploads: list[Upload], workdir: Path, max_bytes: int,
     if not uploads:
         raise RequestError("study", "no file uploaded")
     if sum(len(u.data) for u in uploads) > max_bytes:
-        raise RequestError("study", f"uploads exceed the limit of serve.max_upload_mb ({max_bytes / 2**20:.0f} MiB)", status=413)
+        raise RequestError("study", f"uploads exceed the limit of serve.max_upload_mb ({max_bytes / 2**20:.0f} MiB)",
+                           status=413)
     kinds = [_kind(u.name) for u in uploads]
     if "nifti" in kinds:
         if len(uploads) != 1:
