@@ -44,7 +44,8 @@ from cohortcast.serving.studies import StudyForecastRequest, StudyLimits, Upload
 
 log = logging.getLogger(__name__)
 
-app = FastAPI(title="cohortcast forecasting", version=__version__,
+# redirect_slashes off: a wrong path is a 404 here, not a redirect to another route.
+app = FastAPI(title="cohortcast forecasting", version=__version__, redirect_slashes=False,
               description="Seeded multi-sample DDIM forecasts of a nodule crop at a future date (NAMD).")
 
 

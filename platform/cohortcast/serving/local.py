@@ -71,7 +71,8 @@ def local_app(model: Any, cfg, token: str | None = None, llm_path: str | None = 
     # need a Serve replica.
     routes_class = next(c for c in ForecastAPI.__mro__ if "healthz" in c.__dict__)
     instance = routes_class(handle, cfg, token, llm_path, ingest or IngestConfig())
-    local = FastAPI(title=app.title, version=app.version, description=app.description)
+    local = FastAPI(title=app.title, version=app.version, description=app.description,
+                    redirect_slashes=app.router.redirect_slashes)
     routers = _class_routers(app)
     for router in routers:
         local.include_router(router)
