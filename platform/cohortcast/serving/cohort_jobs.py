@@ -49,7 +49,9 @@ class CohortStatus(CohortJob):
     summary: dict[str, Any] | None = Field(default=None, description="the finished run's summary.json")
 
 
-def jobs_unavailable() -> RequestError:
+def jobs_unavailable(reason: str | None = None) -> RequestError:
+    if reason:  # the job server answered, but refused (e.g. "No available agent to submit job")
+        return RequestError(None, f"cohort jobs are unavailable: Ray's job server refused: {reason}", status=503)
     return RequestError(None, "cohort jobs are unavailable: this service cannot reach Ray's job server (the Ray "
                               "dashboard); start Ray with its dashboard (`cohortcast serve` does) or set "
                               "serve.jobs_address", status=503)
@@ -112,7 +114,9 @@ def submit_cohort(client_factory, request: CohortRequest, cfg: ServeConfig, llm_
     client = client_factory()
     try:
         client.submit_job(entrypoint=command, submission_id=job_id, metadata={"cohortcast": "cohort-forecast"})
-    except Exception:  # the job server went away or refused: not the client's fault
+    except RuntimeError as exc:  # the job server refused (its reason has no paths: it never saw ours)
+        raise jobs_unavailable(_first_line(str(exc))) from None
+    except Exception:  # the job server went away: not the client's fault
         raise jobs_unavailable() from None
     return {"job_id": job_id, "status": "PENDING", "output": job_id}
 
