@@ -114,7 +114,7 @@ def submit_cohort(client_factory, request: CohortRequest, cfg: ServeConfig, llm_
     client = client_factory()
     try:
         client.submit_job(entrypoint=command, submission_id=job_id, metadata={"cohortcast": "cohort-forecast"})
-    except RuntimeError as exc:  # the job server refused (its reason has no paths: it never saw ours)
+    except RuntimeError as exc:  # the job server refused: its reason, first line only (no log tail)
         raise jobs_unavailable(_first_line(str(exc))) from None
     except Exception:  # the job server went away: not the client's fault
         raise jobs_unavailable() from None
