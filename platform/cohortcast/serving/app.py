@@ -146,6 +146,18 @@ async def _read_bounded(files: list[UploadFile], limit: int) -> list[Upload]:
     return uploads
 
 
+def _study_settings(text: str) -> StudyForecastRequest:
+    """The `request` form field (JSON) -> settings; 422 naming the first bad field.
+    (Above ForecastAPI: @serve.ingress pickles the routes when the class is defined,
+    and a module global defined later is then missing in the replica.)"""
+    try:
+        return StudyForecastRequest.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RequestError(f"request.{where}" if where else "request", first["msg"], status=422) from None
+
+
 # Service limits a Serve `user_config` may change on live replicas (reconfigure).
 LIVE_SETTINGS = ("default_samples", "max_samples", "default_steps", "max_steps", "max_horizon_days",
                  "max_upload_mb", "max_uncompressed_mb", "max_voxels", "max_study_files", "cohort_roots")
@@ -263,16 +275,6 @@ class ForecastAPI:
         if answer is None:
             raise RequestError("job_id", "no such cohort job", status=404)
         return answer
-
-
-def _study_settings(text: str) -> StudyForecastRequest:
-    """The `request` form field (JSON) -> settings; 422 naming the first bad field."""
-    try:
-        return StudyForecastRequest.model_validate_json(text)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise RequestError(f"request.{where}" if where else "request", first["msg"], status=422) from None
 
 
 def build_app(cfg: ServeConfig, llm_path: str | None = None, token: str | None = None, ingest=None):
