@@ -11,8 +11,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from cohortcast.data.manifest import EHR_FEATURES
-from cohortcast.serving.requests import (ForecastRequest, PreparedRequest, RequestError, check_ehr, decode_npy,
-                                         encode_npy, prepare)
+from cohortcast.serving.requests import ForecastRequest, PreparedRequest, RequestError, check_ehr, decode_npy, prepare
 from serving_fakes import CFG
 
 SHAPE = (8, 8)
@@ -94,8 +93,7 @@ def test_any_ehr_record_is_accepted_or_a_request_error(record):
        ehr=st.dictionaries(st.sampled_from(EHR_FEATURES), json_values, max_size=3),
        uses_ehr=st.booleans())
 def test_prepare_accepts_only_valid_requests(crop, horizon, samples, steps, seed, ehr, uses_ehr):
-    request = ForecastRequest.model_construct(crop_npy_b64=encode_npy(crop) if crop.dtype.kind == "f" else
-                                              base64.b64encode(npy_bytes(crop)).decode(),
+    request = ForecastRequest.model_construct(crop_npy_b64=base64.b64encode(npy_bytes(crop)).decode(),
                                               horizon_days=horizon, num_samples=samples, steps=steps, seed=seed,
                                               ehr=ehr)
     try:
