@@ -53,3 +53,35 @@ def test_synth_command(tmp_path, capsys):
     assert "patients 1, studies 2" in capsys.readouterr().out
     assert main(args) == 2  # refuses to overwrite without --overwrite
     assert "already exists" in capsys.readouterr().err
+
+
+def one_line(err: str) -> str:
+    """A user error is exactly one line on stderr (no traceback)."""
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_serve_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
+    """Checked before Ray starts: a wrong path or a missing token is one line, exit 2."""
+    assert main(["serve", "--forecaster", str(tmp_path / "missing")]) == 2
+    assert "serve.forecaster" in one_line(capsys.readouterr().err)
+    (tmp_path / "model").mkdir()
+    model = ["serve", "--forecaster", str(tmp_path / "model")]
+    monkeypatch.delenv("COHORTCAST_NO_SUCH_TOKEN", raising=False)
+    assert main(model + ["--set", "serve.auth_token_env=COHORTCAST_NO_SUCH_TOKEN"]) == 2
+    assert "COHORTCAST_NO_SUCH_TOKEN" in one_line(capsys.readouterr().err)
+    assert main(model + ["--evaluator", str(tmp_path / "no-evaluator")]) == 2
+    assert "serve.evaluator" in one_line(capsys.readouterr().err)
+    assert main(model + ["--set", f"serve.cohort_roots=[{tmp_path / 'nowhere'}]"]) == 2
+    assert "serve.cohort_roots[0]" in one_line(capsys.readouterr().err)
+    assert main(model + ["--set", "serve.max_voxels=0"]) == 2
+    assert "max_voxels" in one_line(capsys.readouterr().err)
+
+
+def test_missing_pseudonym_secret_exits_2_with_one_line(tiny_cohort, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("COHORTCAST_PSEUDONYM_SECRET", raising=False)
+    args = ["ingest", "--manifest", str(tiny_cohort), "--out", str(tmp_path / "out"), "--set",
+            "privacy.require_secret=true"]
+    assert main(args) == 2
+    assert "COHORTCAST_PSEUDONYM_SECRET" in one_line(capsys.readouterr().err)

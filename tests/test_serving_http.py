@@ -45,7 +45,8 @@ def service(ray_session, tmp_path_factory):
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = dict(forecaster=str(root / "model"), default_samples=2, max_samples=4, default_steps=3, max_steps=5,
                 num_cpus=0.25, max_batch_size=8, batch_wait_timeout_s=0.05, cohort_output=str(root / "cohorts"),
-                jobs_address=ray_session.test_job_address)
+                jobs_address=ray_session.test_job_address,
+                cohort_roots=[str(tmp_path_factory.getbasetemp())])  # where the tiny_ingested fixture writes
     serve.run(build_app(ServeConfig(**base, evaluator=str(root / "evaluator")),
                         ingest=IngestConfig(crop_size=32, crop_spacing_mm=1.5)), name="open", route_prefix="/open")
     serve.run(build_app(ServeConfig(**base), token="s3cret"), name="secure", route_prefix="/secure")
@@ -152,12 +153,16 @@ def test_overload_is_503_not_a_crash(service):
 def test_cohort_job_runs_the_batch_forecast(service, tiny_ingested):
     import time
 
-    bad = requests.post(f"{service}/open/v1/cohorts", json={"ingested": "/nowhere"}, timeout=30)
-    assert bad.status_code == 400 and bad.json()["field"] == "ingested"
+    outside = requests.post(f"{service}/open/v1/cohorts", json={"ingested": "/nowhere"}, timeout=30)
+    assert outside.status_code == 403 and outside.json()["field"] == "ingested"  # not under serve.cohort_roots
+    bad = requests.post(f"{service}/open/v1/cohorts", json={"ingested": str(tiny_ingested.parent)}, timeout=30)
+    assert bad.status_code == 400 and "card.json" in bad.json()["error"]
     assert requests.get(f"{service}/open/v1/cohorts/cohort-nope", timeout=30).status_code == 404
+    assert requests.get(f"{service}/open/v1/cohorts/cohort-0123456789ab", timeout=30).status_code == 404
     job = requests.post(f"{service}/open/v1/cohorts", json={"ingested": str(tiny_ingested), "split": "train",
                                                              "num_samples": 1, "steps": 2}, timeout=60)
-    assert job.status_code == 202
+    # (503 "No available agent" on a shared machine: another Ray instance holds the agent port 52365)
+    assert job.status_code == 202, job.text
     job_id = job.json()["job_id"]
     deadline = time.time() + 400
     while True:
@@ -168,3 +173,4 @@ def test_cohort_job_runs_the_batch_forecast(service, tiny_ingested):
     assert status["status"] == "SUCCEEDED", status
     assert status["summary"]["finished"] == status["summary"]["cases"] > 0
     assert status["summary"]["num_samples"] == 1
+    assert status["output"] == job_id and str(tiny_ingested) not in str(status)  # no server paths in answers

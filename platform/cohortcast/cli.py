@@ -98,15 +98,20 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
     from cohortcast.ray_runtime import ensure_ray
-    from cohortcast.serving.entry import application
+    from cohortcast.serving.entry import application, check_before_start
 
     extra = [f"serve.{k}={v}" for k, v in (("forecaster", args.forecaster), ("evaluator", args.evaluator),
                                            ("host", args.host), ("port", args.port)) if v is not None]
     cfg = _load(args, extra)
-    ensure_ray(cfg.ray)
+    check_before_start(cfg)
+    # The dashboard hosts Ray's job server, which the cohort endpoints submit to.
+    dashboard = ensure_ray(cfg.ray, dashboard=True)
+    if cfg.serve.jobs_address is None and dashboard:
+        cfg.serve.jobs_address = dashboard
+    app = application(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     print(f"serving on http://{cfg.serve.host}:{cfg.serve.port}/ (API docs: /docs); Ctrl-C stops")
-    serve.run(application(cfg), name="cohortcast", route_prefix=cfg.serve.route_prefix, blocking=True)
+    serve.run(app, name="cohortcast", route_prefix=cfg.serve.route_prefix, blocking=True)
     return 0
 
 

@@ -13,6 +13,7 @@ from typing import Any, Callable
 def user_errors() -> tuple[type[BaseException], ...]:
     from cohortcast.config import ConfigError
     from cohortcast.data.manifest import ManifestError
+    from cohortcast.data.privacy import MissingSecretError
     from cohortcast.evaluation.namd_evaluation import EvaluationError
     from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
     from cohortcast.models.errors import ForecasterLoadError
@@ -20,7 +21,8 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cohortcast.tuning.sweep import SweepFailed
 
     return (ConfigError, ManifestError, StageNotAvailable, ForecasterLoadError, ForecastSettingsMismatch,
-            EvaluationError, SweepFailed, FileNotFoundError, FileExistsError)
+            EvaluationError, SweepFailed, MissingSecretError, FileNotFoundError,
+            FileExistsError)
 
 
 def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:

@@ -21,6 +21,8 @@ PATH_FIELDS = (
     "evaluation.lpips_vgg_path", "evaluation.lpips_path", "serve.forecaster", "serve.cohort_output",
     "serve.evaluator", "tune.output",
 )
+# Path-list fields: every entry resolves like a path field.
+PATH_LIST_FIELDS = ("serve.cohort_roots",)
 
 
 def _is_uri(value: str) -> bool:
@@ -28,17 +30,27 @@ def _is_uri(value: str) -> bool:
     return "://" in value or value.startswith(("models:/", "runs:/"))
 
 
+def _owner(cfg: CohortcastConfig, dotted: str):
+    *parents, leaf = dotted.split(".")
+    owner = cfg
+    for name in parents:
+        owner = getattr(owner, name)
+    return owner, leaf
+
+
 def resolve_paths(cfg: CohortcastConfig) -> CohortcastConfig:
     """A copy of `cfg` with `workdir` and every relative path made absolute."""
     cfg = copy.deepcopy(cfg)
     workdir = Path(os.path.expanduser(cfg.workdir)).resolve()
     cfg.workdir = str(workdir)
+
+    def absolute(value):
+        return value if not value or _is_uri(value) else str(workdir / os.path.expanduser(value))
+
     for dotted in PATH_FIELDS:
-        *parents, leaf = dotted.split(".")
-        owner = cfg
-        for name in parents:
-            owner = getattr(owner, name)
-        value = getattr(owner, leaf)
-        if value and not _is_uri(value):
-            setattr(owner, leaf, str(workdir / os.path.expanduser(value)))
+        owner, leaf = _owner(cfg, dotted)
+        setattr(owner, leaf, absolute(getattr(owner, leaf)))
+    for dotted in PATH_LIST_FIELDS:
+        owner, leaf = _owner(cfg, dotted)
+        setattr(owner, leaf, [absolute(v) for v in getattr(owner, leaf)])
     return cfg

@@ -57,12 +57,23 @@ class ServeConfig:
     num_gpus: float = 0.0
     auth_token_env: str | None = None
     evaluator: str | None = None
-    max_upload_mb: float = 512.0  # whole-study uploads (NIfTI / DICOM series)
+    max_upload_mb: float = 512.0  # whole-study uploads (NIfTI / DICOM series), as sent
+    # What an upload may unpack to: zip members and .nii.gz streams are counted while
+    # they are decompressed (headers can lie), and the image's voxels from its header
+    # before any array is allocated. Defaults fit one large chest CT (512 x 512 x 1024).
+    max_uncompressed_mb: float = 2048.0
+    max_voxels: int = 512 * 512 * 1024
+    max_study_files: int = 4096  # files in one upload (DICOM slices, zip members)
     autoscaling: AutoscalingConfig = field(default_factory=AutoscalingConfig)
     # Cohort requests run as Ray jobs writing under cohort_output/<job id>; jobs_address:
     # the Ray dashboard (job API) address, None = the cluster the service runs on.
     cohort_output: str = "runs/serve/cohorts"
     jobs_address: str | None = None
+    # Folders a cohort request may name (an ingested cohort at or under one of them).
+    # Empty (the default): cohort submission is disabled (403), because a job reads
+    # whatever the cluster can read and the service cannot guess which storage is meant
+    # to be public to its clients.
+    cohort_roots: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _require(1 <= self.default_samples <= self.max_samples, "default_samples", "must be in 1..max_samples")
@@ -71,6 +82,11 @@ class ServeConfig:
                  "max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
         _require(self.max_ongoing_requests >= 1 and self.max_queued_requests >= 0, "max_queued_requests",
                  "max_ongoing_requests must be >= 1, max_queued_requests >= 0")
+        _require(self.max_upload_mb > 0 and self.max_uncompressed_mb > 0, "max_uncompressed_mb",
+                 "max_upload_mb and max_uncompressed_mb must be > 0")
+        _require(self.max_voxels >= 1 and self.max_study_files >= 1, "max_voxels",
+                 "max_voxels and max_study_files must be >= 1")
+        _require(self.max_horizon_days > 0, "max_horizon_days", "must be > 0")
         _require(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1 (or unset)")
         scale = self.autoscaling
         _require(0 <= scale.min_replicas <= scale.max_replicas and scale.max_replicas >= 1

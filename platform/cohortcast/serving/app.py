@@ -9,32 +9,125 @@
     POST /v1/cohorts     an ingested cohort -> a job id (a Ray job runs the batch forecast)
     GET  /v1/cohorts/ID  the job's status and where its results are
     GET  /docs           OpenAPI documentation
+
+Errors: every refused request answers {"error", "field"} (ErrorBody) with a 4xx naming
+the field at fault; a dependency that is not there (the model replica, Ray's job
+server) is a 503 with a message. Validation errors never echo the offending input (it
+may be huge, non-finite or identifying), and no answer carries a server path. Blocking
+work (decoding, study reading, PNG encoding, the job client) runs in worker threads, so
+one request never stalls the others on a replica, health checks included.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the routes inside the replica,
 # where string annotations of the request models no longer resolve (OpenAPI then fails).
 
+import dataclasses
 import hmac
+import logging
 from typing import Any, Literal
 
 from fastapi import FastAPI, File, Form, Header, Query, UploadFile
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from ray import serve
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cohortcast import __version__
 from cohortcast.config.serving import ServeConfig
-from cohortcast.serving.cohort_jobs import CohortRequest, cohort_status, submit_cohort
-from cohortcast.serving.requests import ForecastRequest, RequestError, forecast_answer, prepare, prepare_crop
-from cohortcast.serving.studies import StudyForecastRequest, Upload, nifti_zip, study_crop
+from cohortcast.serving.cohort_jobs import (CohortJob, CohortRequest, CohortStatus, cohort_status, job_client,
+                                            submit_cohort)
+from cohortcast.serving.requests import (ErrorBody, ForecastRequest, RequestError, forecast_answer, prepare,
+                                         prepare_crop)
+from cohortcast.serving.studies import StudyForecastRequest, StudyLimits, Upload, nifti_zip, study_crop
 
-app = FastAPI(title="cohortcast forecasting", version=__version__,
+log = logging.getLogger(__name__)
+
+# redirect_slashes off: a wrong path is a 404 here, not a redirect to another route.
+app = FastAPI(title="cohortcast forecasting", version=__version__, redirect_slashes=False,
               description="Seeded multi-sample DDIM forecasts of a nodule crop at a future date (NAMD).")
 
 
-def _error(status: int, field: str, message: str) -> JSONResponse:
+class ForecastAnswer(BaseModel):
+    case_id: str = Field(description="content hash of the request (never an identifier)")
+    seed: int
+    num_samples: int
+    steps: int
+    mean_npy_b64: str
+    variance_npy_b64: str
+    samples_npy_b64: str
+    mean_png_b64: str
+    variance_png_b64: str
+    malignancy_probability: list[float] | None
+    malignancy_probability_mean: float | None
+
+
+class StudyForecastAnswer(ForecastAnswer):
+    center_lps_mm: list[float]
+    crop_spacing_mm: float
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI entries for the error answers a route gives (all ErrorBody JSON)."""
+    what = {400: "a field is invalid", 401: "missing or wrong bearer token (when the service has one)",
+            403: "not allowed on this service", 404: "no such job", 413: "the upload or what it unpacks to is "
+            "over a limit", 422: "the request does not match the schema", 503: "a dependency (the model, "
+            "Ray's job server) is unavailable, or the service is overloaded"}
+    return {code: {"model": ErrorBody, "description": what[code]} for code in codes}
+
+
+def _error(status: int, field: str | None, message: str) -> JSONResponse:
     return JSONResponse(status_code=status, content={"error": message, "field": field})
+
+
+def _validation_field(error: dict) -> str:
+    """FastAPI's error location -> the field's name as the client wrote it."""
+    if error.get("type") == "json_invalid":  # located by character offset: the body as a whole
+        return "body"
+    parts = [str(p) for p in error.get("loc", ()) if p not in ("body", "query", "header", "path", "form")]
+    return ".".join(parts) or "body"
+
+
+async def _on_validation_error(request, exc: RequestValidationError) -> JSONResponse:
+    # FastAPI's default answer echoes the input, which fails to serialise when it is NaN
+    # (a 500) and would send back whatever the client put there. Name the field only.
+    errors = exc.errors()
+    first = errors[0] if errors else {"msg": "invalid request"}
+    return _error(422, _validation_field(first), str(first.get("msg", "invalid request")))
+
+
+async def _on_request_error(request, exc: RequestError) -> JSONResponse:
+    return _error(exc.status, exc.field, exc.message)
+
+
+async def _on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
+    # Unknown paths (404), wrong methods (405), unparseable multipart bodies (400): the
+    # same ErrorBody as every other refusal, so clients need one error shape.
+    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "field": None},
+                        headers=getattr(exc, "headers", None))
+
+
+async def _on_unexpected(request, exc: Exception) -> JSONResponse:
+    # Last resort only (causes are fixed where they arise): a schema-conformant 500
+    # without internals; the traceback goes to the replica's log.
+    log.error("unexpected %s on %s", type(exc).__name__, request.url.path, exc_info=exc)
+    return _error(500, None, "internal error")
+
+
+# Registered before @serve.ingress freezes a copy of `app` for the replicas.
+app.add_exception_handler(RequestValidationError, _on_validation_error)
+app.add_exception_handler(RequestError, _on_request_error)
+app.add_exception_handler(StarletteHTTPException, _on_http_error)
+app.add_exception_handler(Exception, _on_unexpected)
+
+def _unavailable(exc: Exception) -> bool:
+    """Errors that mean the model deployment is not there (or full), not a bug."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
+
+    return isinstance(exc, (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
+                            ConnectionError, TimeoutError))
 
 
 async def _read_bounded(files: list[UploadFile], limit: int) -> list[Upload]:
@@ -46,10 +139,28 @@ async def _read_bounded(files: list[UploadFile], limit: int) -> list[Upload]:
         while chunk := await upload.read(1 << 20):
             total += len(chunk)
             if total > limit:
-                raise RequestError("study", f"uploads exceed the limit of {limit / 2**20:.0f} MiB", status=413)
+                raise RequestError("study", f"uploads exceed the limit of serve.max_upload_mb "
+                                            f"({limit / 2**20:.0f} MiB)", status=413)
             chunks.append(chunk)
         uploads.append(Upload(upload.filename or "", b"".join(chunks)))
     return uploads
+
+
+def _study_settings(text: str) -> StudyForecastRequest:
+    """The `request` form field (JSON) -> settings; 422 naming the first bad field.
+    (Above ForecastAPI: @serve.ingress pickles the routes when the class is defined,
+    and a module global defined later is then missing in the replica.)"""
+    try:
+        return StudyForecastRequest.model_validate_json(text)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise RequestError(f"request.{where}" if where else "request", first["msg"], status=422) from None
+
+
+# Service limits a Serve `user_config` may change on live replicas (reconfigure).
+LIVE_SETTINGS = ("default_samples", "max_samples", "default_steps", "max_steps", "max_horizon_days",
+                 "max_upload_mb", "max_uncompressed_mb", "max_voxels", "max_study_files", "cohort_roots")
 
 
 @serve.ingress(app)
@@ -59,49 +170,67 @@ class ForecastAPI:
         self._info: dict[str, Any] | None = None
         self._jobs = None
 
-    def jobs(self):
-        if self._jobs is None:
-            from ray.job_submission import JobSubmissionClient
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's `user_config` hook: the request limits (LIVE_SETTINGS) change without
+        restarting replicas; a bad value is refused and the old limits stay."""
+        unknown = set(config) - set(LIVE_SETTINGS)
+        if unknown:
+            raise ValueError(f"ForecastAPI user_config: unknown keys {sorted(unknown)}; known: {LIVE_SETTINGS}")
+        updated = dataclasses.replace(self.cfg, **config)
+        updated.validate()
+        self.cfg = updated
 
-            self._jobs = JobSubmissionClient(self.cfg.jobs_address)
+    def check_health(self) -> None:
+        """Serve's periodic health check; the ingress holds no state that can break, and
+        answers promptly because nothing blocks its event loop."""
+
+    def jobs(self):
+        """Blocking (connects to the job server): call it from a worker thread."""
+        if self._jobs is None:
+            self._jobs = job_client(self.cfg.jobs_address)
         return self._jobs
 
     async def info(self) -> dict[str, Any]:
         if self._info is None:
-            self._info = await self.model.info.remote()
+            self._info = await self._model_call("info")
         return self._info
 
-    def _denied(self, authorization: str | None) -> JSONResponse | None:
+    async def _model_call(self, method: str, *args):
+        try:
+            return await getattr(self.model, method).remote(*args)
+        except Exception as exc:
+            if _unavailable(exc):
+                raise RequestError(None, "the model deployment is unavailable; retry later", status=503) from None
+            raise
+
+    def _check_token(self, authorization: str | None) -> None:
         if self.token is None:
-            return None
+            return
         expected = f"Bearer {self.token}"
         if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
-            return _error(401, "Authorization", "missing or wrong bearer token")
-        return None
+            raise RequestError("Authorization", "missing or wrong bearer token", status=401)
 
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/model")
-    async def model_info(self, authorization: str | None = Header(default=None)):
-        return self._denied(authorization) or {**await self.info(), "cohortcast_version": __version__,
-                                               "limits": {"max_samples": self.cfg.max_samples,
-                                                          "max_steps": self.cfg.max_steps}}
+    @app.get("/v1/model", responses=_errors(401, 422, 503))
+    async def model_info(self, authorization: str | None = Header(default=None)) -> dict[str, Any]:
+        self._check_token(authorization)
+        limits = {name: getattr(self.cfg, name) for name in ("max_samples", "max_steps", "max_horizon_days",
+                                                             "max_upload_mb", "max_uncompressed_mb", "max_voxels")}
+        return {**await self.info(), "cohortcast_version": __version__, "limits": limits}
 
-    @app.post("/v1/forecast")
+    @app.post("/v1/forecast", responses={200: {"model": ForecastAnswer}, **_errors(400, 401, 422, 503)})
     async def forecast(self, request: ForecastRequest, authorization: str | None = Header(default=None)):
-        denied = self._denied(authorization)
-        if denied:
-            return denied
+        self._check_token(authorization)
         info = await self.info()
-        try:
-            item = prepare(request, tuple(info["crop_shape"]), self.cfg, info["uses_ehr"])
-        except RequestError as exc:
-            return _error(exc.status, exc.field, exc.message)
-        return forecast_answer(item, await self.model.forecast.remote(item))
+        item = await run_in_threadpool(prepare, request, tuple(info["crop_shape"]), self.cfg, info["uses_ehr"])
+        result = await self._model_call("forecast", item)
+        return await run_in_threadpool(forecast_answer, item, result)
 
-    @app.post("/v1/forecast/study", responses={200: {"content": {"application/zip": {}}}})
+    @app.post("/v1/forecast/study", responses={
+        200: {"model": StudyForecastAnswer, "content": {"application/zip": {}}}, **_errors(400, 401, 413, 422, 503)})
     async def forecast_study(
             self, study: list[UploadFile] = File(description="one NIfTI file, or the DICOM files of one series "
                                                              "(files or .zip archives)"),
@@ -111,53 +240,41 @@ class ForecastAPI:
                 "json", alias="format", description="nifti: a .zip of mean/variance/samples .nii.gz (HU) on the "
                                                     "study's grid"),
             authorization: str | None = Header(default=None)):
-        denied = self._denied(authorization)
-        if denied:
-            return denied
-        try:
-            settings = StudyForecastRequest.model_validate_json(request)
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(p) for p in first["loc"]) or "request"
-            return _error(422, f"request.{where}" if first["loc"] else "request", first["msg"])
+        self._check_token(authorization)
+        settings = _study_settings(request)
         info = await self.info()
         if [self.ingest.crop_size] * 2 != list(info["crop_shape"]):
-            return _error(500, "ingest.crop_size", f"service misconfigured: ingest.crop_size {self.ingest.crop_size}, "
-                                                   f"but the Forecaster takes {info['crop_shape']} crops")
+            raise RequestError(None, f"service misconfigured: ingest.crop_size {self.ingest.crop_size}, but the "
+                                     f"Forecaster takes {info['crop_shape']} crops", status=503)
         limit = int(self.cfg.max_upload_mb * 2**20)
-        try:
-            uploads = await _read_bounded(study, limit)
-            # File IO and resampling block: off the event loop.
-            cut = await run_in_threadpool(study_crop, uploads, settings, self.ingest, limit)
-            item = prepare_crop(cut.crop, settings, tuple(info["crop_shape"]), self.cfg, info["uses_ehr"], "study")
-        except RequestError as exc:
-            return _error(exc.status, exc.field, exc.message)
-        result = await self.model.forecast.remote(item)
+        uploads = await _read_bounded(study, limit)
+        # File IO, decompression and resampling block: off the event loop.
+        cut = await run_in_threadpool(study_crop, uploads, settings, self.ingest, limit,
+                                      StudyLimits.from_config(self.cfg))
+        item = await run_in_threadpool(prepare_crop, cut.crop, settings, tuple(info["crop_shape"]), self.cfg,
+                                       info["uses_ehr"], "study")
+        result = await self._model_call("forecast", item)
         if output_format == "nifti":
             payload = await run_in_threadpool(nifti_zip, result["mean"], result["variance"], result["samples"],
                                               cut.center_lps_mm, self.ingest)
             return Response(payload, media_type="application/zip", headers={
                 "Content-Disposition": f'attachment; filename="forecast-{item.case_id}.zip"'})
-        return {**forecast_answer(item, result), "center_lps_mm": [float(v) for v in cut.center_lps_mm],
+        answer = await run_in_threadpool(forecast_answer, item, result)
+        return {**answer, "center_lps_mm": [float(v) for v in cut.center_lps_mm],
                 "crop_spacing_mm": self.ingest.crop_spacing_mm}
 
-    @app.post("/v1/cohorts", status_code=202)
+    @app.post("/v1/cohorts", status_code=202, responses={202: {"model": CohortJob}, **_errors(400, 401, 403, 422, 503)})
     async def submit(self, request: CohortRequest, authorization: str | None = Header(default=None)):
-        denied = self._denied(authorization)
-        if denied:
-            return denied
-        try:
-            return submit_cohort(self.jobs(), request, self.cfg, self.llm_path)
-        except RequestError as exc:
-            return _error(exc.status, exc.field, exc.message)
+        self._check_token(authorization)
+        return await run_in_threadpool(submit_cohort, self.jobs, request, self.cfg, self.llm_path)
 
-    @app.get("/v1/cohorts/{job_id}")
+    @app.get("/v1/cohorts/{job_id}", responses={200: {"model": CohortStatus}, **_errors(401, 404, 422, 503)})
     async def status(self, job_id: str, authorization: str | None = Header(default=None)):
-        denied = self._denied(authorization)
-        if denied:
-            return denied
-        answer = cohort_status(self.jobs(), job_id, self.cfg)
-        return answer if answer is not None else _error(404, "job_id", f"no cohort job {job_id!r}")
+        self._check_token(authorization)
+        answer = await run_in_threadpool(cohort_status, self.jobs, job_id, self.cfg)
+        if answer is None:
+            raise RequestError("job_id", "no such cohort job", status=404)
+        return answer
 
 
 def build_app(cfg: ServeConfig, llm_path: str | None = None, token: str | None = None, ingest=None):

@@ -5,7 +5,20 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
+
+
+def _token(serve) -> str | None:
+    """The bearer token from the variable `serve.auth_token_env` names (ConfigError if unset)."""
+    from cohortcast.config import ConfigError
+
+    if not serve.auth_token_env:
+        return None
+    token = os.environ.get(serve.auth_token_env)
+    if not token:
+        raise ConfigError(f"serve.auth_token_env names {serve.auth_token_env!r}, which is not set")
+    return token
 
 
 def application(cfg):
@@ -15,12 +28,28 @@ def application(cfg):
     from cohortcast.serving.app import build_app
 
     cfg = resolve_paths(cfg)
-    token = None
-    if cfg.serve.auth_token_env:
-        token = os.environ.get(cfg.serve.auth_token_env)
-        if not token:
-            raise ValueError(f"serve.auth_token_env names {cfg.serve.auth_token_env!r}, which is not set")
-    return build_app(cfg.serve, llm_path=cfg.model.conditioner.llm_path, token=token, ingest=cfg.ingest)
+    return build_app(cfg.serve, llm_path=cfg.model.conditioner.llm_path, token=_token(cfg.serve), ingest=cfg.ingest)
+
+
+def check_before_start(cfg) -> None:
+    """What `cohortcast serve` checks before starting Ray, so a user error is one line
+    (ConfigError) instead of a replica's traceback: the token variable is set, a local
+    serve.forecaster / serve.evaluator is a folder, every serve.cohort_roots entry an
+    existing folder. (A Serve config file builds the app on the cluster, where these
+    paths live: there Serve reports them.)"""
+    from cohortcast.config import ConfigError
+    from cohortcast.config.paths import _is_uri, resolve_paths
+
+    serve = resolve_paths(cfg).serve
+    _token(serve)
+    if not _is_uri(serve.forecaster) and not Path(serve.forecaster).is_dir():
+        raise ConfigError(f"serve.forecaster: {serve.forecaster} is neither a Forecaster folder nor an MLflow "
+                          "model URI (models:/name/version, runs:/id/forecaster)")
+    if serve.evaluator and not Path(serve.evaluator).is_dir():
+        raise ConfigError(f"serve.evaluator: {serve.evaluator} is not an evaluator folder")
+    for i, root in enumerate(serve.cohort_roots):
+        if not Path(root).is_dir():
+            raise ConfigError(f"serve.cohort_roots[{i}]: {root} is not a folder")
 
 
 def app_builder(args: dict[str, Any]):

@@ -5,10 +5,16 @@ steps) and runs each group as one Forecaster call, whatever their seeds: every s
 has its own seeded noise and runs in fixed-size micro-batches (the Forecaster's
 bit-identity guarantee), so a request's answer does not depend on what else is in the
 batch. `serve.micro_batch` sets those rows per network call: about max_batch_size x
-samples keeps a full batch in one call; with batching off, the samples per request."""
+samples keeps a full batch in one call; with batching off, the samples per request.
+
+The network runs in a worker thread (`asyncio.to_thread`), never on the replica's event
+loop: while a batch computes, the replica still takes new requests into the next batch
+and answers Serve's health checks. `@serve.batch` runs one batch at a time per replica,
+so the Forecaster is never used by two threads at once."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import defaultdict
 from typing import Any
@@ -74,24 +80,53 @@ class ServiceMetrics:
                                        description="requests inside the model deployment (queued + batched)")
 
 
+BATCH_SETTINGS = ("max_batch_size", "batch_wait_timeout_s", "micro_batch")
+
+
 class ForecastModel:
     def __init__(self, forecaster: str, llm_path: str | None, cfg: ServeConfig):
         from cohortcast.models.forecaster import Forecaster
         from cohortcast.serving.model_source import resolve_forecaster
 
-        self.source = resolve_forecaster(forecaster)
-        self.model = Forecaster.load(self.source.folder, llm_path=llm_path)
-        if cfg.micro_batch:
-            self.model.cfg.scheduler.micro_batch = cfg.micro_batch
-        self.evaluator = None
+        source = resolve_forecaster(forecaster)
+        evaluator = None
         if cfg.evaluator:
             from cohortcast.models.evaluator import MalignancyEvaluator
 
-            self.evaluator = MalignancyEvaluator.load(cfg.evaluator)
-        self._batched.set_max_batch_size(cfg.max_batch_size)
-        self._batched.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s)
+            evaluator = MalignancyEvaluator.load(cfg.evaluator)
+        self._setup(Forecaster.load(source.folder, llm_path=llm_path), source, evaluator, cfg)
+
+    @classmethod
+    def from_loaded(cls, model, source, cfg: ServeConfig, evaluator=None) -> "ForecastModel":
+        """A replica around an already loaded Forecaster (in-process use: tests, load smoke runs)."""
+        self = cls.__new__(cls)
+        self._setup(model, source, evaluator, cfg)
+        return self
+
+    def _setup(self, model, source, evaluator, cfg: ServeConfig) -> None:
+        self.model, self.source, self.evaluator = model, source, evaluator
         self.metrics = ServiceMetrics()
         self._in_flight = 0
+        self.reconfigure({name: getattr(cfg, name) for name in BATCH_SETTINGS})
+
+    def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve's `user_config` hook: batching settings change on a live replica, without
+        reloading the model (e.g. `user_config: {max_batch_size: 16}` in a Serve config)."""
+        unknown = set(config) - set(BATCH_SETTINGS)
+        if unknown:
+            raise ValueError(f"ForecastModel user_config: unknown keys {sorted(unknown)}; known: {BATCH_SETTINGS}")
+        if config.get("micro_batch"):
+            self.model.cfg.scheduler.micro_batch = int(config["micro_batch"])
+        if "max_batch_size" in config:
+            self._batched.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            self._batched.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    def check_health(self) -> None:
+        """Serve's periodic health check: a replica whose model is gone is restarted. It
+        answers even mid-batch, because batches run off the event loop."""
+        if self.model is None:
+            raise RuntimeError("the Forecaster is not loaded")
 
     def info(self) -> dict[str, Any]:
         side = self.model.cfg.vae.sample_size
@@ -107,14 +142,21 @@ class ForecastModel:
             self._in_flight -= 1
             self.metrics.in_flight.set(self._in_flight)
 
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def _batched(self, items: list[PreparedRequest]) -> list[dict[str, Any]]:
+    def _compute(self, items: list[PreparedRequest]) -> tuple[list[dict[str, Any]], float]:
+        """Blocking: DDIM over the batch (its wall time returned), then the evaluator;
+        runs in a worker thread (metrics are recorded back on the event loop)."""
         started = time.perf_counter()
         answers = run_batch(self.model, items)
-        steps = sum({(i.num_samples, i.steps): i.steps for i in items}.values())
-        self.metrics.step_latency.observe((time.perf_counter() - started) / max(steps, 1))
+        seconds = time.perf_counter() - started
         if self.evaluator is not None:
             score_samples(self.evaluator, answers)
+        return answers, seconds
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def _batched(self, items: list[PreparedRequest]) -> list[dict[str, Any]]:
+        answers, seconds = await asyncio.to_thread(self._compute, items)
+        steps = sum({(i.num_samples, i.steps): i.steps for i in items}.values())
+        self.metrics.step_latency.observe(seconds / max(steps, 1))
         self.metrics.batch_size.observe(len(items))
         self.metrics.requests.inc(len(items))
         self.metrics.samples.inc(sum(i.num_samples for i in items))
