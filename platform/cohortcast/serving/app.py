@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from cohortcast import __version__
 from cohortcast.config.serving import ServeConfig
 from cohortcast.serving.cohort_jobs import CohortRequest, cohort_status, submit_cohort
+from cohortcast.serving.model_source import study_preprocessing
 from cohortcast.serving.requests import ForecastRequest, RequestError, forecast_answer, prepare, prepare_crop
 from cohortcast.serving.studies import StudyForecastRequest, Upload, nifti_zip, study_crop
 
@@ -121,25 +122,26 @@ class ForecastAPI:
             where = ".".join(str(p) for p in first["loc"]) or "request"
             return _error(422, f"request.{where}" if first["loc"] else "request", first["msg"])
         info = await self.info()
-        if [self.ingest.crop_size] * 2 != list(info["crop_shape"]):
-            return _error(500, "ingest.crop_size", f"service misconfigured: ingest.crop_size {self.ingest.crop_size}, "
-                                                   f"but the Forecaster takes {info['crop_shape']} crops")
+        # Crop geometry and intensity scaling: the model's own (ingest only for old bundles).
+        geometry, problem = study_preprocessing(info, self.ingest)
+        if problem:
+            return _error(500, "ingest.crop_size", problem)
         limit = int(self.cfg.max_upload_mb * 2**20)
         try:
             uploads = await _read_bounded(study, limit)
             # File IO and resampling block: off the event loop.
-            cut = await run_in_threadpool(study_crop, uploads, settings, self.ingest, limit)
+            cut = await run_in_threadpool(study_crop, uploads, settings, geometry, limit)
             item = prepare_crop(cut.crop, settings, tuple(info["crop_shape"]), self.cfg, info["uses_ehr"], "study")
         except RequestError as exc:
             return _error(exc.status, exc.field, exc.message)
         result = await self.model.forecast.remote(item)
         if output_format == "nifti":
             payload = await run_in_threadpool(nifti_zip, result["mean"], result["variance"], result["samples"],
-                                              cut.center_lps_mm, self.ingest)
+                                              cut.center_lps_mm, geometry)
             return Response(payload, media_type="application/zip", headers={
                 "Content-Disposition": f'attachment; filename="forecast-{item.case_id}.zip"'})
         return {**forecast_answer(item, result), "center_lps_mm": [float(v) for v in cut.center_lps_mm],
-                "crop_spacing_mm": self.ingest.crop_spacing_mm}
+                "crop_spacing_mm": geometry.crop_spacing_mm}
 
     @app.post("/v1/cohorts", status_code=202)
     async def submit(self, request: CohortRequest, authorization: str | None = Header(default=None)):
@@ -162,8 +164,8 @@ class ForecastAPI:
 
 def build_app(cfg: ServeConfig, llm_path: str | None = None, token: str | None = None, ingest=None):
     """The Serve application: ForecastAPI (ingress) -> ForecastModel (batching).
-    `ingest`: how the Forecaster's training crops were cut (IngestConfig; default: the
-    factory settings), used to crop uploaded studies."""
+    `ingest`: how uploaded studies are cropped for a Forecaster saved without its own
+    crop preprocessing (format 2; IngestConfig, default: the factory settings)."""
     from cohortcast.config import IngestConfig
     from cohortcast.serving.forecast_model import ForecastModel
 
