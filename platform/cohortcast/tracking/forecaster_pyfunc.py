@@ -29,8 +29,7 @@ ARTIFACT = "forecaster"
 DEFAULT_SAMPLES, DEFAULT_SEED = 4, 0
 # Distributions the Forecaster and this wrapper import (directly) at load and predict
 # time; tests/test_forecaster_pyfunc.py checks the list against the code's imports.
-MODEL_REQUIREMENTS = ("mlflow", "torch", "diffusers", "transformers", "safetensors", "numpy", "pandas", "scipy",
-                      "pyyaml")
+MODEL_REQUIREMENTS = ("mlflow", "torch", "diffusers", "transformers", "safetensors", "numpy", "pandas", "pyyaml")
 
 
 class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
