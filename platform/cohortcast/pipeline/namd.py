@@ -189,7 +189,8 @@ class NAMDJob:
                                  "validation": t.validation},
                                 lambda: {"train": latent_dataset(cache["path"], "train"),
                                          "val": latent_dataset(cache["path"], "val")},
-                                export, flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"))
+                                export,
+                                flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"))
 
     def training_preprocessing(self, cache: dict):
         """The crop preprocessing of the cohort the latent cache was encoded from: its

@@ -68,10 +68,9 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
 
 def _crop(value) -> np.ndarray:
     """One `baseline` cell (nested lists, or the arrays of arrays schema enforcement gives)."""
-    if isinstance(value, np.ndarray) and value.dtype == object:
-        value = [np.asarray(row, np.float32) for row in value]
-    return np.asarray(value, np.float32) if not isinstance(value, list) else np.stack(
-        [np.asarray(row, np.float32) for row in value])
+    if isinstance(value, list) or (isinstance(value, np.ndarray) and value.dtype == object):
+        return np.stack([np.asarray(row, np.float32) for row in value])
+    return np.asarray(value, np.float32)
 
 
 def _record(value) -> dict:
@@ -94,7 +93,8 @@ def signature(inference_steps: int):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Array, ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-    image, images = Array(Array(DataType.float)), Array(Array(Array(DataType.float)))
+    # double: JSON and Python floats are 64-bit, and MLflow refuses to narrow them
+    image, images = Array(Array(DataType.double)), Array(Array(Array(DataType.double)))
     inputs = Schema([ColSpec(DataType.string, "case_id"), ColSpec(image, "baseline"),
                      ColSpec(DataType.double, "horizon_days"), ColSpec(DataType.string, "ehr", required=False)])
     outputs = Schema([ColSpec(DataType.string, "case_id"), ColSpec(image, "mean"), ColSpec(image, "variance"),
