@@ -6,6 +6,7 @@ registered version gets the alias asked for (what the RayService serves: @champi
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from importlib.metadata import packages_distributions
@@ -18,6 +19,7 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
+import cohortcast
 from conftest import forecaster_config
 
 from cohortcast.config.models import SchedulerConfig
@@ -62,6 +64,9 @@ def samples(model, **params) -> np.ndarray:
 
 
 def test_params_reach_the_forecaster(logged, caplog):
+    import logging
+
+    logging.getLogger("mlflow").addHandler(caplog.handler)  # MLflow's loggers do not propagate
     model = logged["model"]
     params = model.metadata.get_params_schema()
     assert {p.name: p.default for p in params.params} == {"num_samples": 4, "seed": 0, "steps": 3}
@@ -71,6 +76,7 @@ def test_params_reach_the_forecaster(logged, caplog):
     assert not np.allclose(first, samples(model, num_samples=2, seed=2, steps=2))  # another seed
     assert samples(model, num_samples=3, seed=1, steps=2).shape == (2, 3, 32, 32)
     assert not np.allclose(first, samples(model, num_samples=2, seed=1, steps=1))  # steps count
+    logging.getLogger("mlflow").removeHandler(caplog.handler)
     assert "Ignoring provided params" not in caplog.text
 
 
@@ -95,7 +101,8 @@ def test_requirements_cover_what_the_model_code_imports():
         [sys.executable, "-c", "import sys, cohortcast.tracking.forecaster_pyfunc, cohortcast.models.forecaster; "
                                "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
                                "if n.split('.')[0] == 'cohortcast' and getattr(m, '__file__', None)))"],
-        capture_output=True, text=True, check=True).stdout.split()
+        capture_output=True, text=True, check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(cohortcast.__file__).parents[1])}).stdout.split()
     distributions = packages_distributions()
     wanted = {name.lower() for name in MODEL_REQUIREMENTS}
     missing = set()
