@@ -126,8 +126,8 @@ def test_alias_points_at_the_registered_version(logged):
 
     client = MlflowClient(logged["uri"])
     assert logged["info"].registered_model_version == 1
-    assert client.get_model_version_by_alias("namd-pyfunc-test", "champion").version == "1"
+    assert str(client.get_model_version_by_alias("namd-pyfunc-test", "champion").version) == "1"
     set_alias("namd-pyfunc-test", 1, "staging", tracking_uri=logged["uri"])
-    assert client.get_model_version_by_alias("namd-pyfunc-test", "staging").version == "1"
+    assert str(client.get_model_version_by_alias("namd-pyfunc-test", "staging").version) == "1"
     with pytest.raises(ValueError, match="registry_name"):
         log_forecaster(str(logged["local"]), registry_name=None, alias="champion")
