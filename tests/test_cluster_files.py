@@ -72,3 +72,16 @@ def test_rayservice_serves_the_application_of_the_serve_config(monkeypatch):
     scaling = model._deployment_config.autoscaling_config
     assert (scaling.min_replicas, scaling.max_replicas) == (1, 4) and scaling.target_ongoing_requests == 16
     assert model.ray_actor_options["num_gpus"] == 1
+
+
+def test_training_job_sets_the_alias_the_service_serves():
+    """The RayService serves models:/<name>@champion: the RayJob must register under that
+    name and point that alias at what it registers (issue 13: nothing set it)."""
+    job = yaml.safe_load((ROOT / "cluster/rayjob-train-namd.yaml").read_text())
+    argv = shlex.split(job["spec"]["entrypoint"])
+    trained = load_config(ROOT / argv[argv.index("--config") + 1],
+                          [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    service = yaml.safe_load((ROOT / "cluster/rayservice-forecast.yaml").read_text())
+    spec = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
+    served = load_config(ROOT / spec["args"]["config"], spec["args"]["set"])
+    assert served.serve.forecaster == f"models:/{trained.mlflow.registry_name}@{trained.mlflow.registry_alias}"

@@ -152,7 +152,7 @@ def test_guidance_scale_changes_the_forecast(forecaster):
 def test_save_load_round_trip(forecaster, tmp_path):
     forecaster.save(tmp_path / "fc")
     meta = json.loads((tmp_path / "fc" / "forecaster.json").read_text())
-    assert meta["format_version"] == 2 and meta["llm"]["model_type"] == "gemma3_text"
+    assert meta["format_version"] == 3 and meta["llm"]["model_type"] == "gemma3_text"
     assert meta["config"]["vae"]["scaling_factor"] == 1.0 and meta["config"]["denoiser"]["change_scale"] == 1.0
     assert (tmp_path / "fc" / "scheduler" / "scheduler_config.json").is_file()
     loaded = Forecaster.load(tmp_path / "fc")

@@ -174,3 +174,69 @@ def test_cohort_job_runs_the_batch_forecast(service, tiny_ingested):
     assert status["summary"]["finished"] == status["summary"]["cases"] > 0
     assert status["summary"]["num_samples"] == 1
     assert status["output"] == job_id and str(tiny_ingested) not in str(status)  # no server paths in answers
+
+
+def test_study_upload_is_cut_as_the_model_was_trained(service, tiny_cohort, tmp_path):
+    """Issue 13: a Forecaster saved with its 32 px / 1.5 mm / (-1100, 500) HU preprocessing,
+    served with the default (64 px) ingest config, crops uploads as it was trained: 200,
+    the crop ingestion cuts with those settings (same content-hash case id), the NIfTI on
+    the model's spacing and HU window. Before, every upload was a 500 (ingest.crop_size 64)."""
+    from ray import serve
+
+    from cohortcast.config import IngestConfig
+    from cohortcast.data.nifti_reader import read_nifti
+    from cohortcast.data.study_processing import process_study
+    from cohortcast.inference.forecast_outputs import to_hu
+    from cohortcast.models.preprocessing import CropPreprocessing
+    from cohortcast.serving.app import build_app
+    from conftest import forecaster_config
+    from test_serving_studies import settings, tasks_by_format
+
+    trained = IngestConfig(crop_size=32, crop_spacing_mm=1.5, hu_window=(-1100.0, 500.0))
+    torch.manual_seed(0)
+    model = Forecaster(forecaster_config(scheduler=SchedulerConfig(micro_batch=4)),
+                       preprocessing=CropPreprocessing.from_ingest(trained))
+    model.save(tmp_path / "model")
+    cfg = ServeConfig(forecaster=str(tmp_path / "model"), default_samples=2, max_samples=4, default_steps=2,
+                      max_steps=5, num_cpus=0)  # no CPU reserved: the cohort-job test needs the session's CPUs
+    serve.run(build_app(cfg, ingest=IngestConfig()), name="geometry", route_prefix="/geometry")
+    try:
+        assert IngestConfig().crop_size == 64
+        info = requests.get(f"{service}/geometry/v1/model", timeout=30).json()
+        assert info["preprocessing"] == CropPreprocessing.from_ingest(trained).to_dict()
+        task = tasks_by_format(tiny_cohort)["nifti"]
+        path = Path(task["path"])
+        form = {"request": settings(task, num_samples=2, steps=2, seed=3).model_dump_json()}
+        files = [("study", (path.name, path.read_bytes()))]
+        answer = requests.post(f"{service}/geometry/v1/forecast/study", data=form, files=files, timeout=120)
+        assert answer.status_code == 200, answer.text
+        study = answer.json()
+        assert decode_npy(study["samples_npy_b64"], "s").shape == (2, 32, 32) and study["crop_spacing_mm"] == 1.5
+        crop = process_study(task, trained)["crops"][0]
+        direct = requests.post(f"{service}/geometry/v1/forecast", timeout=120, json={
+            "crop_npy_b64": encode_npy(crop), "horizon_days": 365, "num_samples": 2, "steps": 2, "seed": 3})
+        assert direct.json()["case_id"] == study["case_id"]  # the very crop ingestion cut with the model's settings
+        download = requests.post(f"{service}/geometry/v1/forecast/study?format=nifti", data=form, files=files,
+                                 timeout=120)
+        with zipfile.ZipFile(io.BytesIO(download.content)) as archive:
+            archive.extractall(tmp_path / "nifti")
+        mean = read_nifti(tmp_path / "nifti" / "mean.nii.gz")
+        np.testing.assert_allclose(mean.spacing[:2], [1.5, 1.5])
+        np.testing.assert_allclose(mean.array[0], to_hu(decode_npy(study["mean_npy_b64"], "m"), (-1100.0, 500.0),
+                                                        "minus_one_one"), atol=1e-2)
+    finally:
+        serve.delete("geometry")
+
+
+def test_old_bundle_without_preprocessing_and_a_mismatched_ingest_is_a_clear_503(service, tiny_cohort):
+    """The `secure` app serves a format-2-style Forecaster (no preprocessing, 32 px) with
+    the default 64 px ingest config: the fallback refuses with 503 (the service's set-up, not the request), saying why."""
+    from test_serving_studies import settings, tasks_by_format
+
+    task = tasks_by_format(tiny_cohort)["nifti"]
+    path = Path(task["path"])
+    answer = requests.post(f"{service}/secure/v1/forecast/study", headers={"Authorization": "Bearer s3cret"},
+                           data={"request": settings(task).model_dump_json()},
+                           files=[("study", (path.name, path.read_bytes()))], timeout=60)
+    assert answer.status_code == 503, answer.text  # a service set-up problem, not the client's
+    assert "saved without its crop preprocessing" in answer.json()["error"]

@@ -147,6 +147,8 @@ def _merged_section(default: Any, update: dict[str, Any]) -> dict[str, Any]:
 
 
 def _join(prefix: str, key: Any) -> str:
+    # A prefix given with its separator ("model.denoiser.") must not double the dot.
+    prefix = prefix.rstrip(".")
     return f"{prefix}.{key}" if prefix else str(key)
 
 

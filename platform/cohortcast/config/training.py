@@ -134,12 +134,19 @@ class TrainingConfig:
 class MLflowConfig:
     """Where runs go. MLFLOW_TRACKING_URI (environment) wins over `tracking_uri`; with
     neither, a local store under the working directory: `<workdir>/mlruns` (SQLite
-    backend + artifact folder). `registry_name` registers the final Forecaster."""
+    backend + artifact folder). `registry_name` registers the final Forecaster;
+    `registry_alias` (e.g. "champion", what cluster/rayservice-forecast.yaml serves) then
+    points at the version just registered."""
 
     enabled: bool = True
     experiment: str = "cohortcast-namd"
     tracking_uri: str | None = None
     registry_name: str | None = None
+    registry_alias: str | None = None
+
+    def validate(self) -> None:
+        _require(self.registry_alias is None or bool(self.registry_name), "registry_alias",
+                 "needs mlflow.registry_name (an alias names a registered model's version)")
 
 
 @dataclass

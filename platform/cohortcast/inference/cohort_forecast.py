@@ -48,6 +48,50 @@ class ForecastSettingsMismatch(ValueError):
     """The output folder holds cases forecast with other settings."""
 
 
+class PreprocessingMismatch(ValueError):
+    """The ingested cohort's crops are not cut as the Forecaster's training crops were."""
+
+
+def cohort_preprocessing(forecaster: str, card: dict[str, Any]):
+    """The crop preprocessing to forecast with: the Forecaster's own, which the ingested
+    cohort must match (PreprocessingMismatch otherwise); for a Forecaster saved without
+    it (format 2), the cohort's, with a warning."""
+    from cohortcast.models.forecaster import read_preprocessing
+    from cohortcast.models.preprocessing import CropPreprocessing
+
+    cohort = CropPreprocessing.from_ingest(card["config"])
+    model = read_preprocessing(forecaster)
+    if model is None:
+        log.warning("Forecaster %s carries no crop preprocessing (saved before format 3): assuming the ingested "
+                    "cohort's (%s)", forecaster, cohort.to_dict())
+        return cohort
+    differences = model.differences(cohort)
+    if differences:
+        raise PreprocessingMismatch(
+            f"the Forecaster's training crops and the ingested cohort {card['config'].get('output')} differ "
+            f"(Forecaster vs cohort: {'; '.join(differences)}); ingest the cohort with the Forecaster's settings "
+            "(`cohortcast forecast` over a manifest does this) or forecast with a matching Forecaster")
+    return model
+
+
+def ingest_for_forecaster(ingest, forecaster: str):
+    """The ingest config with the Forecaster's crop preprocessing (unchanged for a
+    Forecaster saved without it): a cohort ingested for forecasting is cut as the model's
+    training crops were, whatever the config's ingest section says."""
+    from cohortcast.models.forecaster import read_preprocessing
+
+    model = read_preprocessing(forecaster)
+    if model is None:
+        return ingest
+    from cohortcast.models.preprocessing import CropPreprocessing
+
+    differences = CropPreprocessing.from_ingest(ingest).differences(model)
+    if differences:
+        log.info("ingesting with the Forecaster's crop preprocessing (config vs Forecaster: %s)",
+                 "; ".join(differences))
+    return model.applied_to(ingest)
+
+
 def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str, Any]:
     """Everything a finished case depends on: the Forecaster (its stage key when it was
     trained by train_namd), sampling settings, the split and the ingested data."""
@@ -119,9 +163,10 @@ class CaseForecaster:
 
         self.model = Forecaster.load(forecaster, llm_path=llm_path)
         self.job, self.cases = job, Path(job.output) / "cases"
-        config = ingest_card["config"]
-        self.hu_window, self.normalise = tuple(config["hu_window"]), config["normalise"]
-        self.spacing = float(config["crop_spacing_mm"])
+        # The model's preprocessing (run_cohort_forecast checked the cohort matches it).
+        geometry = cohort_preprocessing(forecaster, ingest_card)
+        self.hu_window, self.normalise = geometry.hu_window, geometry.normalise
+        self.spacing = geometry.crop_spacing_mm
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import torch
@@ -198,6 +243,7 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
     from cohortcast.data.atomic import clear_stale_temps, write_text_atomic
 
     card = json.loads((Path(job.ingested) / "card.json").read_text())
+    cohort_preprocessing(job.forecaster, card)  # before any work: a mismatch is a clear error
     output = Path(job.output)
     (output / "cases").mkdir(parents=True, exist_ok=True)
     check_settings(output, forecast_settings(job, card))
@@ -238,7 +284,8 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
 def forecast_cohort(cfg) -> dict[str, Any]:
     """The forecasting job for a whole config: paths resolved, Ray started, `forecast` run.
     Over a manifest: when `forecast.ingested` is the config's `ingest.output` and the
-    manifest exists, the cohort is ingested first (reused when up to date)."""
+    manifest exists, the cohort is ingested first (reused when up to date), its crops cut
+    with the Forecaster's own preprocessing."""
     from cohortcast.config.paths import resolve_paths
     from cohortcast.ray_runtime import ensure_ray
 
@@ -247,7 +294,7 @@ def forecast_cohort(cfg) -> dict[str, Any]:
     if cfg.forecast.ingested == cfg.ingest.output and Path(cfg.ingest.manifest).exists():
         from cohortcast.data.ingest import run_ingest
 
-        run_ingest(cfg.ingest, cfg.privacy, cfg.ray)
+        run_ingest(ingest_for_forecaster(cfg.ingest, cfg.forecast.forecaster), cfg.privacy, cfg.ray)
     return run_cohort_forecast(cfg.forecast, llm_path=cfg.model.conditioner.llm_path)
 
 

@@ -4,7 +4,8 @@ serving all use this object.
 
 Folder layout:
     forecaster.json      format version, cohortcast version, the ForecasterConfig, shapes,
-                         the identity of the frozen LLM (its weights are not copied)
+                         the identity of the frozen LLM (its weights are not copied), the
+                         crop preprocessing it was trained with (models.preprocessing)
     model.safetensors    every trainable tensor (VAE, probe, temporal, denoiser, soft prompts)
     scheduler/           diffusers DDIM scheduler config
 """
@@ -12,6 +13,7 @@ Folder layout:
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,13 +31,16 @@ from cohortcast.models.conditioner import SoftPromptConditioner
 from cohortcast.models.denoiser import ConditionalDenoiser
 from cohortcast.models.ehr_structured import EHR_VECTOR_SIZE, StructuredEHREncoder
 from cohortcast.models.errors import ForecasterLoadError  # noqa: F401 - re-exported
+from cohortcast.models.preprocessing import CropPreprocessing
 from cohortcast.models.schedulers import inference_scheduler, train_scheduler
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.vae import NoduleVAE
 
 # 2: scaling factor, change target and EHR encoder kind in the config; Forecast latents
-# are follow-up latents.
-FORMAT_VERSION = 2
+# are follow-up latents. 3: "preprocessing", the crop geometry and intensity scaling of
+# the training crops (null when unknown). Version 2 folders still load, without it.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 CONFIG_FILE, WEIGHTS_FILE = "forecaster.json", "model.safetensors"
 
 
@@ -47,6 +52,8 @@ class Forecast:
     latents: torch.Tensor  # (B, N, c, h, w) forecast diffusion latents (follow-up, not change)
     baseline_latent: torch.Tensor  # (B, c, h, w) the baseline's diffusion latent
 
+
+log = logging.getLogger(__name__)
 
 EHRRecords = Sequence[Mapping[str, Any]]
 
@@ -68,10 +75,40 @@ def _llm_identity(conditioner) -> dict | None:
             "vocab_size": conditioner.lm.get_input_embeddings().num_embeddings}
 
 
+def check_preprocessing(preprocessing: CropPreprocessing | None, cfg: ForecasterConfig) -> None:
+    """The crops must be the VAE's input size: the temporal encoder's width depends on it."""
+    if preprocessing is not None and preprocessing.crop_size != cfg.vae.sample_size:
+        raise ValueError(f"preprocessing.crop_size {preprocessing.crop_size} does not match the Forecaster's "
+                         f"model.vae.sample_size {cfg.vae.sample_size}")
+
+
+def _read_meta(folder: Path) -> dict:
+    if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
+        raise ForecasterLoadError(f"{folder}: not a Forecaster folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
+    meta = json.loads((folder / CONFIG_FILE).read_text())
+    if meta.get("format_version") not in READABLE_VERSIONS:
+        raise ForecasterLoadError(f"{folder}: format version {meta.get('format_version')} (written by cohortcast "
+                                  f"{meta.get('cohortcast_version')}); this cohortcast {__version__} reads "
+                                  f"versions {list(READABLE_VERSIONS)}")
+    return meta
+
+
+def read_preprocessing(folder: str | Path) -> CropPreprocessing | None:
+    """The crop preprocessing saved with a Forecaster folder, without loading its weights;
+    None for a folder saved before it was recorded (format 2) or without it."""
+    saved = _read_meta(Path(folder)).get("preprocessing")
+    return CropPreprocessing.from_dict(saved) if saved else None
+
+
 class Forecaster(nn.Module):
-    def __init__(self, cfg: ForecasterConfig, conditioner: nn.Module | None = None):
+    def __init__(self, cfg: ForecasterConfig, conditioner: nn.Module | None = None,
+                 preprocessing: CropPreprocessing | None = None):
         super().__init__()
         self.cfg = cfg
+        # How input crops are cut and scaled (saved with the model); None = unknown
+        # (a format-2 folder): callers then fall back to their own ingest settings.
+        check_preprocessing(preprocessing, cfg)
+        self.preprocessing = preprocessing
         self.vae = NoduleVAE(cfg.vae)
         self.conditioner = conditioner if conditioner is not None else build_ehr_encoder(cfg.conditioner)
         side = cfg.vae.latent_side
@@ -197,10 +234,12 @@ class Forecaster(nn.Module):
     # ----- persistence -------------------------------------------------------------
     def save(self, folder: str | Path) -> None:
         """Write the folder atomically (temp name, then rename)."""
+        check_preprocessing(self.preprocessing, self.cfg)  # it may have been set after __init__
         with atomic_folder(folder, overwrite=True) as tmp:
             meta = {"format_version": FORMAT_VERSION, "cohortcast_version": __version__,
                     "config": to_dict(self.cfg), "latent_shape": list(self.latent_shape),
-                    "llm": _llm_identity(self.conditioner)}
+                    "llm": _llm_identity(self.conditioner),
+                    "preprocessing": self.preprocessing.to_dict() if self.preprocessing else None}
             (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
             save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}, str(tmp / WEIGHTS_FILE))
             self.inference_scheduler().save_pretrained(str(tmp / "scheduler"))
@@ -209,13 +248,7 @@ class Forecaster(nn.Module):
     def load(cls, folder: str | Path, llm_path: str | None = None, map_location: str = "cpu") -> "Forecaster":
         """Rebuild from `folder`; `llm_path` overrides where the frozen LLM is on this machine."""
         folder = Path(folder)
-        if not (folder / CONFIG_FILE).is_file() or not (folder / WEIGHTS_FILE).is_file():
-            raise ForecasterLoadError(f"{folder}: not a Forecaster folder (needs {CONFIG_FILE} and {WEIGHTS_FILE})")
-        meta = json.loads((folder / CONFIG_FILE).read_text())
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ForecasterLoadError(f"{folder}: format version {meta.get('format_version')} (written by cohortcast "
-                                      f"{meta.get('cohortcast_version')}); this cohortcast {__version__} reads "
-                                      f"version {FORMAT_VERSION}")
+        meta = _read_meta(folder)
         cfg = from_dict(ForecasterConfig, meta["config"])
         if llm_path and meta.get("llm"):  # a Forecaster trained without an LLM ignores it
             cfg.conditioner.llm_path = llm_path
@@ -236,4 +269,9 @@ class Forecaster(nn.Module):
             raise ForecasterLoadError(f"{folder}: weights do not fit the config ({len(problems)} problem(s)): "
                                       + "; ".join(problems[:5]))
         model.load_state_dict(state)
+        if meta.get("preprocessing"):
+            model.preprocessing = CropPreprocessing.from_dict(meta["preprocessing"])
+        else:
+            log.warning("%s: saved without its crop preprocessing (format %s); callers use their own ingest "
+                        "settings, which must match the training crops", folder, meta.get("format_version"))
         return model.eval()

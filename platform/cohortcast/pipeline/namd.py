@@ -189,8 +189,20 @@ class NAMDJob:
                                  "validation": t.validation},
                                 lambda: {"train": latent_dataset(cache["path"], "train"),
                                          "val": latent_dataset(cache["path"], "val")},
-                                export, flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser,
-                                                                                                "model.denoiser."))
+                                export,
+                                flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"))
+
+    def training_preprocessing(self, cache: dict):
+        """The crop preprocessing of the cohort the latent cache was encoded from: its
+        ingest card, else (a cache card without the cohort's path) this job's ingest config."""
+        from cohortcast.models.preprocessing import CropPreprocessing
+
+        ingested = cache.get("ingested")
+        if ingested and (Path(ingested) / "card.json").is_file():
+            return CropPreprocessing.from_ingested(ingested)
+        log.warning("latent cache %s names no ingested cohort card: recording the Forecaster's crop preprocessing "
+                    "from the config's ingest section", cache.get("path"))
+        return CropPreprocessing.from_ingest(self.cfg.ingest)
 
     def ldm_cond_key(self, cache: dict, denoiser_folder: Path, name: str = "ldm_cond") -> str:
         t, m = self.cfg.training, self.cfg.model
@@ -232,6 +244,8 @@ class NAMDJob:
             wrong = [k for k in missing if not k.startswith("vae.")] + list(unexpected)  # frozen VAE: from stage a
             if wrong:
                 raise RuntimeError(f"stage-d checkpoint does not fit the Forecaster: {wrong[:5]}")
+            # Serving and cohort forecasting cut their crops as the training crops were cut.
+            forecaster.preprocessing = self.training_preprocessing(cache)
             forecaster.save(folder)
 
         loop_config = {"stage": stage, "model": model, "vae_folder": str(vae_folder),
@@ -303,7 +317,7 @@ def run_namd(cfg: CohortcastConfig) -> NAMDReport:
 
             trained = next(r for r in job.reports if r.name == "ldm_cond").status == "trained"
             if trained:
-                log_forecaster(str(forecaster), cfg.mlflow.registry_name)
+                log_forecaster(str(forecaster), cfg.mlflow.registry_name, cfg.mlflow.registry_alias)
             runs.client.set_tag(runs.parent_id, "cohortcast.forecaster", str(forecaster))
         return NAMDReport(job.reports, str(forecaster) if forecaster else None, runs.location(), runs.parent_id)
 

@@ -38,6 +38,7 @@ from cohortcast import __version__
 from cohortcast.config.serving import ServeConfig
 from cohortcast.serving.cohort_jobs import (CohortJob, CohortRequest, CohortStatus, cohort_status, job_client,
                                             submit_cohort)
+from cohortcast.serving.model_source import study_preprocessing
 from cohortcast.serving.requests import (ErrorBody, ForecastRequest, RequestError, forecast_answer, prepare,
                                          prepare_crop)
 from cohortcast.serving.studies import StudyForecastRequest, StudyLimits, Upload, nifti_zip, study_crop
@@ -243,25 +244,26 @@ class ForecastAPI:
         self._check_token(authorization)
         settings = _study_settings(request)
         info = await self.info()
-        if [self.ingest.crop_size] * 2 != list(info["crop_shape"]):
-            raise RequestError(None, f"service misconfigured: ingest.crop_size {self.ingest.crop_size}, but the "
-                                     f"Forecaster takes {info['crop_shape']} crops", status=503)
+        # Crop geometry and intensity scaling: the model's own (ingest only for old bundles).
+        geometry, problem = study_preprocessing(info, self.ingest)
+        if problem:
+            raise RequestError(None, problem, status=503)
         limit = int(self.cfg.max_upload_mb * 2**20)
         uploads = await _read_bounded(study, limit)
         # File IO, decompression and resampling block: off the event loop.
-        cut = await run_in_threadpool(study_crop, uploads, settings, self.ingest, limit,
+        cut = await run_in_threadpool(study_crop, uploads, settings, geometry, limit,
                                       StudyLimits.from_config(self.cfg))
         item = await run_in_threadpool(prepare_crop, cut.crop, settings, tuple(info["crop_shape"]), self.cfg,
                                        info["uses_ehr"], "study")
         result = await self._model_call("forecast", item)
         if output_format == "nifti":
             payload = await run_in_threadpool(nifti_zip, result["mean"], result["variance"], result["samples"],
-                                              cut.center_lps_mm, self.ingest)
+                                              cut.center_lps_mm, geometry)
             return Response(payload, media_type="application/zip", headers={
                 "Content-Disposition": f'attachment; filename="forecast-{item.case_id}.zip"'})
         answer = await run_in_threadpool(forecast_answer, item, result)
         return {**answer, "center_lps_mm": [float(v) for v in cut.center_lps_mm],
-                "crop_spacing_mm": self.ingest.crop_spacing_mm}
+                "crop_spacing_mm": geometry.crop_spacing_mm}
 
     @app.post("/v1/cohorts", status_code=202, responses={202: {"model": CohortJob}, **_errors(400, 401, 403, 422, 503)})
     async def submit(self, request: CohortRequest, authorization: str | None = Header(default=None)):
@@ -279,8 +281,8 @@ class ForecastAPI:
 
 def build_app(cfg: ServeConfig, llm_path: str | None = None, token: str | None = None, ingest=None):
     """The Serve application: ForecastAPI (ingress) -> ForecastModel (batching).
-    `ingest`: how the Forecaster's training crops were cut (IngestConfig; default: the
-    factory settings), used to crop uploaded studies."""
+    `ingest`: how uploaded studies are cropped for a Forecaster saved without its own
+    crop preprocessing (format 2; IngestConfig, default: the factory settings)."""
     from cohortcast.config import IngestConfig
     from cohortcast.serving.forecast_model import ForecastModel
 

@@ -130,8 +130,10 @@ class ForecastModel:
 
     def info(self) -> dict[str, Any]:
         side = self.model.cfg.vae.sample_size
+        preprocessing = self.model.preprocessing
         return {**self.source.info(), "crop_shape": [side, side], "uses_ehr": self.model.conditioner is not None,
-                "evaluator": self.evaluator is not None}
+                "evaluator": self.evaluator is not None,
+                "preprocessing": preprocessing.to_dict() if preprocessing is not None else None}
 
     async def forecast(self, item: PreparedRequest) -> dict[str, Any]:
         self._in_flight += 1

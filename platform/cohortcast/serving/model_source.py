@@ -5,9 +5,12 @@ Model info reports the version and run, so an answer can be traced to its traini
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -20,7 +23,10 @@ class ForecasterSource:
     def info(self) -> dict[str, Any]:
         from cohortcast.pipeline.stage_outputs import read_marker
 
-        return {"forecaster": self.location, "model_version": (read_marker(self.folder) or {}).get("key"),
+        # A registry URI is what the operator configured; a local folder is named, not
+        # located (server paths are not echoed to clients).
+        shown = self.location if _is_uri(self.location) else Path(self.location).name
+        return {"forecaster": shown, "model_version": (read_marker(self.folder) or {}).get("key"),
                 "mlflow_run_id": self.mlflow_run_id, "registered_model": self.registered or None}
 
 
@@ -68,3 +74,25 @@ def resolve_forecaster(location: str, download_root: str | Path | None = None) -
         raise ValueError(f"{location} is an MLflow model without a {ARTIFACT!r} artifact: not a cohortcast Forecaster")
     return ForecasterSource(location, local / artifacts[ARTIFACT]["path"], mlflow_run_id=model.run_id,
                             registered=_registered(location))
+
+
+_warned_fallback: set[str] = set()
+
+
+def study_preprocessing(info: dict[str, Any], ingest) -> tuple[Any, str | None]:
+    """How to crop an uploaded study for this Forecaster: (settings, None), or (None, why
+    the service cannot). The settings saved with the model come first; a Forecaster saved
+    without them (format 2) falls back to the service's `ingest` config, with a warning,
+    and only when its crop size is the model's."""
+    from cohortcast.models.preprocessing import CropPreprocessing
+
+    if info.get("preprocessing"):
+        return CropPreprocessing.from_dict(info["preprocessing"]), None
+    if [ingest.crop_size] * 2 != list(info["crop_shape"]):
+        return None, (f"service misconfigured: the Forecaster was saved without its crop preprocessing and "
+                      f"ingest.crop_size {ingest.crop_size} does not fit its {info['crop_shape']} crops")
+    if info.get("forecaster") not in _warned_fallback:
+        _warned_fallback.add(info.get("forecaster"))
+        log.warning("Forecaster %s carries no crop preprocessing (saved before format 3): study uploads are cut "
+                    "with the service's ingest settings, which must be the training ones", info.get("forecaster"))
+    return CropPreprocessing.from_ingest(ingest), None
