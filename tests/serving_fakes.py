@@ -25,6 +25,7 @@ class FakeForecaster:
     blocking work per call (a stand-in for DDIM), the calling threads recorded."""
 
     conditioner = None
+    preprocessing = None  # a Forecaster saved before its crop settings were (format 2)
 
     def __init__(self, delay: float = 0.0):
         self.delay, self.threads = delay, []
