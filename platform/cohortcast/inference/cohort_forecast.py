@@ -190,7 +190,8 @@ class CaseForecaster:
             self._write(batch, i, case_id, forecast.mean[i, 0].numpy(), forecast.variance[i, 0].numpy(),
                         forecast.samples[i, :, 0].numpy(), {k: v[i] for k, v in latents.items()})
         seconds = (time.perf_counter() - started) / len(ids)
-        return {"case_id": np.asarray(ids), "seconds": np.full(len(ids), seconds)}
+        return {"case_id": np.asarray(ids), "seconds": np.full(len(ids), seconds),
+                "torch_threads": np.full(len(ids), torch.get_num_threads())}
 
     def _write(self, batch, i: int, case_id: str, mean, variance, samples, extra: dict[str, np.ndarray]) -> None:
         import pyarrow as pa
@@ -261,7 +262,7 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
     log.info("%d cases in split %r: %d already forecast, %d to do", total, job.split, len(done & _keys(cases)),
              n_pending)
     started = time.perf_counter()
-    seconds = []
+    seconds, threads = [], []
     if n_pending:
         cpus = float(ray.cluster_resources().get("CPU", 1))
         results = pending.map_batches(
@@ -269,14 +270,18 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
             compute=ray.data.ActorPoolStrategy(size=job.actors), batch_format="numpy",
             # leave a CPU for the read/filter tasks feeding the actors (see latent_cache)
             num_cpus=max(0.1, min(1.0, (cpus - 1.0) / job.actors)))
-        seconds = [float(s) for s in results.to_pandas()["seconds"]]
+        results = results.to_pandas()
+        seconds, threads = [float(s) for s in results["seconds"]], sorted(set(results["torch_threads"].tolist()))
     wall = time.perf_counter() - started
     finished = finished_cases(output)
     summary = {"split": job.split, "cases": total, "forecast_this_run": len(seconds),
                "finished": len(finished & _keys(cases)), "num_samples": job.num_samples,
                "inference_steps": job.inference_steps, "seed": job.seed, "wall_seconds": wall,
                "cases_per_s": len(seconds) / wall if seconds else 0.0,
-               "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0}
+               "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0,
+               # time inside the actors (model + writes) per case: against wall * actors / cases
+               # it tells a slow model from a starved pipeline
+               "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0, "actor_torch_threads": threads}
     write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
     return summary
 
