@@ -2,7 +2,7 @@
 
     python benchmarks/ddim_batching.py [--samples 20] [--steps 50] [--repeats 2]
 
-Both paths call cohortcast.inference.sampler (the batched one as the Forecaster does,
+Both paths call cohortcast.models.sampler (the batched one as the Forecaster does,
 in fixed micro-batches of N; the loop one sample at a time). Peak memory is measured in
 separate child processes: RSS high-water mark during the forecast minus RSS before it.
 Record the output in benchmarks/RESULTS.md.
@@ -35,7 +35,7 @@ def _setup(crop: int):
 
 
 def run(mode: str, samples: int, steps: int, crop: int) -> float:
-    from cohortcast.inference.sampler import forecast_latents
+    from cohortcast.models.sampler import forecast_latents
 
     model, baseline, context = _setup(crop)
     scheduler = model.inference_scheduler()

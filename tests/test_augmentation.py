@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from cohortcast.config.models import VAEConfig
-from cohortcast.data.latent_cache import LatentEncoder
 from cohortcast.data.manifest import EHR_FEATURES
 from cohortcast.data.transforms import NUM_ORIENTATIONS, dihedral_orientation
+from cohortcast.evaluation.evaluator_stage import dihedral
+from cohortcast.inference.latent_cache import LatentEncoder
 from cohortcast.models.vae import NoduleVAE, load_vae, save_vae
-from cohortcast.training.evaluator_stage import dihedral
 from cohortcast.training.trajectories import make_trajectory, sample_targets
 
 

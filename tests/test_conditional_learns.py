@@ -29,8 +29,8 @@ import torch
 
 from cohortcast.config.models import ConditionerConfig, DenoiserConfig, ForecasterConfig, SchedulerConfig, VAEConfig
 from cohortcast.data.manifest import EHR_FEATURES
-from cohortcast.inference.sampler import forecast_latents
 from cohortcast.models.forecaster import Forecaster
+from cohortcast.models.sampler import forecast_latents
 from cohortcast.pipeline.namd import change_scale
 from cohortcast.training.ldm_conditional_stage import ConditionalObjective
 from cohortcast.training.trajectories import make_trajectory, sample_targets

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from cohortcast.config.evaluation import EvaluatorConfig
+from cohortcast.evaluation.evaluator_stage import dihedral, followup_labels, select_followups
 from cohortcast.models.evaluator import MalignancyEvaluator
-from cohortcast.training.evaluator_stage import dihedral, followup_labels, select_followups
 
 
 def test_build_save_load_round_trip(tmp_path):

@@ -111,7 +111,7 @@ def test_stage_params_have_single_dots(monkeypatch):
 
     job = NAMDJob(CohortcastConfig())
     logged = {}
-    monkeypatch.setattr(job, "train_stage", lambda runs, name, key, *args, **kw: logged.setdefault(name, args[4]))
+    monkeypatch.setattr(job.runner, "train", lambda runs, name, key, *args, **kw: logged.setdefault(name, args[4]))
     job.stage_ldm_uncond(None, {"key": "k", "path": "cache"})
     job.stage_vae(None, {"fingerprint": "f", "config": {"output": "ingested"}})
     names = [*logged["ldm_uncond"], *logged["vae"], *flatten(CohortcastConfig())]

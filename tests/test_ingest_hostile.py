@@ -26,10 +26,10 @@ import pytest
 from cohortcast.config import IngestConfig
 from cohortcast.data.errors import StudyError
 from cohortcast.data.manifest import EHR_FEATURES, load_manifest, write_tables
-from cohortcast.data.nifti_reader import write_nifti
 from cohortcast.data.readers import ReadLimits, read_study
-from cohortcast.data.synthetic.dicom_writer import DicomIdentity, write_ct_series
-from cohortcast.data.volume import Volume
+from cohortcast.io.dicom import DicomIdentity, write_ct_series
+from cohortcast.io.nifti import write_nifti
+from cohortcast.io.volume import Volume
 
 # Small limits for the corpus (the tiny cohort's 48 x 48 x 16 studies fit easily),
 # so header-declared sizes can be tested without writing gigabytes.

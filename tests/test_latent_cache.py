@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from cohortcast.config.models import VAEConfig
-from cohortcast.data.latent_cache import build_latent_cache
+from cohortcast.inference.latent_cache import build_latent_cache
 from cohortcast.models.vae import NoduleVAE, load_vae, save_vae
 
 pytestmark = pytest.mark.ray

@@ -10,10 +10,10 @@ from conftest import forecaster_config
 
 from cohortcast.config.models import (ConditionerConfig, DenoiserConfig, ForecasterConfig, SchedulerConfig,
                                        TemporalConfig)
-from cohortcast.inference.sampler import ddim_loop, forecast_latents, sample_seed
 from cohortcast.models.denoiser import ConditionalDenoiser
 from cohortcast.models.ehr_prompt import render_ehr_prompt
 from cohortcast.models.forecaster import Forecaster, ForecasterLoadError
+from cohortcast.models.sampler import ddim_loop, forecast_latents, sample_seed
 from cohortcast.models.schedulers import training_target
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.tiny_llm import write_tiny_gemma3
@@ -296,7 +296,7 @@ def test_fixed_chunks_have_one_memory_layout():
     sampled latents came back channels-last, an unpadded slice kept that layout while a
     padded chunk (torch.cat) was contiguous, and CPU convolutions give other bits for
     the two (a case's forecast then depended on where it fell in the batch)."""
-    from cohortcast.inference.sampler import run_fixed_chunks
+    from cohortcast.models.sampler import run_fixed_chunks
 
     x = torch.randn(6, 4, 8, 8).to(memory_format=torch.channels_last)
     layouts = []

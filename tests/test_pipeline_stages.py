@@ -1,8 +1,9 @@
 """Stage skip markers and the job summary's loss figures (no Ray)."""
 
 from cohortcast.config.training import StageConfig
-from cohortcast.pipeline import stage_outputs as outputs
-from cohortcast.pipeline.namd import NAMDReport, StageReport, format_report, loss_ends
+from cohortcast.io import stage_outputs as outputs
+from cohortcast.pipeline.namd import NAMDReport, format_report
+from cohortcast.training.stage_runner import StageReport, loss_ends
 
 
 def test_stage_key_changes_with_any_input():

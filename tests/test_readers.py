@@ -17,10 +17,11 @@ from cohortcast.data.errors import (
     CorruptFileError, EmptySeriesError, MissingPathError, MissingPixelDataError, MixedSeriesError,
     ModalityMismatchError, NotDicomError, SliceGeometryError,
 )
-from cohortcast.data.nifti_reader import read_nifti, write_nifti
+from cohortcast.data.nifti_reader import read_nifti
 from cohortcast.data.readers import read_study
-from cohortcast.data.synthetic.dicom_writer import DicomIdentity, write_ct_series
-from cohortcast.data.volume import RAS_TO_LPS, Volume
+from cohortcast.io.dicom import DicomIdentity, write_ct_series
+from cohortcast.io.nifti import write_nifti
+from cohortcast.io.volume import RAS_TO_LPS, Volume
 
 NIBABEL_DATA = Path(nib.__file__).parent / "tests" / "data"
 

@@ -23,10 +23,10 @@ from hypothesis import strategies as st
 
 from cohortcast.data.errors import StudyError
 from cohortcast.data.manifest import SCHEMA, ManifestError, validate_manifest
-from cohortcast.data.nifti_reader import write_nifti
 from cohortcast.data.readers import ReadLimits, read_study
-from cohortcast.data.synthetic.dicom_writer import DicomIdentity, write_ct_series
-from cohortcast.data.volume import Volume
+from cohortcast.io.dicom import DicomIdentity, write_ct_series
+from cohortcast.io.nifti import write_nifti
+from cohortcast.io.volume import Volume
 
 PROPERTY = settings(max_examples=60, deadline=None, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

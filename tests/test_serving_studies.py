@@ -142,8 +142,8 @@ def test_forecaster_from_an_mlflow_model_uri(tmp_path, monkeypatch):
     import mlflow
 
     from cohortcast.config.models import ForecasterConfig
+    from cohortcast.io.stage_outputs import write_marker
     from cohortcast.models.forecaster import Forecaster
-    from cohortcast.pipeline.stage_outputs import write_marker
     from cohortcast.serving.model_source import resolve_forecaster
     from cohortcast.tracking.forecaster_pyfunc import log_forecaster
 

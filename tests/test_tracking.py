@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 from cohortcast.config import CohortcastConfig
 from cohortcast.config.paths import resolve_paths
 from cohortcast.tracking.job_runs import PARENT_TAG, STATUS_TAG, JobRuns, local_store
-from cohortcast.tracking.stage_tracker import StageTracker
+from cohortcast.training.stage_tracker import StageTracker
 
 
 def _exercise(cfg):

@@ -5,7 +5,7 @@ import torch
 
 from cohortcast.config.models import ForecasterConfig, VAEConfig
 from cohortcast.config.training import ScalingSettings, StageConfig
-from cohortcast.data.latent_cache import build_latent_cache
+from cohortcast.inference.latent_cache import build_latent_cache
 from cohortcast.models.vae import NoduleVAE, save_vae
 from cohortcast.training.export import consolidated_state_dict
 from cohortcast.training.ldm_stage import build_denoiser, latent_dataset, ldm_unconditional_worker_loop

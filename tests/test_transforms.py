@@ -3,7 +3,7 @@ import pytest
 
 from cohortcast.data.errors import FindingOutsideImageError
 from cohortcast.data.transforms import axial_crop, check_inside, patch_3d, resample_to_shape, window
-from cohortcast.data.volume import Volume
+from cohortcast.io.volume import Volume
 
 
 def _volume_with_blob(affine, shape=(20, 40, 50), at_ijk=(31, 12, 9)):

@@ -17,7 +17,7 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from cohortcast.evaluation.namd_evaluation import EvaluationError
     from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
     from cohortcast.models.errors import ForecasterLoadError
-    from cohortcast.pipeline.namd import StageNotAvailable
+    from cohortcast.training.stage_runner import StageNotAvailable
     from cohortcast.tuning.sweep import SweepFailed
 
     return (ConfigError, ManifestError, StageNotAvailable, ForecasterLoadError, ForecastSettingsMismatch,

@@ -41,7 +41,7 @@ from cohortcast.data.errors import (
     from_os_error,
 )
 from cohortcast.data.limits import ReadLimits
-from cohortcast.data.volume import Volume, affine_from_dicom
+from cohortcast.io.volume import Volume, affine_from_dicom
 
 # Relative tolerances for slice geometry checks.
 _DUPLICATE_TOL = 1e-3  # slices closer than this fraction of the median step are duplicates

@@ -34,11 +34,11 @@ import pyarrow.parquet as pq
 
 from cohortcast import __version__
 from cohortcast.config import IngestConfig, PrivacyConfig, RayConfig, to_dict
-from cohortcast.data.atomic import atomic_folder, clear_stale_temps, write_text_atomic
 from cohortcast.data.manifest import EHR_FEATURES, NODULE_EHR, PATIENT_EHR, Manifest, load_manifest
 from cohortcast.data.privacy import Pseudonymizer
 from cohortcast.data.split import SPLITS, assign_split
 from cohortcast.data.study_processing import OK, QUARANTINED, process_study
+from cohortcast.io.atomic import atomic_folder, clear_stale_temps, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from cohortcast.data.atomic import atomic_folder
+from cohortcast.io.atomic import atomic_folder
 
 YES_NO = ("Yes", "No")
 ATTENUATIONS = ("Soft Tissue", "Ground Glass", "Part Solid")

@@ -27,7 +27,7 @@ from cohortcast.data.errors import (
     from_os_error,
 )
 from cohortcast.data.limits import ReadLimits, format_size
-from cohortcast.data.volume import RAS_TO_LPS, Volume
+from cohortcast.io.volume import RAS_TO_LPS, Volume
 
 _HEADER_BYTES = 540  # NIfTI-2; NIfTI-1 is 348
 _CHUNK = 1 << 20
@@ -164,11 +164,3 @@ def read_nifti(path: str | Path, modality: str = "CT", limits: ReadLimits | None
     # nibabel arrays are indexed (i, j, k); ours are (k, j, i).
     array = np.ascontiguousarray(np.transpose(data, (2, 1, 0)))
     return Volume(array, RAS_TO_LPS @ affine, modality=modality, metadata={"source": "nifti"})
-
-
-def write_nifti(volume: Volume, path: str | Path, dtype=np.int16) -> None:
-    """Write a Volume as NIfTI (inverse of read_nifti); used by the synthetic cohort."""
-    data = np.transpose(volume.array, (2, 1, 0)).astype(dtype)
-    img = nib.Nifti1Image(data, volume.to_nifti_affine())
-    img.header.set_xyzt_units("mm", "sec")
-    nib.save(img, str(path))

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 
 from cohortcast.data.dicom_reader import read_dicom_file, read_dicom_series
-from cohortcast.data.errors import SliceGeometryError, StudyError, from_os_error
+from cohortcast.data.errors import NonFiniteVoxelsError, SliceGeometryError, StudyError, from_os_error
 from cohortcast.data.limits import ReadLimits
 from cohortcast.data.nifti_reader import is_nifti, read_nifti
-from cohortcast.data.volume import Volume, require_finite
+from cohortcast.io.volume import Volume
 
 __all__ = ["ReadLimits", "read_study"]
 
@@ -35,6 +35,15 @@ def _read(path: Path, modality: str, limits: ReadLimits) -> Volume:
     if is_nifti(path):
         return read_nifti(path, modality=modality, limits=limits)
     return read_dicom_file(path, modality=modality, limits=limits)
+
+
+def require_finite(array: np.ndarray, where, what: str = "voxels") -> None:
+    """NaN/Inf would flow into every crop, patch and volume cut from the image (and
+    through windowing, which clips Inf but keeps NaN): refuse them at the source."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        bad = int(finite.size - np.count_nonzero(finite))
+        raise NonFiniteVoxelsError(where, f"{bad} of {finite.size} {what} are NaN or infinite")
 
 
 def read_study(path: str | Path, modality: str = "CT", limits: ReadLimits | None = None) -> Volume:

@@ -12,7 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from cohortcast.data.errors import FindingOutsideImageError
-from cohortcast.data.volume import Volume
+from cohortcast.io.volume import Volume
 
 AIR_HU = -1024.0
 

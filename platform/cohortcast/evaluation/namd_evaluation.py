@@ -113,10 +113,10 @@ class EvaluationJob:
 
     def train_evaluator(self, runs, card: dict) -> tuple[Path, dict[str, float]]:
         from cohortcast.config import flatten
+        from cohortcast.evaluation.evaluator_stage import evaluator_worker_loop, followup_dataset
+        from cohortcast.io import stage_outputs as outputs
         from cohortcast.models.evaluator import MalignancyEvaluator
-        from cohortcast.pipeline import stage_outputs as outputs
-        from cohortcast.pipeline.namd import NAMDJob
-        from cohortcast.training.evaluator_stage import evaluator_worker_loop, followup_dataset
+        from cohortcast.training.stage_runner import StageRunner
 
         ev, scaling = self.e.evaluator, self.cfg.training.scaling
         image_size = int(card["config"]["crop_size"])
@@ -136,10 +136,10 @@ class EvaluationJob:
                 raise ValueError(f"{ingested}: the train split has no follow-up crop to train the evaluator on")
             return {"train": train, "val": followup_dataset(ingested, "val")}
 
-        job = NAMDJob(self.cfg)
-        folder = job.train_stage(runs, "evaluator", key, evaluator_worker_loop,
-                                 {"stage": ev.train, "model": ev, "image_size": image_size}, datasets, export,
-                                 flatten(ev, "evaluation.evaluator"), folder=Path(self.e.evaluator_output))
+        runner = StageRunner(self.cfg.training.output, scaling)
+        folder = runner.train(runs, "evaluator", key, evaluator_worker_loop,
+                              {"stage": ev.train, "model": ev, "image_size": image_size}, datasets, export,
+                              flatten(ev, "evaluation.evaluator"), folder=Path(self.e.evaluator_output))
         metrics = (outputs.read_marker(folder) or {}).get("metrics", {})
         return folder, {k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
 

@@ -39,10 +39,10 @@ def _interval_json(interval) -> dict[str, float] | None:
 
 def write_report(cfg, table: Table1, claims: list[Claim], cases: dict[str, Any], extras: dict[str, Any],
                  evaluator_val: dict[str, float]) -> Path:
-    from cohortcast.data.atomic import atomic_folder
     from cohortcast.evaluation.namd_evaluation import NAMD
     from cohortcast.evaluation.variance import (case_variance, plot_error_variance, plot_running_variance,
                                                 plot_variance_maps)
+    from cohortcast.io.atomic import atomic_folder
 
     e, c = cfg.evaluation, extras["cohort"]
     folder = Path(e.report)

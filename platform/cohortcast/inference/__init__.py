@@ -1,1 +1,2 @@
-"""Inference: seeded multi-sample DDIM forecasting (batch jobs and serving build on it)."""
+"""Batch inference on Ray Data actor pools: the latent cache (every crop through the frozen
+VAE) and cohort forecasting with its NIfTI/DICOM outputs. The sampler is models.sampler."""

@@ -95,7 +95,7 @@ def ingest_for_forecaster(ingest, forecaster: str):
 def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str, Any]:
     """Everything a finished case depends on: the Forecaster (its stage key when it was
     trained by train_namd), sampling settings, the split and the ingested data."""
-    from cohortcast.pipeline.stage_outputs import read_marker
+    from cohortcast.io.stage_outputs import read_marker
 
     marker = read_marker(job.forecaster) or {}
     return {"case_format": CASE_FORMAT, "forecaster": str(job.forecaster), "forecaster_key": marker.get("key"),
@@ -105,7 +105,7 @@ def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str,
 
 
 def check_settings(output: Path, settings: dict[str, Any]) -> None:
-    from cohortcast.data.atomic import write_text_atomic
+    from cohortcast.io.atomic import write_text_atomic
 
     path = output / SETTINGS_FILE
     if path.is_file():
@@ -197,8 +197,8 @@ class CaseForecaster:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        from cohortcast.data.atomic import atomic_folder
         from cohortcast.inference.forecast_outputs import to_hu, write_case_images
+        from cohortcast.io.atomic import atomic_folder
 
         key = case_key(case_id)
         with atomic_folder(self.cases / key, overwrite=True) as tmp:
@@ -241,7 +241,7 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
     """Forecast every not-yet-finished case; returns the run summary (also summary.json)."""
     import ray
 
-    from cohortcast.data.atomic import clear_stale_temps, write_text_atomic
+    from cohortcast.io.atomic import clear_stale_temps, write_text_atomic
 
     card = json.loads((Path(job.ingested) / "card.json").read_text())
     cohort_preprocessing(job.forecaster, card)  # before any work: a mismatch is a clear error

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cohortcast.data.volume import Volume
+from cohortcast.io.volume import Volume
 
 
 def crop_affine(centre_lps, size: int, spacing_mm: float) -> np.ndarray:
@@ -50,7 +50,7 @@ def write_case_images(folder: Path, mean_hu: np.ndarray, variance: np.ndarray, s
     sample per volume) and, if asked, dicom/ (the mean as a derived CT series)."""
     import nibabel as nib
 
-    from cohortcast.data.nifti_reader import write_nifti
+    from cohortcast.io.nifti import write_nifti
 
     write_nifti(forecast_volume(mean_hu, centre_lps, spacing_mm), folder / "mean.nii.gz", dtype=np.float32)
     write_nifti(forecast_volume(variance, centre_lps, spacing_mm), folder / "variance.nii.gz", dtype=np.float32)
@@ -60,7 +60,7 @@ def write_case_images(folder: Path, mean_hu: np.ndarray, variance: np.ndarray, s
     image.header.set_xyzt_units("mm", "sec")
     nib.save(image, str(folder / "samples.nii.gz"))
     if dicom:
-        from cohortcast.data.synthetic.dicom_writer import DicomIdentity, write_ct_series
+        from cohortcast.io.dicom import DicomIdentity, write_ct_series
 
         identity = DicomIdentity(patient_name=subject, patient_id=subject, birth_date=None, sex="O", accession="",
                                  institution="", study_date=target_date, uid_seed=f"cohortcast-forecast:{case_key}",

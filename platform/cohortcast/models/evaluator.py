@@ -61,7 +61,7 @@ class MalignancyEvaluator(nn.Module):
         return out.last_hidden_state[:, 0]
 
     def save(self, folder: str | Path) -> None:
-        from cohortcast.data.atomic import atomic_folder
+        from cohortcast.io.atomic import atomic_folder
 
         with atomic_folder(Path(folder), overwrite=True) as tmp:
             self.vit.save_pretrained(tmp)

@@ -25,13 +25,13 @@ from torch import nn
 from cohortcast import __version__
 from cohortcast.config import from_dict, to_dict
 from cohortcast.config.models import ConditionerConfig, ForecasterConfig
-from cohortcast.data.atomic import atomic_folder
-from cohortcast.inference.sampler import forecast_latents, run_fixed_chunks
+from cohortcast.io.atomic import atomic_folder
 from cohortcast.models.conditioner import SoftPromptConditioner
 from cohortcast.models.denoiser import ConditionalDenoiser
 from cohortcast.models.ehr_structured import EHR_VECTOR_SIZE, StructuredEHREncoder
 from cohortcast.models.errors import ForecasterLoadError  # noqa: F401 - re-exported
 from cohortcast.models.preprocessing import CropPreprocessing
+from cohortcast.models.sampler import forecast_latents, run_fixed_chunks
 from cohortcast.models.schedulers import inference_scheduler, train_scheduler
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.vae import NoduleVAE

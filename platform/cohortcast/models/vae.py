@@ -164,7 +164,7 @@ def save_vae(vae: NoduleVAE, folder: str | Path) -> None:
     from safetensors.torch import save_file
 
     from cohortcast.config import to_dict
-    from cohortcast.data.atomic import atomic_folder
+    from cohortcast.io.atomic import atomic_folder
 
     with atomic_folder(folder, overwrite=True) as tmp:
         (tmp / VAE_CONFIG_FILE).write_text(json.dumps(to_dict(vae.cfg), indent=2))

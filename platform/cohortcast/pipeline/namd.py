@@ -1,36 +1,24 @@
 """The NAMD training job: cohort -> ingest -> (a) VAE -> (b) latent cache -> (c)
 unconditional LDM -> (d) conditional LDM -> Forecaster, all in one MLflow parent run.
 
-Each stage is skipped when its valid output exists (see stage_outputs) and resumes
-from its latest Ray Train checkpoint when it was interrupted."""
+Each stage is skipped when its valid output exists and resumes from its latest Ray
+Train checkpoint when it was interrupted (training.stage_runner, io.stage_outputs)."""
 
 from __future__ import annotations
 
 import copy
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
 
 from cohortcast.config import flatten
 from cohortcast.config.paths import resolve_paths
 from cohortcast.config.schema import CohortcastConfig
-from cohortcast.config.training import STAGES
-from cohortcast.pipeline import stage_outputs as outputs
+from cohortcast.io import stage_outputs as outputs
+from cohortcast.training.stage_runner import StageReport, StageRunner
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StageReport:
-    name: str
-    status: str  # "trained", "up to date", "reused" (unlisted stage, existing output), "built"
-    output: str
-    seconds: float = 0.0
-    first_loss: float | None = None
-    last_loss: float | None = None
-    metrics: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -39,17 +27,6 @@ class NAMDReport:
     forecaster: str | None
     mlflow: str
     parent_run_id: str | None
-
-
-class StageNotAvailable(RuntimeError):
-    pass
-
-
-def loss_ends(losses: list[float]) -> tuple[float, float]:
-    """Mean loss over the first and the last quarter of the logged steps: single
-    diffusion steps are too noisy (random timesteps) to compare one to one."""
-    k = max(1, len(losses) // 4)
-    return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
 
 def without_pretrained(model_cfg):
@@ -66,65 +43,11 @@ class NAMDJob:
         passes Tune's TuneReportCallback)."""
         self.cfg = cfg
         self.output = Path(cfg.training.output)
-        self.reports: list[StageReport] = []
-        self.train_callbacks = train_callbacks
+        self.runner = StageRunner(self.output, cfg.training.scaling, cfg.training.stages, train_callbacks)
 
-    # ----- one training stage on Ray Train --------------------------------------------
-    def train_stage(self, runs, name: str, key: str, worker_loop, loop_config: dict,
-                    datasets: Callable[[], dict], export: Callable[[Any, Path], None], params: dict[str, Any],
-                    folder: Path | None = None, best: str | None = None) -> Path:
-        """`datasets` is called only when the stage trains: a skipped stage reads no data.
-        The output goes to `folder` (default: `<training.output>/<name>`). `best`: a
-        weights file the workers keep the best validation weights in; exported instead
-        of the last checkpoint when it exists."""
-        from cohortcast.training.runner import run_stage
-
-        folder = Path(folder) if folder is not None else self.output / name
-        run_id = runs.start_child(name, {**params, "stage_key": key})
-        if outputs.is_valid(folder, key):
-            marker = outputs.read_marker(folder)
-            self._report(runs, run_id, StageReport(name, "up to date", str(folder), 0.0, marker.get("first_loss"),
-                                                   marker.get("last_loss"), marker.get("metrics", {})))
-            return folder
-        if name in STAGES and name not in self.cfg.training.stages:
-            return self._reuse_unlisted(runs, run_id, name, folder)
-        outputs.invalidate(folder)
-        started = time.perf_counter()
-        try:
-            data = datasets()  # before the loop config is sent: it may complete the model config
-            result = run_stage(f"{name}-{key}", worker_loop, {**loop_config, "tracking": runs.tracking_for_workers(
-                run_id)}, data, self.cfg.training.scaling, self.train_callbacks)
-            source = best if best and Path(best).is_file() else result.checkpoint
-            if source is best:
-                log.info("stage %s: exporting the best validation weights (%s)", name, best)
-            export(source, folder)
-        except BaseException:
-            runs.fail_child(run_id)
-            raise
-        first, last = loss_ends(runs.loss_history(run_id) or [result.metrics["loss/total"]])
-        metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
-        report = StageReport(name, "trained", str(folder), time.perf_counter() - started, first, last, metrics)
-        outputs.write_marker(folder, key, {"first_loss": report.first_loss, "last_loss": report.last_loss,
-                                           "metrics": metrics, "seconds": report.seconds})
-        self._report(runs, run_id, report)
-        return folder
-
-    def _reuse_unlisted(self, runs, run_id, name: str, folder: Path) -> Path:
-        marker = outputs.read_marker(folder)
-        if marker is None:
-            runs.fail_child(run_id)
-            raise StageNotAvailable(f"stage {name!r} is not in training.stages and {folder} holds no finished "
-                                    f"output; add it to training.stages")
-        log.warning("stage %s is not in training.stages: using its existing output %s, trained with another "
-                    "config (key %s)", name, folder, marker.get("key"))
-        self._report(runs, run_id, StageReport(name, "reused", str(folder), 0.0, marker.get("first_loss"),
-                                               marker.get("last_loss"), marker.get("metrics", {})))
-        return folder
-
-    def _report(self, runs, run_id, report: StageReport) -> None:
-        self.reports.append(report)
-        runs.finish_child(run_id, report.status, {k: v for k, v in vars(report).items()})
-        log.info("stage %s: %s (%s)", report.name, report.status, report.output)
+    @property
+    def reports(self) -> list[StageReport]:
+        return self.runner.reports
 
     # ----- the stages ---------------------------------------------------------------
     def stage_vae(self, runs, card: dict) -> Path:
@@ -147,14 +70,14 @@ class NAMDJob:
                          vae.scaling_factor)
             save_vae(vae, folder)
 
-        return self.train_stage(runs, "vae", key, vae_worker_loop,
-                                {"stage": t.vae, "model": m.vae, "validation": t.validation},
-                                lambda: {split: vae_dataset(ingested, split, m.vae.loss.diameter_scale_mm)
-                                         for split in ("train", "val")},
-                                export, flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"))
+        return self.runner.train(runs, "vae", key, vae_worker_loop,
+                                 {"stage": t.vae, "model": m.vae, "validation": t.validation},
+                                 lambda: {split: vae_dataset(ingested, split, m.vae.loss.diameter_scale_mm)
+                                          for split in ("train", "val")},
+                                 export, flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"))
 
     def stage_latents(self, runs, card: dict, vae_folder: Path) -> dict:
-        from cohortcast.data.latent_cache import build_latent_cache
+        from cohortcast.inference.latent_cache import build_latent_cache
 
         c = self.cfg.training.latent_cache
         run_id = runs.start_child("latents", flatten(c, "training.latent_cache"))
@@ -162,9 +85,9 @@ class NAMDJob:
         cache = build_latent_cache(card["config"]["output"], vae_folder, c.root, actors=c.actors,
                                    batch_size=c.batch_size, use_gpu=self.cfg.training.scaling.use_gpu)
         runs.log_dict(run_id, {k: v for k, v in cache.items() if k != "reused"}, "latent_card.json")
-        self._report(runs, run_id, StageReport("latents", "up to date" if cache["reused"] else "built",
-                                               cache["path"], time.perf_counter() - started,
-                                               metrics={"rows": cache["rows"]}))
+        self.runner.report(runs, run_id, StageReport("latents", "up to date" if cache["reused"] else "built",
+                                                     cache["path"], time.perf_counter() - started,
+                                                     metrics={"rows": cache["rows"]}))
         return cache
 
     def stage_ldm_uncond(self, runs, cache: dict) -> Path:
@@ -177,20 +100,20 @@ class NAMDJob:
         def export(checkpoint, folder: Path) -> None:
             from safetensors.torch import save_file
 
-            from cohortcast.data.atomic import atomic_folder
+            from cohortcast.io.atomic import atomic_folder
             from cohortcast.training.export import consolidated_state_dict
 
             state = consolidated_state_dict(checkpoint)
             with atomic_folder(folder, overwrite=True) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / DENOISER_FILE))
 
-        return self.train_stage(runs, "ldm_uncond", key, ldm_unconditional_worker_loop,
-                                {"stage": t.ldm_uncond, "model": m,
-                                 "validation": t.validation},
-                                lambda: {"train": latent_dataset(cache["path"], "train"),
-                                         "val": latent_dataset(cache["path"], "val")},
-                                export,
-                                flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"))
+        return self.runner.train(runs, "ldm_uncond", key, ldm_unconditional_worker_loop,
+                                 {"stage": t.ldm_uncond, "model": m,
+                                  "validation": t.validation},
+                                 lambda: {"train": latent_dataset(cache["path"], "train"),
+                                          "val": latent_dataset(cache["path"], "val")},
+                                 export,
+                                 flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"))
 
     def training_preprocessing(self, cache: dict):
         """The crop preprocessing of the cohort the latent cache was encoded from: its
@@ -252,7 +175,7 @@ class NAMDJob:
                        "denoiser_folder": str(denoiser_folder), "task_loss": t.task_loss,
                        "task_weight": t.task_weight, "validation": t.validation,
                        "best_path": str(Path(t.scaling.storage_path).resolve() / f"{name}-{key}" / BEST_WEIGHTS)}
-        return self.train_stage(
+        return self.runner.train(
             runs, name, key, ldm_conditional_worker_loop, loop_config, data, export,
             flatten(stage, f"training.{name}") | {"training.task_loss": t.task_loss,
                                                   "training.task_weight": t.task_weight},

@@ -18,8 +18,8 @@ def ensure_debug_llm(cfg: CohortcastConfig, card: dict) -> None:
         return
     import pyarrow.parquet as pq
 
-    from cohortcast.data.atomic import atomic_folder
     from cohortcast.data.manifest import EHR_FEATURES
+    from cohortcast.io.atomic import atomic_folder
     from cohortcast.models.ehr_prompt import render_ehr_prompt
     from cohortcast.models.tiny_llm import write_tiny_gemma3
 

@@ -21,7 +21,7 @@ class ForecasterSource:
     registered: dict[str, Any] = field(default_factory=dict)  # {"name", "version"} for models:/ URIs
 
     def info(self) -> dict[str, Any]:
-        from cohortcast.pipeline.stage_outputs import read_marker
+        from cohortcast.io.stage_outputs import read_marker
 
         # A registry URI is what the operator configured; a local folder is named, not
         # located (server paths are not echoed to clients).

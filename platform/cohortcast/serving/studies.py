@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from pydantic import FiniteFloat, Field, model_validator
 
-from cohortcast.data.volume import Volume
+from cohortcast.io.volume import Volume
 from cohortcast.serving.requests import ForecastSettings, RequestError
 
 

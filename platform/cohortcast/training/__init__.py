@@ -1,2 +1,4 @@
 """Training on Ray Train + DeepSpeed: device/precision choice, DeepSpeed config,
-per-worker loops, checkpoints, trainer builders. Models stay in cohortcast.models."""
+per-worker loops (with their rank-0 MLflow logging), checkpoints, trainer builders and
+the stage runner every job composes (skip/resume markers, train, export, report).
+Models stay in cohortcast.models."""

@@ -87,7 +87,7 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
     import ray.train
     import ray.train.torch
 
-    from cohortcast.tracking.stage_tracker import StageTracker
+    from cohortcast.training.stage_tracker import StageTracker
 
     hooks = hooks or StageHooks()
     setup_started = time.perf_counter()

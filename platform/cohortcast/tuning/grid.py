@@ -54,7 +54,7 @@ def trial_name(values: dict[str, Any]) -> str:
 def upstream_key(cfg: CohortcastConfig) -> str:
     """What stages a-c depend on besides the cohort: trials with equal keys share one VAE,
     latent cache and unconditional LDM (a lambda-only grid trains each once)."""
-    from cohortcast.pipeline.stage_outputs import stage_key
+    from cohortcast.io.stage_outputs import stage_key
 
     t, m = cfg.training, cfg.model
     return stage_key("upstream", t.vae, m.vae, t.latent_cache, t.ldm_uncond, m.denoiser, m.scheduler,

@@ -65,7 +65,7 @@ def prepare_upstreams(cfg: CohortcastConfig, runs, card: dict, trials: list[Coho
 def shared_datasets(trials: list[CohortcastConfig], upstream: dict[str, dict]) -> dict[tuple, dict]:
     """The trajectory datasets of every upstream that a not-yet-finished trial needs,
     materialized once (a resumed sweep whose trials all finished builds none)."""
-    from cohortcast.pipeline import stage_outputs as outputs
+    from cohortcast.io import stage_outputs as outputs
     from cohortcast.pipeline.namd import NAMDJob, trajectory_datasets
 
     built: dict[tuple, dict] = {}
@@ -148,7 +148,7 @@ def write_outputs(user_cfg: CohortcastConfig, rows, best, folder: Path) -> str |
     values: `python jobs/train_namd.py --config <it>`), each written atomically."""
     import pandas as pd
 
-    from cohortcast.data.atomic import write_text_atomic
+    from cohortcast.io.atomic import write_text_atomic
 
     columns = ["trial", *user_cfg.tune.grid, "status", user_cfg.tune.metric, "forecaster"]
     write_text_atomic(folder / "summary.csv", pd.DataFrame(rows).to_csv(index=False))
@@ -182,7 +182,7 @@ def _previous_sweep_run(folder: Path) -> str | None:
 def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
     import ray
 
-    from cohortcast.data.atomic import write_text_atomic
+    from cohortcast.io.atomic import write_text_atomic
     from cohortcast.data.prepare import prepare_cohort
     from cohortcast.pipeline.tiny_llm_setup import ensure_debug_llm
     from cohortcast.ray_runtime import ensure_ray

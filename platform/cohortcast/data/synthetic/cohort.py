@@ -18,16 +18,16 @@ import pandas as pd
 from tqdm import tqdm
 
 from cohortcast.config import SynthConfig
-from cohortcast.data.atomic import atomic_folder
 from cohortcast.data.manifest import write_tables
-from cohortcast.data.nifti_reader import write_nifti
 from cohortcast.data.synthetic.clinical import Patient, lobe_of, make_patient
-from cohortcast.data.synthetic.dicom_writer import DicomIdentity, write_ct_series
 from cohortcast.data.synthetic.phantom import (
     Grid, add_noise, fibrosis_mask, make_anatomy, nodule_centre, render_fibrosis, render_nodule,
 )
 from cohortcast.data.synthetic.reports import write_report
-from cohortcast.data.volume import Volume
+from cohortcast.io.atomic import atomic_folder
+from cohortcast.io.dicom import DicomIdentity, write_ct_series
+from cohortcast.io.nifti import write_nifti
+from cohortcast.io.volume import Volume
 
 _BASE_FIBROSIS_EXTENT = 0.12  # extent at baseline for patients with fibrosis
 

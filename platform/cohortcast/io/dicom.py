@@ -1,6 +1,7 @@
 """Write a Volume as a real single-frame CT DICOM series (one file per slice), the
-layout scanners and PACS export and viewers open. Synthetic identifiers are written
-on purpose: they are what the privacy tests look for downstream."""
+layout scanners and PACS export and viewers open. The identity is the caller's: the
+synthetic cohort writes synthetic identifiers on purpose (they are what the privacy
+tests look for downstream); forecasts write pseudonyms only."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pydicom
 from pydicom.dataset import FileMetaDataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
 
-from cohortcast.data.volume import Volume
+from cohortcast.io.volume import Volume
 
 
 @dataclass

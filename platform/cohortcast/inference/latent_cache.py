@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from cohortcast.data.atomic import atomic_folder, write_text_atomic
+from cohortcast.io.atomic import atomic_folder, write_text_atomic
 
 log = logging.getLogger(__name__)
 

@@ -3,7 +3,8 @@
 The driver creates the run and hands `{"uri", "run_id"}` to the workers; only world
 rank 0 builds a tracker, so a metric is written once however many workers train.
 Failures to log are warned about, never fatal: a flaky tracking server must not kill
-a multi-hour training run (the metrics also go to Ray Train's reports)."""
+a multi-hour training run (the metrics also go to Ray Train's reports). It is part of
+training, not tracking, because the stage loop needs it and training sits below tracking."""
 
 from __future__ import annotations
 

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from cohortcast.data.errors import NonFiniteVoxelsError
-
 # RAS <-> LPS differ by the sign of the first two world axes.
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -81,12 +79,3 @@ def affine_from_dicom(position: np.ndarray, orientation: np.ndarray, row_spacing
     affine[:3, 2] = slice_step
     affine[:3, 3] = position
     return affine
-
-
-def require_finite(array: np.ndarray, where, what: str = "voxels") -> None:
-    """NaN/Inf would flow into every crop, patch and volume cut from the image (and
-    through windowing, which clips Inf but keeps NaN): refuse them at the source."""
-    finite = np.isfinite(array)
-    if not finite.all():
-        bad = int(finite.size - np.count_nonzero(finite))
-        raise NonFiniteVoxelsError(where, f"{bad} of {finite.size} {what} are NaN or infinite")

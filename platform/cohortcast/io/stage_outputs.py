@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cohortcast.config import to_dict
-from cohortcast.data.atomic import write_text_atomic
+from cohortcast.io.atomic import write_text_atomic
 
 MARKER = "stage.json"
 
