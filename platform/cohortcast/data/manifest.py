@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from cohortcast.data.atomic import atomic_folder
+from cohortcast.errors import CohortcastError
 
 YES_NO = ("Yes", "No")
 ATTENUATIONS = ("Soft Tissue", "Ground Glass", "Part Solid")
@@ -39,7 +40,7 @@ EHR_FEATURES = NODULE_EHR + PATIENT_EHR  # the 13 NAMD features, in App. C order
 TABLES = ("patients", "studies", "findings", "labels")
 
 
-class ManifestError(ValueError):
+class ManifestError(CohortcastError, ValueError):
     """The manifest is invalid; `problems` lists every fault found (table, row, field)."""
 
     def __init__(self, problems: list[str]):

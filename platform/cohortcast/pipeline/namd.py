@@ -17,6 +17,7 @@ from cohortcast.config import flatten
 from cohortcast.config.paths import resolve_paths
 from cohortcast.config.schema import CohortcastConfig
 from cohortcast.config.training import STAGES
+from cohortcast.errors import CohortcastError
 from cohortcast.pipeline import stage_outputs as outputs
 
 log = logging.getLogger(__name__)
@@ -41,8 +42,10 @@ class NAMDReport:
     parent_run_id: str | None
 
 
-class StageNotAvailable(RuntimeError):
-    pass
+class StageNotAvailable(CohortcastError, RuntimeError):
+    """A stage the job needs is neither to be trained now nor finished in its output folder."""
+
+    http_status = 409
 
 
 def loss_ends(losses: list[float]) -> tuple[float, float]:
