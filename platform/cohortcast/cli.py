@@ -183,14 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from cohortcast.job_entry import user_errors
+    from cohortcast.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
-    except user_errors() as exc:
+    except USER_ERRORS as exc:  # CohortcastError and missing/existing paths (see cohortcast.errors)
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,6 +1,6 @@
 """What every `jobs/*.py` entry shares: `--config FILE` + repeated `--set a.b=c`,
-logging, and user errors (bad config, manifest, missing input) as one line on stderr
-with exit status 2 instead of a traceback."""
+logging, and user errors (any CohortcastError: bad config, manifest, missing input) as
+one line on stderr with exit status 2 instead of a traceback."""
 
 from __future__ import annotations
 
@@ -9,20 +9,7 @@ import logging
 import sys
 from typing import Any, Callable
 
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from cohortcast.config import ConfigError
-    from cohortcast.data.manifest import ManifestError
-    from cohortcast.data.privacy import MissingSecretError
-    from cohortcast.evaluation.namd_evaluation import EvaluationError
-    from cohortcast.inference.cohort_forecast import ForecastSettingsMismatch
-    from cohortcast.models.errors import ForecasterLoadError
-    from cohortcast.training.stage_runner import StageNotAvailable
-    from cohortcast.tuning.sweep import SweepFailed
-
-    return (ConfigError, ManifestError, StageNotAvailable, ForecasterLoadError, ForecastSettingsMismatch,
-            EvaluationError, SweepFailed, MissingSecretError, FileNotFoundError,
-            FileExistsError)
+from cohortcast.errors import USER_ERRORS
 
 
 def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:
@@ -37,7 +24,7 @@ def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], exa
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         result = job(load_config(args.config, args.overrides))
-    except user_errors() as exc:
+    except USER_ERRORS as exc:  # CohortcastError and missing/existing paths (see cohortcast.errors)
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(show(result))

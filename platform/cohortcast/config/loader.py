@@ -17,10 +17,12 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
+from cohortcast.errors import CohortcastError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
+class ConfigError(CohortcastError, ValueError):
     """A config value is missing, unknown or invalid; the message names the field."""
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import errno
 
+from cohortcast.errors import CohortcastError
+
 
 def printable(text: str) -> str:
     """File names that are not valid UTF-8 reach Python as lone surrogates, which
@@ -15,7 +17,7 @@ def printable(text: str) -> str:
     return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-class StudyError(Exception):
+class StudyError(CohortcastError):
     """A study cannot be used. `reason` is a short machine-friendly code."""
 
     reason = "unreadable"
@@ -101,6 +103,7 @@ class TooLargeError(StudyError):
     from headers before the data is allocated (decompression bombs included)."""
 
     reason = "too_large"
+    http_status = 413
 
 
 def from_os_error(where, exc: OSError, what: str = "file") -> StudyError:

@@ -25,6 +25,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
+from cohortcast.errors import CohortcastError
 from cohortcast.io.atomic import atomic_folder
 
 YES_NO = ("Yes", "No")
@@ -39,7 +40,7 @@ EHR_FEATURES = NODULE_EHR + PATIENT_EHR  # the 13 NAMD features, in App. C order
 TABLES = ("patients", "studies", "findings", "labels")
 
 
-class ManifestError(ValueError):
+class ManifestError(CohortcastError, ValueError):
     """The manifest is invalid; `problems` lists every fault found (table, row, field)."""
 
     def __init__(self, problems: list[str]):

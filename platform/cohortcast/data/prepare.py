@@ -11,6 +11,7 @@ from typing import Any
 from cohortcast.config import CohortcastConfig
 from cohortcast.data.ingest import run_ingest
 from cohortcast.data.synthetic import generate_cohort
+from cohortcast.errors import MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -19,7 +20,7 @@ def prepare_cohort(cfg: CohortcastConfig) -> dict[str, Any]:
     manifest = Path(cfg.ingest.manifest)
     if not manifest.exists():
         if not cfg.synthesize_if_missing:
-            raise FileNotFoundError(f"manifest folder {manifest} does not exist (set synthesize_if_missing "
+            raise MissingInputError(f"manifest folder {manifest} does not exist (set synthesize_if_missing "
                                     "to generate a synthetic cohort there)")
         # One process per CPU the job may use (the output does not depend on it): 1000
         # patients took 312 s in one process on 2 cores.

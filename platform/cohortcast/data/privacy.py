@@ -13,6 +13,7 @@ import logging
 import os
 
 from cohortcast.config import PrivacyConfig
+from cohortcast.errors import CohortcastError
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,10 @@ log = logging.getLogger(__name__)
 DEVELOPMENT_SECRET = "cohortcast-development-secret-not-for-patient-data"
 
 
-class MissingSecretError(RuntimeError):
-    pass
+class MissingSecretError(CohortcastError, RuntimeError):
+    """privacy.require_secret without a secret: the deployment, not a request, is at fault."""
+
+    http_status = 503
 
 
 def resolve_secret(cfg: PrivacyConfig) -> str:

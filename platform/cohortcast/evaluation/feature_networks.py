@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from cohortcast.errors import MissingInputError
+
 INCEPTION_SPACE = "inception-v3 pool3 (FID)"
 EVALUATOR_SPACE = "evaluator ViT [CLS] (not FID)"
 
@@ -33,7 +35,7 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batc
 
 def inception_features(path: str | Path, batch_size: int) -> Features:
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{path}: no Inception TorchScript file (evaluation.inception_torchscript)")
+        raise MissingInputError(f"{path}: no Inception TorchScript file (evaluation.inception_torchscript)")
     net = torch.jit.load(str(path), map_location="cpu").eval()
 
     def features(crops: torch.Tensor) -> torch.Tensor:
@@ -49,7 +51,7 @@ def lpips_distances(vgg_path: str | Path, lpips_path: str | Path, batch_size: in
 
     for path in (vgg_path, lpips_path):
         if not Path(path).is_file():
-            raise FileNotFoundError(f"{path}: LPIPS weight file not found (evaluation.lpips_vgg_path / lpips_path)")
+            raise MissingInputError(f"{path}: LPIPS weight file not found (evaluation.lpips_vgg_path / lpips_path)")
     net = LPIPS.from_files(vgg_path, lpips_path)
 
     def distances(a: np.ndarray, b: np.ndarray) -> np.ndarray:

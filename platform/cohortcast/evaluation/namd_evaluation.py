@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from cohortcast.config.schema import CohortcastConfig
+from cohortcast.errors import CohortcastError, MissingInputError
 from cohortcast.evaluation.table import Claim, Method, Table1
 
 log = logging.getLogger(__name__)
@@ -27,7 +28,7 @@ NAMD, ABLATION, COPY = "NAMD forecast", "NAMD w/o alignment + probe", "Copy the 
 REGRESSOR, VAE_FLOOR = "No-diffusion regressor", "VAE floor (decoded real follow-up latent)"
 
 
-class EvaluationError(ValueError):
+class EvaluationError(CohortcastError, ValueError):
     """The data cannot support the evaluation (e.g. a split with one class only)."""
 
 
@@ -79,7 +80,7 @@ def load_cases(output: str | Path) -> dict[str, Any]:
 
     table = read_forecasts(output)
     if table is None:
-        raise FileNotFoundError(f"{output}: no finished forecasts")
+        raise MissingInputError(f"{output}: no finished forecasts")
     table = table.sort_by("case_id")
     out = {"case_id": table.column("case_id").to_pylist(), "patient": table.column("patient").to_pylist(),
            "label": np.asarray(table.column("malignant").to_pylist()), "baseline": _tensor(table, "baseline"),

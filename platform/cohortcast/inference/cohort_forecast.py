@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cohortcast.config.training import ForecastJobConfig
+from cohortcast.errors import CohortcastError, MissingInputError
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,16 @@ SETTINGS_FILE = "settings.json"
 CASE_FORMAT = 2  # 2: latents (mean, baseline, target), the VAE floor and the follow-up diameter per case
 
 
-class ForecastSettingsMismatch(ValueError):
+class ForecastSettingsMismatch(CohortcastError, ValueError):
     """The output folder holds cases forecast with other settings."""
 
+    http_status = 409
 
-class PreprocessingMismatch(ValueError):
+
+class PreprocessingMismatch(CohortcastError, ValueError):
     """The ingested cohort's crops are not cut as the Forecaster's training crops were."""
+
+    http_status = 409
 
 
 def cohort_preprocessing(forecaster: str, card: dict[str, Any]):
@@ -232,7 +237,7 @@ def case_dataset(ingested: str | Path, split: str):
 
     folder = Path(ingested) / "nodules" / f"split={split}"
     if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: the ingested cohort has no {split!r} split")
+        raise MissingInputError(f"{folder}: the ingested cohort has no {split!r} split")
     ds = ray.data.read_parquet(str(folder)).drop_columns(["patch"])
     return ds.groupby(["patient", "nodule_id"]).map_groups(make_case, batch_format="numpy")
 

@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+from cohortcast.errors import OutputExistsError
+
 
 def clear_stale_temps(target: Path) -> int:
     """Remove temp folders an interrupted run left beside `target`; returns how many."""
@@ -28,7 +30,7 @@ def atomic_folder(target: str | Path, overwrite: bool = False) -> Iterator[Path]
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     if target.exists() and not overwrite:
-        raise FileExistsError(f"{target} already exists (use overwrite to replace it)")
+        raise OutputExistsError(f"{target} already exists (use overwrite to replace it)")
     clear_stale_temps(target)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:

@@ -20,6 +20,7 @@ from diffusers import AutoencoderKL
 from torch import nn
 
 from cohortcast.config.models import VAEConfig
+from cohortcast.errors import MissingInputError
 from cohortcast.models.local_weights import local_model_folder
 
 log = logging.getLogger(__name__)
@@ -180,7 +181,7 @@ def load_vae(folder: str | Path) -> NoduleVAE:
 
     folder = Path(folder)
     if not (folder / VAE_CONFIG_FILE).is_file():
-        raise FileNotFoundError(f"{folder}: no {VAE_CONFIG_FILE}; not a saved NoduleVAE")
+        raise MissingInputError(f"{folder}: no {VAE_CONFIG_FILE}; not a saved NoduleVAE")
     cfg = from_dict(VAEConfig, json.loads((folder / VAE_CONFIG_FILE).read_text()))
     cfg.pretrained_path = None  # the saved weights replace whatever it started from
     vae = NoduleVAE(cfg)

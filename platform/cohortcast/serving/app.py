@@ -12,10 +12,12 @@
 
 Errors: every refused request answers {"error", "field"} (ErrorBody) with a 4xx naming
 the field at fault; a dependency that is not there (the model replica, Ray's job
-server) is a 503 with a message. Validation errors never echo the offending input (it
-may be huge, non-finite or identifying), and no answer carries a server path. Blocking
-work (decoding, study reading, PNG encoding, the job client) runs in worker threads, so
-one request never stalls the others on a replica, health checks included.
+server) is a 503 with a message. Code raises a CohortcastError (RequestError for a
+field) and one handler turns it into its status and body; one route dependency
+(`authorized`) checks the bearer token. Validation errors never echo the offending
+input (it may be huge, non-finite or identifying), and no answer carries a server path.
+Blocking work (decoding, study reading, PNG encoding, the job client) runs in worker
+threads, so one request never stalls the others on a replica, health checks included.
 """
 
 # No `from __future__ import annotations`: Serve rebuilds the routes inside the replica,
@@ -26,7 +28,7 @@ import hmac
 import logging
 from typing import Any, Literal
 
-from fastapi import FastAPI, File, Form, Header, Query, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Header, Query, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field, ValidationError
@@ -36,6 +38,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cohortcast import __version__
 from cohortcast.config.serving import ServeConfig
+from cohortcast.errors import CohortcastError
 from cohortcast.serving.cohort_jobs import (CohortJob, CohortRequest, CohortStatus, cohort_status, job_client,
                                             submit_cohort)
 from cohortcast.serving.model_source import study_preprocessing
@@ -98,8 +101,16 @@ async def _on_validation_error(request, exc: RequestValidationError) -> JSONResp
     return _error(422, _validation_field(first), str(first.get("msg", "invalid request")))
 
 
-async def _on_request_error(request, exc: RequestError) -> JSONResponse:
-    return _error(exc.status, exc.field, exc.message)
+async def _on_cohortcast_error(request, exc: CohortcastError) -> JSONResponse:
+    # Every error of ours (RequestError and the rest) answers its own status and message,
+    # worded without server paths. One raised in another process (the model replica)
+    # arrives wrapped by Ray, its text holding the remote traceback: raised on, it is the
+    # last-resort 500 below, like any other failure there.
+    from ray.exceptions import RayError
+
+    if isinstance(exc, RayError):
+        raise exc
+    return _error(exc.http_status, exc.field, exc.user_message)
 
 
 async def _on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
@@ -118,7 +129,7 @@ async def _on_unexpected(request, exc: Exception) -> JSONResponse:
 
 # Registered before @serve.ingress freezes a copy of `app` for the replicas.
 app.add_exception_handler(RequestValidationError, _on_validation_error)
-app.add_exception_handler(RequestError, _on_request_error)
+app.add_exception_handler(CohortcastError, _on_cohortcast_error)
 app.add_exception_handler(StarletteHTTPException, _on_http_error)
 app.add_exception_handler(Exception, _on_unexpected)
 
@@ -145,6 +156,26 @@ async def _read_bounded(files: list[UploadFile], limit: int) -> list[Upload]:
             chunks.append(chunk)
         uploads.append(Upload(upload.filename or "", b"".join(chunks)))
     return uploads
+
+
+async def current_api():
+    """The ForecastAPI answering this request: the replica's object, as Serve injects
+    it as `self` (serving/local.py overrides this dependency to run in one process)."""
+    return serve.get_replica_context().servable_object
+
+
+async def authorized(authorization: str | None = Header(default=None), api=Depends(current_api)) -> None:
+    """Route dependency: 401 unless the request carries the service's bearer token
+    (when it has one). Compared in constant time."""
+    if api.token is None:
+        return
+    expected = f"Bearer {api.token}"
+    if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
+        raise RequestError("Authorization", "missing or wrong bearer token", status=401)
+
+
+# Every route but /healthz (and /docs).
+AUTHORIZED = [Depends(authorized)]
 
 
 def _study_settings(text: str) -> StudyForecastRequest:
@@ -204,34 +235,27 @@ class ForecastAPI:
                 raise RequestError(None, "the model deployment is unavailable; retry later", status=503) from None
             raise
 
-    def _check_token(self, authorization: str | None) -> None:
-        if self.token is None:
-            return
-        expected = f"Bearer {self.token}"
-        if authorization is None or not hmac.compare_digest(authorization.encode(), expected.encode()):
-            raise RequestError("Authorization", "missing or wrong bearer token", status=401)
-
     @app.get("/healthz")
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/v1/model", responses=_errors(401, 422, 503))
-    async def model_info(self, authorization: str | None = Header(default=None)) -> dict[str, Any]:
-        self._check_token(authorization)
+    @app.get("/v1/model", responses=_errors(401, 422, 503), dependencies=AUTHORIZED)
+    async def model_info(self) -> dict[str, Any]:
         limits = {name: getattr(self.cfg, name) for name in ("max_samples", "max_steps", "max_horizon_days",
                                                              "max_upload_mb", "max_uncompressed_mb", "max_voxels")}
         return {**await self.info(), "cohortcast_version": __version__, "limits": limits}
 
-    @app.post("/v1/forecast", responses={200: {"model": ForecastAnswer}, **_errors(400, 401, 422, 503)})
-    async def forecast(self, request: ForecastRequest, authorization: str | None = Header(default=None)):
-        self._check_token(authorization)
+    @app.post("/v1/forecast", responses={200: {"model": ForecastAnswer}, **_errors(400, 401, 422, 503)},
+              dependencies=AUTHORIZED)
+    async def forecast(self, request: ForecastRequest):
         info = await self.info()
         item = await run_in_threadpool(prepare, request, tuple(info["crop_shape"]), self.cfg, info["uses_ehr"])
         result = await self._model_call("forecast", item)
         return await run_in_threadpool(forecast_answer, item, result)
 
     @app.post("/v1/forecast/study", responses={
-        200: {"model": StudyForecastAnswer, "content": {"application/zip": {}}}, **_errors(400, 401, 413, 422, 503)})
+        200: {"model": StudyForecastAnswer, "content": {"application/zip": {}}}, **_errors(400, 401, 413, 422, 503)},
+        dependencies=AUTHORIZED)
     async def forecast_study(
             self, study: list[UploadFile] = File(description="one NIfTI file, or the DICOM files of one series "
                                                              "(files or .zip archives)"),
@@ -239,9 +263,7 @@ class ForecastAPI:
                                             "steps, seed)"),
             output_format: Literal["json", "nifti"] = Query(
                 "json", alias="format", description="nifti: a .zip of mean/variance/samples .nii.gz (HU) on the "
-                                                    "study's grid"),
-            authorization: str | None = Header(default=None)):
-        self._check_token(authorization)
+                                                    "study's grid")):
         settings = _study_settings(request)
         info = await self.info()
         # Crop geometry and intensity scaling: the model's own (ingest only for old bundles).
@@ -265,14 +287,14 @@ class ForecastAPI:
         return {**answer, "center_lps_mm": [float(v) for v in cut.center_lps_mm],
                 "crop_spacing_mm": geometry.crop_spacing_mm}
 
-    @app.post("/v1/cohorts", status_code=202, responses={202: {"model": CohortJob}, **_errors(400, 401, 403, 422, 503)})
-    async def submit(self, request: CohortRequest, authorization: str | None = Header(default=None)):
-        self._check_token(authorization)
+    @app.post("/v1/cohorts", status_code=202, responses={202: {"model": CohortJob}, **_errors(400, 401, 403, 422, 503)},
+              dependencies=AUTHORIZED)
+    async def submit(self, request: CohortRequest):
         return await run_in_threadpool(submit_cohort, self.jobs, request, self.cfg, self.llm_path)
 
-    @app.get("/v1/cohorts/{job_id}", responses={200: {"model": CohortStatus}, **_errors(401, 404, 422, 503)})
-    async def status(self, job_id: str, authorization: str | None = Header(default=None)):
-        self._check_token(authorization)
+    @app.get("/v1/cohorts/{job_id}", responses={200: {"model": CohortStatus}, **_errors(401, 404, 422, 503)},
+              dependencies=AUTHORIZED)
+    async def status(self, job_id: str):
         answer = await run_in_threadpool(cohort_status, self.jobs, job_id, self.cfg)
         if answer is None:
             raise RequestError("job_id", "no such cohort job", status=404)

@@ -64,7 +64,7 @@ def local_app(model: Any, cfg, token: str | None = None, llm_path: str | None = 
     """A FastAPI app serving ForecastAPI(`model`) in this process. `model`: an object
     with `info()` and `forecast(item)` (a ForecastModel, or a fake), or a handle."""
     from cohortcast.config import IngestConfig
-    from cohortcast.serving.app import ForecastAPI, app
+    from cohortcast.serving.app import ForecastAPI, app, current_api
 
     handle = model if hasattr(getattr(model, "info", None), "remote") else LocalHandle(model)
     # The class @serve.ingress wrapped, not the wrapper: its async __init__ (and __del__)
@@ -78,6 +78,8 @@ def local_app(model: Any, cfg, token: str | None = None, llm_path: str | None = 
         local.include_router(router)
     for kind, handler in app.exception_handlers.items():
         local.add_exception_handler(kind, handler)
+    # Serve's `self` and the auth dependency's ForecastAPI: both this instance.
     local.dependency_overrides[_servable_dependency(routers)] = lambda: instance
+    local.dependency_overrides[current_api] = lambda: instance
     local.state.api = instance
     return local

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cohortcast.errors import MissingInputError
+
 log = logging.getLogger(__name__)
 
 
@@ -60,7 +62,7 @@ def resolve_forecaster(location: str, download_root: str | Path | None = None) -
     if path.is_dir():
         return ForecasterSource(location, path)
     if not _is_uri(location):
-        raise FileNotFoundError(f"serve.forecaster {location!r} is neither a Forecaster folder nor an MLflow model URI")
+        raise MissingInputError(f"serve.forecaster {location!r} is neither a Forecaster folder nor an MLflow model URI")
     import mlflow.artifacts
     from mlflow.models import Model
 

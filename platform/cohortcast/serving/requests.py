@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, Field
 
+from cohortcast.errors import CohortcastError
 
 SEED_MAX = 2**63 - 1
 MAX_NPY_ELEMENTS = 2**26  # any array a request may carry (a 512 x 512 crop is 2**18)
@@ -47,13 +48,21 @@ class ErrorBody(BaseModel):
                               "Authorization), or null")
 
 
-class RequestError(ValueError):
+class RequestError(CohortcastError, ValueError):
     """A request field is invalid: answered with `status` (400 unless said otherwise)
-    and {"field", "error"}."""
+    and {"field", "error"} (the service's CohortcastError handler)."""
 
     def __init__(self, field: str | None, message: str, status: int = 400):
         super().__init__(f"{field}: {message}")
-        self.field, self.message, self.status = field, message, status
+        self.field, self.message, self.http_status = field, message, status
+
+    @property
+    def status(self) -> int:
+        return self.http_status
+
+    @property
+    def user_message(self) -> str:
+        return self.message  # the field travels beside it in the answer
 
 
 @dataclass

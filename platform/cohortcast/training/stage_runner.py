@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from cohortcast.config.training import STAGES, ScalingSettings
+from cohortcast.errors import CohortcastError
 from cohortcast.io import stage_outputs as outputs
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,10 @@ class StageReport:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-class StageNotAvailable(RuntimeError):
-    pass
+class StageNotAvailable(CohortcastError, RuntimeError):
+    """A stage the job needs is neither to be trained now nor finished in its output folder."""
+
+    http_status = 409
 
 
 def loss_ends(losses: list[float]) -> tuple[float, float]:

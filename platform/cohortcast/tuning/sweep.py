@@ -21,6 +21,7 @@ import yaml
 from cohortcast.config import to_dict
 from cohortcast.config.paths import resolve_paths
 from cohortcast.config.schema import CohortcastConfig
+from cohortcast.errors import CohortcastError
 from cohortcast.tuning.grid import (concurrent_trials, grid_points, trial_config, trial_name, upstream_config,
                                     upstream_key, with_values)
 from cohortcast.tuning.trial import TRIAL_TAG, SweepContext, namd_trial
@@ -29,8 +30,10 @@ log = logging.getLogger(__name__)
 SWEEP_STATE = "sweep.json"  # the MLflow parent run id, for a resumed sweep
 
 
-class SweepFailed(RuntimeError):
+class SweepFailed(CohortcastError, RuntimeError):
     """No trial finished: nothing to select."""
+
+    http_status = 500
 
 
 @dataclass
