@@ -10,11 +10,12 @@ CONSTRAINTS ?= constraints/cpu.txt
 DEMO_CONFIG ?= jobs/configs/namd_debug.yaml
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench clean-demo help
+.PHONY: install demo lint test bench clean-demo help
 
 help:
 	@echo "make demo   - install, then run the main job on the embedded default (local Ray, synthetic cohort, local MLflow)"
-	@echo "make test   - install, then run the test suite"
+	@echo "make lint   - install, then ruff check + ruff format --check (settings in pyproject.toml)"
+	@echo "make test   - install, lint, then run the test suite"
 	@echo "make bench  - install, then run the benchmarks in benchmarks/"
 
 $(STAMP): pyproject.toml $(CONSTRAINTS)
@@ -31,7 +32,12 @@ install: $(STAMP)
 demo: install
 	cluster/local_job.sh jobs/train_namd.py --config $(DEMO_CONFIG) --then jobs/evaluate_namd.py --config $(DEMO_CONFIG)
 
-test: install
+# Lint first: a finding fails in seconds instead of after the ~20 min suite.
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: install

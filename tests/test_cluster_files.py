@@ -1,6 +1,9 @@
 """cluster/: the files a user submits with are well-formed and point at real things."""
 
+import os
 import shlex
+import shutil
+import subprocess
 from pathlib import Path
 
 import yaml
@@ -39,10 +42,47 @@ def test_ray_up_yaml_has_a_head_and_a_gpu_worker_group():
     assert any("pip install" in c for c in cluster["setup_commands"])
 
 
-def test_local_job_script_submits_with_the_runtime_env():
-    script = (ROOT / "cluster/local_job.sh").read_text()
-    assert "ray job submit" in script and "cluster/runtime_env.yaml" in script
-    assert "jobs/train_namd.py" in (ROOT / "Makefile").read_text()
+def _run_local_job(tmp_path, args, fail_submit_of=""):
+    """cluster/local_job.sh, copied into an empty project, run against a stand-in `ray`
+    that records each call (one line of arguments) and has no head running."""
+    project = tmp_path / "project"
+    (project / "cluster").mkdir(parents=True)
+    shutil.copy(ROOT / "cluster/local_job.sh", project / "cluster")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bin_dir / "ray"
+    fake.write_text('#!/bin/sh\necho "$*" >> "$RAY_CALLS"\n'
+                    '[ "$1" = status ] && exit 1\n'  # no head up: the script starts one
+                    'case "$*" in *"python $FAIL_SUBMIT_OF "*) exit 3;; esac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_CALLS": str(calls),
+           "FAIL_SUBMIT_OF": fail_submit_of or "-"}
+    done = subprocess.run(["bash", str(project / "cluster/local_job.sh"), *args], env=env, timeout=60)
+    return done.returncode, calls.read_text().splitlines(), project
+
+
+def test_local_job_script_submits_each_job_with_the_runtime_env(tmp_path):
+    code, calls, project = _run_local_job(tmp_path, ["jobs/a.py", "--config", "c.yaml", "--then", "jobs/b.py"])
+    submit = "job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python"
+    assert code == 0
+    assert calls[0].startswith("status") and calls[1].startswith("start --head")
+    assert calls[2:] == [f"{submit} jobs/a.py --config c.yaml --set workdir={project}",
+                         f"{submit} jobs/b.py --set workdir={project}", "stop --force"]
+
+
+def test_local_job_script_stops_at_a_failing_job_and_its_head(tmp_path):
+    code, calls, _ = _run_local_job(tmp_path, ["jobs/a.py", "--then", "jobs/b.py"], fail_submit_of="jobs/a.py")
+    assert code == 3
+    assert not any("jobs/b.py" in call for call in calls) and calls[-1] == "stop --force"
+
+
+def test_make_demo_runs_the_training_then_the_evaluation_job():
+    plan = subprocess.run(["make", "-n", "-C", str(ROOT), "demo"], capture_output=True, text=True, check=True).stdout
+    argv = shlex.split(next(line for line in plan.splitlines() if "local_job.sh" in line))
+    assert argv[0] == "cluster/local_job.sh" and (ROOT / argv[0]).is_file()
+    jobs = [argv[1]] + [argv[i + 1] for i, a in enumerate(argv) if a == "--then"]
+    assert jobs == ["jobs/train_namd.py", "jobs/evaluate_namd.py"] and all((ROOT / j).is_file() for j in jobs)
 
 
 def test_rayservice_serves_the_application_of_the_serve_config(monkeypatch):

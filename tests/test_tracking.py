@@ -5,10 +5,12 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from cohortcast.config import CohortcastConfig
+from cohortcast.config import CohortcastConfig, flatten
 from cohortcast.config.paths import resolve_paths
 from cohortcast.tracking.job_runs import PARENT_TAG, STATUS_TAG, JobRuns, local_store
 from cohortcast.training.stage_tracker import StageTracker
+
+MANY_METRICS = 1205  # over MLflow's 1000 metrics per request
 
 
 def _exercise(cfg):
@@ -22,6 +24,7 @@ def _exercise(cfg):
         tracker.log_png(np.arange(64, dtype=np.uint8).reshape(8, 8), "validation/grid.png")
         runs.finish_child(child, "trained", {"first_loss": 1.0})
         assert runs.loss_history(child) == [1.0, 0.7, 0.5]
+        runs.log_metrics(runs.parent_id, {f"table/{i}": float(i) for i in range(MANY_METRICS)})
         return runs.uri, runs.parent_id, child
 
 
@@ -30,6 +33,10 @@ def _check(uri, parent_id, child_id):
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
     assert parent.data.params["training.task_weight"] == "1.0" and "model.vae.latent_channels" in parent.data.params
+    # More than one MLflow request holds (100 params, 1000 metrics): every one arrives.
+    assert len(parent.data.params) == len(flatten(CohortcastConfig())) > 100
+    assert {k: v for k, v in parent.data.metrics.items() if k.startswith("table/")} == {
+        f"table/{i}": float(i) for i in range(MANY_METRICS)}
     assert [a.path for a in client.list_artifacts(parent_id)] == ["config.yaml"]
     child = client.get_run(child_id)
     assert child.data.tags[PARENT_TAG] == parent_id and child.data.tags[STATUS_TAG] == "trained"

@@ -23,11 +23,8 @@ CACHE_FORMAT = 2  # 2: latent_d8 (8 orientations) next to latent; part of the ke
 
 
 def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def cache_key(vae_folder: str | Path, ingested: str | Path) -> str:

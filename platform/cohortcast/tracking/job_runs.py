@@ -95,9 +95,8 @@ class JobRuns:
     def log_params(self, run_id: str, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        params = [Param(k, v) for k, v in _params(values).items()]
-        for start in range(0, len(params), 100):  # MLflow accepts at most 100 params per batch
-            self.client.log_batch(run_id, params=params[start:start + 100])
+        # log_batch splits into requests of MLflow's per-batch limits itself.
+        self.client.log_batch(run_id, params=[Param(k, v) for k, v in _params(values).items()])
 
     def log_metrics(self, run_id: str | None, metrics: dict[str, Any]) -> None:
         from mlflow.entities import Metric
@@ -107,8 +106,7 @@ class JobRuns:
         now = int(time.time() * 1000)
         values = [Metric(k, float(v), now, 0) for k, v in metrics.items()
                   if isinstance(v, (int, float)) and not isinstance(v, bool)]
-        for start in range(0, len(values), 1000):
-            self.client.log_batch(run_id, metrics=values[start:start + 1000])
+        self.client.log_batch(run_id, metrics=values)
 
     def log_dict(self, run_id: str | None, data: dict, artifact_file: str) -> None:
         if self.enabled and run_id:
