@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cohortcast.config.training import ForecastJobConfig
+from cohortcast.console import format_duration, format_rate
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,9 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
                "cases_per_s": len(seconds) / wall if seconds else 0.0,
                "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0}
     write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
+    log.info("forecast: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s", len(seconds),
+             format_duration(wall), format_rate(summary["cases_per_s"]), format_rate(summary["samples_per_s"]),
+             summary["finished"], total, output)
     return summary
 
 
