@@ -1,6 +1,9 @@
+import json
+from pathlib import Path
+
 import pytest
 
-from cohortcast.config import ConfigError, IngestConfig, dump_yaml, flatten, load_config
+from cohortcast.config import ConfigError, IngestConfig, dump_yaml, flatten, load_config, to_dict
 
 
 def test_defaults_validate_and_flatten():
@@ -58,18 +61,59 @@ def test_bool_is_not_an_int():
     assert isinstance(IngestConfig().crop_size, int)
 
 
-def test_shipped_configs_load():
-    from pathlib import Path
+JOB_CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 
+
+def test_shipped_configs_resolve_to_their_pinned_values():
+    """Every jobs/configs/*.yaml resolves (defaults, flavour, file) to exactly the values
+    pinned in tests/data/resolved_job_configs.json, taken before model flavours existed:
+    naming `flavor: sd15` instead of the numbers changed no model. A config change that
+    is meant to change a shipped config's values updates that file with it."""
+    pinned = json.loads((Path(__file__).parent / "data" / "resolved_job_configs.json").read_text())
+    resolved = {p.name: load_config(p) for p in JOB_CONFIGS.glob("*.yaml")}  # every shipped config loads
+    assert set(pinned) <= set(resolved)
+    for name, expected in pinned.items():
+        now = json.loads(json.dumps(flatten(resolved[name])))  # tuples as lists, as pinned
+        changed = {k: (expected.get(k), now.get(k)) for k in set(expected) | set(now)
+                   if expected.get(k, "<missing>") != now.get(k, "<missing>")}
+        assert not changed, f"{name}: (pinned, now) {changed}"
+
+
+def test_a_flavour_is_the_base_that_explicit_keys_override(tmp_path):
     from cohortcast.config.presets import sd15_forecaster
 
-    root = Path(__file__).resolve().parents[1] / "jobs" / "configs"
-    for path in sorted(root.glob("*.yaml")):
-        load_config(path)
-    nlst = load_config(root / "namd_nlst.yaml").model
-    preset = sd15_forecaster()
-    assert nlst.denoiser.block_out_channels == preset.denoiser.block_out_channels
-    assert nlst.vae.block_out_channels == preset.vae.block_out_channels
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  flavor: sd15\n  vae: {pretrained_path: /w/vae, layers_per_block: 3}\n"
+                    "  denoiser: {cross_attention_dim: 512}\n")
+    cfg = load_config(path, ["model.denoiser.cross_attention_dim=1024"]).model
+    assert cfg.vae.block_out_channels == (128, 256, 512, 512)  # flavour over the defaults
+    assert cfg.vae.layers_per_block == 3 and cfg.vae.pretrained_path == "/w/vae"  # the file over the flavour
+    assert cfg.denoiser.cross_attention_dim == 1024  # --set over the file
+    assert cfg.temporal == sd15_forecaster().temporal  # sections the file leaves out: the flavour's
+    # --set can name the flavour too, under the file's own keys
+    assert load_config(path, ["model.flavor=debug"]).model.vae.layers_per_block == 3
+    assert load_config(path, ["model.flavor=debug"]).model.vae.block_out_channels == (16, 32, 32)
+
+
+def test_a_flavour_resolves_to_values_not_a_name(tmp_path):
+    """The loaded config holds the flavour's values: naming it or spelling its numbers out
+    is the same config (the same stage keys), and a dumped config reloads unchanged."""
+    from cohortcast.config.presets import sd15_forecaster
+
+    named = load_config(None, ["model.flavor=sd15"])
+    assert named.model == sd15_forecaster() and "flavor" not in to_dict(named.model)
+    assert load_config(None, ["model.flavor=debug"]) == load_config()
+    dump_yaml(named, tmp_path / "out.yaml")
+    assert load_config(tmp_path / "out.yaml") == named
+
+
+def test_unknown_flavour_names_the_known_ones():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["model.flavor=sd16"])
+    assert "model.flavor: unknown flavour 'sd16' (did you mean 'sd15'?); known flavours: ['debug', 'sd15']" in str(
+        err.value)
+    with pytest.raises(ConfigError, match="model.vae.flavor: unknown field"):
+        load_config(None, ["model.vae.flavor=sd15"])  # only the model section has flavours
 
 
 def test_training_section_rejects_bad_stages_and_weights():

@@ -1,13 +1,18 @@
-"""Production-sized configs are the same code: checked on the meta device (no memory)
-against the published SD1.5 parameter counts, so real SD1.5 weights fit."""
+"""Model flavours are the same code at other sizes: the `sd15` flavour (what
+jobs/configs/namd_nlst.yaml names) is checked on the meta device (no memory, under a
+second) against SD1.5's published sizes and parameter counts, so real SD1.5 weights fit."""
+
+from dataclasses import replace
+from pathlib import Path
 
 import torch
 
 from cohortcast.config import load_config
-from cohortcast.config.presets import sd15_denoiser, sd15_forecaster, sd15_vae
+from cohortcast.config.presets import flavor
 from cohortcast.models.denoiser import build_unet
 from cohortcast.models.vae import build_autoencoder
 
+ROOT = Path(__file__).resolve().parents[1]
 SD15_VAE_PARAMS = 83_653_863  # runwayml/stable-diffusion-v1-5 vae/
 SD15_UNET_PARAMS = 859_520_964  # runwayml/stable-diffusion-v1-5 unet/
 
@@ -16,13 +21,42 @@ def _count(module):
     return sum(p.numel() for p in module.parameters())
 
 
-def test_sd15_vae_and_unet_have_sd15_shapes():
-    with torch.device("meta"):
-        vae = build_autoencoder(sd15_vae(in_channels=3, sample_size=512))
-        unet = build_unet(sd15_denoiser(), latent_channels=4, sample_size=64)
+def test_the_nlst_config_builds_sd15_sized_models():
+    model = load_config(ROOT / "jobs" / "configs" / "namd_nlst.yaml").model
+    v, d = model.vae, model.denoiser
+    assert (v.block_out_channels, v.layers_per_block, v.norm_num_groups, v.latent_channels) == (
+        (128, 256, 512, 512), 2, 32, 4)
+    assert (d.block_out_channels, d.layers_per_block, d.attention_head_dim, d.norm_num_groups,
+            d.cross_attention_dim) == ((320, 640, 1280, 1280), 2, 8, 32, 768)
+    assert v.downsample_factor == 8 and v.latent_shape == (4, 8, 8)  # 64 px crops
+    assert (model.temporal.d_model, model.temporal.num_layers, model.conditioner.dtype) == (768, 4, "bfloat16")
+    with torch.device("meta"):  # the local weight folders are not read here
+        vae = build_autoencoder(replace(v, in_channels=3, pretrained_path=None))  # SD1.5 VAE is RGB
+        unet = build_unet(replace(model.denoiser, pretrained_path=None), v.latent_channels, v.latent_side)
     assert _count(vae) == SD15_VAE_PARAMS
     # Ours takes 8 input channels (noisy + baseline): conv_in has 4 x 320 x 3 x 3 more weights.
     assert _count(unet) == SD15_UNET_PARAMS + 4 * 320 * 9
+
+
+def test_debug_is_the_defaults_and_latent_geometry_follows_the_sizes():
+    from cohortcast.config.models import ForecasterConfig
+
+    assert flavor("debug") == ForecasterConfig()
+    debug, sd15 = flavor("debug").vae, flavor("sd15").vae
+    assert (debug.downsample_factor, debug.latent_shape, debug.latent_numel) == (4, (4, 8, 8), 256)
+    assert (sd15.downsample_factor, replace(sd15, sample_size=512).latent_shape) == (8, (4, 64, 64))
+
+
+def test_models_read_the_latent_geometry_from_the_config():
+    from conftest import forecaster_config
+
+    from cohortcast.models.forecaster import Forecaster
+
+    cfg = forecaster_config()
+    cfg.vae.sample_size = 16  # 4 x 4 latents at the tiny VAE's factor 4
+    model = Forecaster(cfg)
+    assert model.latent_shape == cfg.vae.latent_shape == (4, 4, 4)
+    assert model.vae.probe.in_features == model.temporal.latent_proj.in_features == cfg.vae.latent_numel == 64
 
 
 def test_widened_unet_computes_the_pretrained_function(tmp_path):
@@ -41,11 +75,3 @@ def test_widened_unet_computes_the_pretrained_function(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(wide(torch.cat([x, base], 1), 10, encoder_hidden_states=ctx).sample,
                                    four(x, 10, encoder_hidden_states=ctx).sample)
-
-
-def test_production_preset_round_trips_through_the_config_system():
-    cfg = sd15_forecaster(llm_path="/models/medgemma-1.5-4b")
-    loaded = load_config(None, [f"model.denoiser.block_out_channels={list(cfg.denoiser.block_out_channels)}",
-                                "model.vae.block_out_channels=[128, 256, 512, 512]", "model.vae.norm_num_groups=32"])
-    assert loaded.model.denoiser.block_out_channels == cfg.denoiser.block_out_channels
-    assert loaded.model.vae.downsample_factor == 8

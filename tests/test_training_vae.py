@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -55,6 +58,26 @@ def test_zero2_on_two_cpu_workers_loss_falls(fixed_batch, tmp_path):
     trained.load_state_dict(consolidated_state_dict(result.checkpoint))
     changed = [k for k, v in trained.state_dict().items() if not torch.equal(v, initial[k])]
     assert "probe.weight" in changed and "autoencoder.encoder.conv_in.weight" in changed
+    # World rank 0 printed its progress line every log_every (1) steps to the worker's
+    # stderr, what Ray streams to the driver and `ray job logs -f` shows.
+    lines = {int(m["step"]): m for line in _worker_stderr() if (m := PROGRESS.search(line))}
+    assert sorted(lines) == list(range(1, 9))
+    assert sum(bool(PROGRESS.search(line)) for line in _worker_stderr()) == 8  # rank 1 prints none
+    assert all(float(m["rate"]) > 0 and re.fullmatch(r"\d+s|\d+m\d\ds|\d+h\d\dm", m["eta"]) for m in lines.values())
+    assert lines[8]["eta"] == "0s"
+    assert [float(lines[k]["loss"]) for k in (1, 8)] == pytest.approx([history[0]["loss/total"],
+                                                                        history[-1]["loss/total"]], rel=1e-3)
+
+
+PROGRESS = re.compile(r"stage vae step (?P<step>\d+)/8 loss (?P<loss>\S+) (?P<rate>[\d.]+) samples/s ETA (?P<eta>\S+)$")
+
+
+def _worker_stderr() -> list[str]:
+    import ray
+
+    # this session's logs (another Ray session on the machine may own session_latest)
+    logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    return [line for f in logs.glob("worker-*.err") for line in f.read_text(errors="replace").splitlines()]
 
 
 def test_rerun_resumes_from_the_saved_step(fixed_batch, tmp_path):

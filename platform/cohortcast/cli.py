@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
 from cohortcast import __version__
@@ -183,11 +182,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cohortcast.console import configure_logging
     from cohortcast.errors import USER_ERRORS
 
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(verbose=args.verbose)
     try:
         return args.func(args)
     except USER_ERRORS as exc:  # CohortcastError and missing/existing paths (see cohortcast.errors)

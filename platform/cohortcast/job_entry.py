@@ -5,7 +5,6 @@ one line on stderr with exit status 2 instead of a traceback."""
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from typing import Any, Callable
 
@@ -15,13 +14,14 @@ from cohortcast.errors import USER_ERRORS
 def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:
     """Parse the command line, run `job(config)`, print `show(result)`; returns the exit status."""
     from cohortcast.config import load_config
+    from cohortcast.console import configure_logging
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, metavar="FILE", help="YAML config, e.g. jobs/configs/namd_debug.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help=f"override one config value (repeatable), e.g. --set {example}")
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     try:
         result = job(load_config(args.config, args.overrides))
     except USER_ERRORS as exc:  # CohortcastError and missing/existing paths (see cohortcast.errors)

@@ -100,12 +100,34 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
 
 
+# A dataclass with a `from_flavor(name)` classmethod accepts this key in its mapping: the
+# named instance is the base the mapping's other keys override (model.flavor, presets.py).
+FLAVOR_KEY = "flavor"
+
+
+def _names_flavor(cls: Any, data: Any) -> bool:
+    return isinstance(data, dict) and FLAVOR_KEY in data and callable(getattr(cls, "from_flavor", None))
+
+
+def _apply_flavor(cls: type, data: dict[str, Any], where: str) -> dict[str, Any]:
+    """`data` without its flavour key, laid over the flavour's values (explicit keys win)."""
+    if not _names_flavor(cls, data):
+        return data
+    rest = {k: v for k, v in data.items() if k != FLAVOR_KEY}
+    try:
+        base = cls.from_flavor(data[FLAVOR_KEY])
+    except ConfigError as exc:
+        raise ConfigError(f"{_join(where, FLAVOR_KEY)}: {exc}") from None
+    return _merged_section(base, rest)
+
+
 def from_dict(cls: type[T], data: Any, where: str = "") -> T:
     """Build dataclass `cls` from a mapping, checking every field's type."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"{where or 'config'}: expected a mapping, got {data!r}")
+    data = _apply_flavor(cls, data, where)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - set(fields))
@@ -121,8 +143,10 @@ def from_dict(cls: type[T], data: Any, where: str = "") -> T:
             if isinstance(value, dict) and field.default_factory is not dataclasses.MISSING:
                 # A partial section overrides the field's own default (e.g. a factory
                 # StageConfig(lr=1e-3)), not the bare class defaults.
+                # A section naming a flavour starts from the flavour instead (applied
+                # by the section's own from_dict, below).
                 default = field.default_factory()
-                if dataclasses.is_dataclass(default):
+                if dataclasses.is_dataclass(default) and not _names_flavor(type(default), value):
                     value = _merged_section(default, value)
             kwargs[name] = _coerce(value, hints[name], _join(where, name))
         elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
@@ -143,8 +167,9 @@ def _merged_section(default: Any, update: dict[str, Any]) -> dict[str, Any]:
     out = to_dict(default)
     for key, value in update.items():
         current = getattr(default, key, None)
-        out[key] = (_merged_section(current, value) if isinstance(value, dict) and dataclasses.is_dataclass(current)
-                    else value)
+        merge = (isinstance(value, dict) and dataclasses.is_dataclass(current)
+                 and not _names_flavor(type(current), value))  # a flavour replaces the default (from_dict)
+        out[key] = _merged_section(current, value) if merge else value
     return out
 
 

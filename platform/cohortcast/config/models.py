@@ -1,6 +1,7 @@
 """Model configs: one small dataclass per component (torchtitan style). The tiny
-defaults train on a CPU in seconds; `presets.py` holds the production sizes (SD1.5 VAE
-and U-Net, MedGemma 4B). Both are the same code."""
+defaults train on a CPU in seconds; `presets.py` holds the named flavours (`model.flavor`:
+`debug`, the defaults; `sd15`, the SD1.5 VAE and U-Net with MedGemma 4B). All are the
+same code."""
 
 from __future__ import annotations
 
@@ -78,13 +79,25 @@ class VAEConfig:
         _require(self.scaling_factor is None or self.scaling_factor > 0, "scaling_factor", "must be > 0 or null")
         _require(self.intensity_range[0] < self.intensity_range[1], "intensity_range", "low must be below high")
 
+    # The latent geometry follows from the sizes above; computed here only, and read by
+    # the VAE's probe, the Forecaster, the temporal encoder and the U-Net alike.
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+        return 2 ** (len(self.block_out_channels) - 1)  # each level after the first halves the side
 
     @property
     def latent_side(self) -> int:
         return self.sample_size // self.downsample_factor
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one crop's latent."""
+        return (self.latent_channels, self.latent_side, self.latent_side)
+
+    @property
+    def latent_numel(self) -> int:
+        """Values in one crop's latent (the probe's and the temporal encoder's input width)."""
+        return self.latent_channels * self.latent_side ** 2
 
 
 @dataclass
@@ -206,7 +219,10 @@ class ForecasterConfig:
     timestep; its N samples are identical (it is deterministic).
     `compose` "baseline_plus_change": the forecast image is the baseline crop plus the
     decoded change (decode(z_forecast) - decode(z_baseline)), which keeps the exam's own
-    noise the VAE cannot encode; "decoded": decode(z_forecast) alone."""
+    noise the VAE cannot encode; "decoded": decode(z_forecast) alone.
+
+    A `flavor` key in the mapping it is loaded from names the base its other keys
+    override (config/presets.py); it is resolved at load time, not kept as a field."""
 
     kind: Literal["diffusion", "regression"] = "diffusion"
     compose: Literal["decoded", "baseline_plus_change"] = "decoded"
@@ -215,3 +231,10 @@ class ForecasterConfig:
     temporal: TemporalConfig = field(default_factory=TemporalConfig)
     denoiser: DenoiserConfig = field(default_factory=DenoiserConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+
+    @classmethod
+    def from_flavor(cls, name: str) -> ForecasterConfig:
+        """The loader's hook for `model.flavor` (see loader.from_dict)."""
+        from cohortcast.config.presets import flavor  # presets builds on this module
+
+        return flavor(name)

@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Iterator
@@ -34,6 +35,7 @@ import pyarrow.parquet as pq
 
 from cohortcast import __version__
 from cohortcast.config import IngestConfig, PrivacyConfig, RayConfig, to_dict
+from cohortcast.console import format_duration, format_rate
 from cohortcast.data.manifest import EHR_FEATURES, NODULE_EHR, PATIENT_EHR, Manifest, load_manifest
 from cohortcast.data.privacy import Pseudonymizer
 from cohortcast.data.split import SPLITS, assign_split
@@ -187,6 +189,9 @@ def run_ingest(cfg: IngestConfig, privacy: PrivacyConfig | None = None, ray_cfg:
     # A few blocks per CPU: one-study blocks drown in per-task overhead (measured 2x
     # slower end to end), a single block per CPU balances badly when studies differ.
     blocks = max(1, min(len(tasks), _BLOCKS_PER_CPU * int(ray.cluster_resources().get("CPU", 1))))
+    started = time.perf_counter()
+    log.info("ingest: reading %d studies of %d patients into %s (%d Ray Data blocks)", len(tasks),
+             len({t["patient"] for t in tasks}), out, blocks)
     results = (ray.data.from_items(tasks, override_num_blocks=blocks)
                .map(process_study, fn_kwargs={"cfg": cfg}, num_cpus=cfg.num_cpus_per_task)
                .materialize())
@@ -198,6 +203,10 @@ def run_ingest(cfg: IngestConfig, privacy: PrivacyConfig | None = None, ray_cfg:
         log.warning("quarantined %s%s: %s", row["study"], f" nodule {row['nodule_id']}" if row["nodule_id"] else "",
                     row["message"])
     nodule_counts, study_counts = _split_counts(summaries)
+    seconds = time.perf_counter() - started
+    log.info("ingest: read %d studies in %s (%s studies/s): %d nodule crops, %d quarantined; writing the tables",
+             len(summaries), format_duration(seconds), format_rate(len(summaries) / max(seconds, 1e-9)),
+             sum(nodule_counts.values()), len(quarantine))
 
     with atomic_folder(out, overwrite=True) as tmp:
         _write_table(results.flat_map(explode_nodules), tmp / "nodules", cfg, sum(nodule_counts.values()))

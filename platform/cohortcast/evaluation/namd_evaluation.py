@@ -149,6 +149,7 @@ class EvaluationJob:
         from cohortcast.inference.cohort_forecast import run_cohort_forecast
 
         job = replace(self.cfg.forecast, forecaster=forecaster, output=output, max_cases=None)
+        log.info("evaluate: %s: the %r split with %s -> %s", name, job.split, forecaster, output)
         run_id = runs.start_child(name, flatten(job, "forecast"))
         try:
             summary = run_cohort_forecast(job, llm_path=self.cfg.model.conditioner.llm_path)
@@ -202,8 +203,10 @@ def run_evaluation(cfg: CohortcastConfig) -> EvaluationResult:
             job.forecast(runs, "forecast_ablation", _forecaster_of(e.ablation.training_output), e.ablation.forecasts)
         if e.regressor.enabled:
             job.forecast(runs, "forecast_regressor", _regressor_of(cfg.training.output), e.regressor.forecasts)
+        log.info("evaluate: scoring the forecasts (evaluator, image metrics, bootstrap)")
         table, claims, cases, extras = score(cfg, evaluator_folder)
         report = write_report(cfg, table, claims, cases, extras, evaluator_val)
+        log.info("evaluate: report written to %s", report)
         if runs.enabled:
             _log_to_mlflow(runs, table, report)
         cohort = extras["cohort"]

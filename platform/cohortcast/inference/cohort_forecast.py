@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 
 from cohortcast.config.training import ForecastJobConfig
+from cohortcast.console import format_duration, format_rate
 from cohortcast.errors import CohortcastError, MissingInputError
 
 log = logging.getLogger(__name__)
@@ -288,6 +289,9 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
                # it tells a slow model from a starved pipeline
                "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0, "actor_torch_threads": threads}
     write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
+    log.info("forecast: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s", len(seconds),
+             format_duration(wall), format_rate(summary["cases_per_s"]), format_rate(summary["samples_per_s"]),
+             summary["finished"], total, output)
     return summary
 
 

@@ -111,11 +111,10 @@ class Forecaster(nn.Module):
         self.preprocessing = preprocessing
         self.vae = NoduleVAE(cfg.vae)
         self.conditioner = conditioner if conditioner is not None else build_ehr_encoder(cfg.conditioner)
-        side = cfg.vae.latent_side
-        self.latent_shape = (cfg.vae.latent_channels, side, side)
+        self.latent_shape = cfg.vae.latent_shape
         d = cfg.denoiser.cross_attention_dim
-        self.temporal = TemporalContextEncoder(cfg.temporal, cfg.vae.latent_channels * side * side, d)
-        self.denoiser = ConditionalDenoiser(cfg.denoiser, cfg.vae.latent_channels, side,
+        self.temporal = TemporalContextEncoder(cfg.temporal, cfg.vae.latent_numel, d)
+        self.denoiser = ConditionalDenoiser(cfg.denoiser, cfg.vae.latent_channels, cfg.vae.latent_side,
                                             self.conditioner.hidden_size if self.conditioner is not None else None)
 
     def train_scheduler(self):

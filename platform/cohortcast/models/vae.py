@@ -94,8 +94,7 @@ class NoduleVAE(nn.Module):
         self.cfg = cfg
         self.autoencoder = autoencoder or (load_pretrained_autoencoder(cfg.pretrained_path, cfg.in_channels)
                                            if cfg.pretrained_path else build_autoencoder(cfg))
-        side = cfg.sample_size // cfg.downsample_factor
-        self.probe = nn.Linear(cfg.latent_channels * side * side, 1)
+        self.probe = nn.Linear(cfg.latent_numel, 1)
 
     @property
     def scaling_factor(self) -> float:

@@ -20,6 +20,7 @@ import torch
 from cohortcast.config.training import StageConfig
 from cohortcast.training.checkpoints import restore, save_and_report
 from cohortcast.training.deepspeed_setup import autocast_like, choose_precision, deepspeed_config, seed_everything
+from cohortcast.training.progress import StageProgress
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
         log.info("stage set up in %.1f s (model, DeepSpeed engine, checkpoint restore, data shards)",
                  time.perf_counter() - setup_started)
     samples, started = 0, time.perf_counter()
+    progress = StageProgress.for_rank(rank, context.get_experiment_name(), stage.max_steps, resumed_from)
     while engine.global_steps < stage.max_steps:
         batches = 0
         rng = np.random.default_rng([stage.seed, epoch, rank])  # fresh draws every epoch
@@ -170,6 +172,8 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
             metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
             metrics.update(step=step, epoch=epoch, lr=float(scheduler.get_last_lr()[0]),
                            samples_per_s=samples * world / max(elapsed, 1e-9), resumed_from=resumed_from)
+            if progress and (step % stage.log_every == 0 or final):
+                log.info("%s", progress.line(step, metrics["loss/total"], metrics["samples_per_s"], elapsed))
             if final:
                 metrics.update(validation())
             if tracker:
