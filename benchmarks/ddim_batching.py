@@ -55,7 +55,7 @@ def run(mode: str, samples: int, steps: int, crop: int) -> float:
 def _status(field: str) -> float:
     """A VmRSS/VmHWM line of /proc/self/status, in MiB."""
     with open("/proc/self/status") as fh:
-        line = next(l for l in fh if l.startswith(field + ":"))
+        line = next(row for row in fh if row.startswith(field + ":"))
     return int(line.split()[1]) / 1024
 
 

@@ -89,7 +89,7 @@ def _draws(patients, n_boot, seed):
 
 def test_bootstrap_collapses_to_the_point_value_when_patients_are_identical():
     values = np.array([0.2, 0.7, 0.2, 0.7, 0.2, 0.7])  # every patient has the same two cases
-    ci = patient_bootstrap(["a", "a", "b", "b", "c", "c"], lambda idx: values[idx].mean(), n_boot=200)
+    ci = patient_bootstrap(["a", "a", "b", "b", "c", "c"], lambda idx, v=values: v[idx].mean(), n_boot=200)
     assert ci.low == pytest.approx(0.45) and ci.high == pytest.approx(0.45) and ci.n_boot_used == 200
     single = patient_bootstrap(["p"] * 5, lambda idx: values[idx].sum(), n_boot=50)
     assert single.low == single.high == pytest.approx(values[:5].sum())  # one patient: always all its cases
@@ -101,7 +101,7 @@ def test_bootstrap_contains_the_mean_and_narrows_with_more_patients():
     for n_patients in (20, 320):
         values = rng.normal(1.0, 1.0, 2 * n_patients)
         patients = np.repeat([f"p{i}" for i in range(n_patients)], 2)
-        ci = patient_bootstrap(patients, lambda idx: values[idx].mean(), n_boot=500, seed=1)
+        ci = patient_bootstrap(patients, lambda idx, v=values: v[idx].mean(), n_boot=500, seed=1)
         assert ci.low < values.mean() < ci.high
         widths.append(ci.high - ci.low)
     assert widths[1] < widths[0] / 2  # ~1/sqrt(n): 16x the patients, ~4x narrower

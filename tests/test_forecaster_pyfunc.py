@@ -81,7 +81,7 @@ def test_params_reach_the_forecaster(logged, caplog):
 
 
 def test_requirements_are_public_pins_and_the_code_travels(logged):
-    lines = [l for l in (logged["local"] / "requirements.txt").read_text().splitlines() if l.strip()]
+    lines = [line for line in (logged["local"] / "requirements.txt").read_text().splitlines() if line.strip()]
     requirements = [Requirement(line) for line in lines]  # every line parses
     for requirement in requirements:
         [spec] = requirement.specifier

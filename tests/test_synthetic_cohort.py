@@ -93,8 +93,8 @@ def test_follow_up_separates_classes_better_than_baseline():
     auc_base, auc_follow = roc_auc_score(y, base), roc_auc_score(y, follow)
     assert 0.5 < auc_base < 0.75  # baseline size is only weakly informative
     assert auc_follow > auc_base + 0.1
-    spiculated = lambda k: np.mean([p.nodules[0].states[k].margins == "Spiculated" for p in patients
-                                    if p.nodules[0].malignant])
+    def spiculated(k):
+        return np.mean([p.nodules[0].states[k].margins == "Spiculated" for p in patients if p.nodules[0].malignant])
     assert spiculated(1) > spiculated(0)
 
 

@@ -45,7 +45,7 @@ def test_zero2_on_two_cpu_workers_loss_falls(fixed_batch, tmp_path):
     history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["step"])
     assert [m["step"] for m in history] == list(range(1, 9))
     losses = [m["loss/total"] for m in history]
-    assert all(l == l and abs(l) < 1e6 for l in losses)  # finite
+    assert all(v == v and abs(v) < 1e6 for v in losses)  # finite
     assert losses[-1] < 0.8 * losses[0], losses
     assert history[0]["lr"] < history[2]["lr"]  # warmup, then cosine decay
     assert history[-1]["lr"] < history[2]["lr"]

@@ -154,7 +154,7 @@ def _bootstrap_rows(rows: list[Row], differences: Sequence[tuple[str, str]], lab
     out = []
     for a, b in differences:
         stat_a, stat_b = auroc_of(a), auroc_of(b)
-        interval = patient_bootstrap(patients, lambda idx: stat_a(idx) - stat_b(idx), n_boot, seed)
+        interval = patient_bootstrap(patients, lambda idx, sa=stat_a, sb=stat_b: sa(idx) - sb(idx), n_boot, seed)
         out.append(PairedDifference(a, b, by_name[a].auroc.mean - by_name[b].auroc.mean, interval))
     return out
 

@@ -103,7 +103,7 @@ def render_nodule(hu: np.ndarray, grid: Grid, centre_mm: np.ndarray, nodule: Nod
     zz, yy, xx = grid.world_axes()
     half = state.long_mm * 0.9 + 6.0
     sl = []
-    for axis, (coords, c) in enumerate(zip((zz, yy, xx), (centre_mm[2], centre_mm[1], centre_mm[0]))):
+    for coords, c in zip((zz, yy, xx), (centre_mm[2], centre_mm[1], centre_mm[0])):
         idx = np.flatnonzero(np.abs(coords - c) <= half)
         if idx.size == 0:
             return
