@@ -42,29 +42,63 @@ def main() -> None:
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        generate_cohort(SynthConfig(patients=args.patients, seed=3, image_size=64, num_slices=32, pixel_spacing_mm=5.0,
-                                    slice_thickness_mm=6.0), root / "cohort", progress=False)
-        run_ingest(IngestConfig(manifest=str(root / "cohort"), output=str(root / "ingested"), crop_size=32,
-                                crop_spacing_mm=1.5, patch_size=8, volume_shape=(8, 16, 16),
-                                split=SplitConfig(0.0, 0.0, 1.0)))
+        generate_cohort(
+            SynthConfig(
+                patients=args.patients,
+                seed=3,
+                image_size=64,
+                num_slices=32,
+                pixel_spacing_mm=5.0,
+                slice_thickness_mm=6.0,
+            ),
+            root / "cohort",
+            progress=False,
+        )
+        run_ingest(
+            IngestConfig(
+                manifest=str(root / "cohort"),
+                output=str(root / "ingested"),
+                crop_size=32,
+                crop_spacing_mm=1.5,
+                patch_size=8,
+                volume_shape=(8, 16, 16),
+                split=SplitConfig(0.0, 0.0, 1.0),
+            )
+        )
         torch.manual_seed(0)
-        Forecaster(ForecasterConfig(scheduler=SchedulerConfig(micro_batch=args.samples), vae=VAEConfig(scaling_factor=1.0),
-                                   denoiser=DenoiserConfig(change_scale=1.0))).save(root / "model")
+        Forecaster(
+            ForecasterConfig(
+                scheduler=SchedulerConfig(micro_batch=args.samples),
+                vae=VAEConfig(scaling_factor=1.0),
+                denoiser=DenoiserConfig(change_scale=1.0),
+            )
+        ).save(root / "model")
         rows = []
         for actors in args.actors:
-            job = ForecastJobConfig(forecaster=str(root / "model"), ingested=str(root / "ingested"), split="test",
-                                    output=str(root / f"out-{actors}"), num_samples=args.samples,
-                                    inference_steps=args.steps, actors=actors, cases_per_batch=2)
+            job = ForecastJobConfig(
+                forecaster=str(root / "model"),
+                ingested=str(root / "ingested"),
+                split="test",
+                output=str(root / f"out-{actors}"),
+                num_samples=args.samples,
+                inference_steps=args.steps,
+                actors=actors,
+                cases_per_batch=2,
+            )
             started = time.perf_counter()
             summary = run_cohort_forecast(job)
             rows.append((actors, summary, time.perf_counter() - started))
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-          f"torch {torch.__version__}, Ray {ray.__version__}; {args.samples} samples x {args.steps} DDIM steps per case")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+        f"torch {torch.__version__}, Ray {ray.__version__}; {args.samples} samples x {args.steps} DDIM steps per case"
+    )
     print(f"{'actors':>6} {'cases':>6} {'wall s':>8} {'cases/s':>8} {'samples/s':>10} {'vs 1 actor':>10}")
     base = rows[0][1]["cases_per_s"]
     for actors, s, wall in rows:
-        print(f"{actors:>6} {s['forecast_this_run']:>6} {wall:>8.1f} {s['cases_per_s']:>8.2f} {s['samples_per_s']:>10.1f} "
-              f"{s['cases_per_s'] / base:>9.2f}x")
+        print(
+            f"{actors:>6} {s['forecast_this_run']:>6} {wall:>8.1f} {s['cases_per_s']:>8.2f} {s['samples_per_s']:>10.1f} "
+            f"{s['cases_per_s'] / base:>9.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -27,8 +27,9 @@ def _setup(crop: int):
 
     torch.manual_seed(0)
     # untrained: unit scales stand in for the ones training computes
-    model = Forecaster(ForecasterConfig(vae=VAEConfig(sample_size=crop, scaling_factor=1.0),
-                                        denoiser=DenoiserConfig(change_scale=1.0))).eval()
+    model = Forecaster(
+        ForecasterConfig(vae=VAEConfig(sample_size=crop, scaling_factor=1.0), denoiser=DenoiserConfig(change_scale=1.0))
+    ).eval()
     baseline = torch.randn(1, *model.latent_shape)
     context = torch.randn(1, 3, model.cfg.denoiser.cross_attention_dim)
     return model, baseline, context
@@ -41,12 +42,17 @@ def run(mode: str, samples: int, steps: int, crop: int) -> float:
     scheduler = model.inference_scheduler()
     start = time.perf_counter()
     if mode == "batched":
-        out = forecast_latents(model.denoiser, scheduler, baseline, context, ["case"], samples, 0, steps,
-                               micro_batch=samples).samples[0]
+        out = forecast_latents(
+            model.denoiser, scheduler, baseline, context, ["case"], samples, 0, steps, micro_batch=samples
+        ).samples[0]
     else:
         # Sample k alone: its own case id and seed, batch of one, the same loop.
-        out = torch.cat([forecast_latents(model.denoiser, scheduler, baseline, context, [f"case-{k}"], 1, 0,
-                                          steps).samples[0] for k in range(samples)])
+        out = torch.cat(
+            [
+                forecast_latents(model.denoiser, scheduler, baseline, context, [f"case-{k}"], 1, 0, steps).samples[0]
+                for k in range(samples)
+            ]
+        )
     elapsed = time.perf_counter() - start
     assert out.shape[0] == samples
     return elapsed
@@ -62,11 +68,18 @@ def _status(field: str) -> float:
 def child_memory(mode: str, samples: int, steps: int, crop: int) -> float:
     """In a fresh process: peak RSS growth (MiB) of one forecast beyond the built model.
     Writing 5 to /proc/self/clear_refs resets the peak (VmHWM) after set-up (Linux)."""
-    code = (f"import gc, benchmarks.ddim_batching as b; b._setup({crop}); b.run('batched', 1, 1, {crop}); gc.collect(); "
-            f"before = b._status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); "
-            f"b.run('{mode}', {samples}, {steps}, {crop}); print(b._status('VmHWM') - before)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    code = (
+        f"import gc, benchmarks.ddim_batching as b; b._setup({crop}); b.run('batched', 1, 1, {crop}); gc.collect(); "
+        f"before = b._status('VmRSS'); open('/proc/self/clear_refs', 'w').write('5'); "
+        f"b.run('{mode}', {samples}, {steps}, {crop}); print(b._status('VmHWM') - before)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+    )
     return float(out.stdout.strip().splitlines()[-1])
 
 
@@ -85,14 +98,20 @@ def main() -> None:
     for mode in ("loop", "batched"):
         best[mode] = min(run(mode, args.samples, args.steps, args.crop) for _ in range(args.repeats))
     memory = {mode: child_memory(mode, args.samples, args.steps, args.crop) for mode in ("loop", "batched")}
-    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads"
+    )
     side = args.crop // 8
-    print(f"denoiser: tiny UNet2DConditionModel, {params / 1e6:.2f} M params, latents 4x{side}x{side}; "
-          f"N={args.samples}, {args.steps} DDIM steps")
+    print(
+        f"denoiser: tiny UNet2DConditionModel, {params / 1e6:.2f} M params, latents 4x{side}x{side}; "
+        f"N={args.samples}, {args.steps} DDIM steps"
+    )
     for mode in ("loop", "batched"):
-        print(f"{mode:>8}: {best[mode]:7.2f} s  {args.samples / best[mode]:6.2f} samples/s  "
-              f"peak RSS growth {memory[mode]:.1f} MiB ({memory[mode] / args.samples:.2f} MiB/sample)")
+        print(
+            f"{mode:>8}: {best[mode]:7.2f} s  {args.samples / best[mode]:6.2f} samples/s  "
+            f"peak RSS growth {memory[mode]:.1f} MiB ({memory[mode] / args.samples:.2f} MiB/sample)"
+        )
     print(f"speed-up batched / loop: {best['loop'] / best['batched']:.2f}x")
     print(json.dumps({"best_s": best, "memory": memory}))
 

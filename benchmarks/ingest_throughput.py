@@ -26,7 +26,9 @@ def _arrow_table(rows: list[dict]) -> pa.Table:
     tensors = [k for k, v in rows[0].items() if isinstance(v, np.ndarray)]
     table = pa.table({k: [r[k] for r in rows] for k in rows[0] if k not in tensors})
     for name in tensors:
-        table = table.append_column(name, pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack([r[name] for r in rows])))
+        table = table.append_column(
+            name, pa.FixedShapeTensorArray.from_numpy_ndarray(np.stack([r[name] for r in rows]))
+        )
     return table
 
 
@@ -72,8 +74,16 @@ def main() -> None:
     cohort = work / f"cohort-{args.patients}"
     if not cohort.exists():
         generate_cohort(SynthConfig(patients=args.patients, seed=1), cohort, workers=os.cpu_count() or 1)
-    cfg = IngestConfig(manifest=str(cohort), output=str(work / "ray-out"), crop_size=64, crop_spacing_mm=0.75,
-                       patch_size=32, patch_spacing_mm=1.0, volume_shape=(32, 64, 64), overwrite=True)
+    cfg = IngestConfig(
+        manifest=str(cohort),
+        output=str(work / "ray-out"),
+        crop_size=64,
+        crop_spacing_mm=0.75,
+        patch_size=32,
+        patch_spacing_mm=1.0,
+        volume_shape=(32, 64, 64),
+        overwrite=True,
+    )
     privacy = PrivacyConfig()
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -91,12 +101,16 @@ def main() -> None:
     assert ray_crops == crops, (ray_crops, crops)
     # Both paths do the same per-study work (crops, patches, volume resampling) and write
     # the same two tables; Ray also writes the quarantine table and the card.
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
-          f"{platform.python_version()}, Ray {ray.__version__}")
+    print(
+        f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
+        f"{platform.python_version()}, Ray {ray.__version__}"
+    )
     print(f"cohort: {args.patients} patients, {studies} studies, {crops} crops; best of {args.repeats}")
     best = {k: min(v) for k, v in timings.items()}
     for name in ("plain", "ray"):
-        print(f"{name:>5}: {best[name]:7.2f} s  {studies / best[name]:7.2f} studies/s  {crops / best[name]:7.2f} crops/s")
+        print(
+            f"{name:>5}: {best[name]:7.2f} s  {studies / best[name]:7.2f} studies/s  {crops / best[name]:7.2f} crops/s"
+        )
     print(f"ratio ray/plain (throughput): {best['plain'] / best['ray']:.2f}x")
 
 

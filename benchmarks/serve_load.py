@@ -57,8 +57,16 @@ def bodies_for(count: int, shape: tuple[int, int], samples: int, steps: int) -> 
     from cohortcast.serving.requests import encode_npy
 
     rng = np.random.default_rng(0)
-    return [{"crop_npy_b64": encode_npy(rng.uniform(-1, 1, shape).astype(np.float32)), "horizon_days": 365,
-             "num_samples": samples, "steps": steps, "seed": i} for i in range(count)]
+    return [
+        {
+            "crop_npy_b64": encode_npy(rng.uniform(-1, 1, shape).astype(np.float32)),
+            "horizon_days": 365,
+            "num_samples": samples,
+            "steps": steps,
+            "seed": i,
+        }
+        for i in range(count)
+    ]
 
 
 def load(url: str, bodies: list[dict], concurrency: int, headers: dict | None = None) -> Run:
@@ -91,8 +99,10 @@ def load(url: str, bodies: list[dict], concurrency: int, headers: dict | None = 
 def report(label: str, run: Run, requests_sent: int, samples: int) -> str:
     rate = requests_sent / run.wall
     statuses = ", ".join(f"{status}: {n}" for status, n in sorted(run.statuses.items(), key=str))
-    return (f"{label:<34} {rate:>7.2f} {rate * samples:>10.1f} {np.percentile(run.latencies, 50):>7.3f} "
-            f"{np.percentile(run.latencies, 99):>7.3f} {run.failures:>8}   ({statuses})")
+    return (
+        f"{label:<34} {rate:>7.2f} {rate * samples:>10.1f} {np.percentile(run.latencies, 50):>7.3f} "
+        f"{np.percentile(run.latencies, 99):>7.3f} {run.failures:>8}   ({statuses})"
+    )
 
 
 HEADER = f"{'path':<34} {'req/s':>7} {'samples/s':>10} {'p50 s':>7} {'p99 s':>7} {'failures':>8}"
@@ -105,17 +115,22 @@ def tiny_forecaster(folder: Path) -> Path:
     from cohortcast.models.forecaster import Forecaster
 
     torch.manual_seed(0)
-    Forecaster(ForecasterConfig(scheduler=SchedulerConfig(), vae=VAEConfig(scaling_factor=1.0),
-                                denoiser=DenoiserConfig(change_scale=1.0))).save(folder / "model")
+    Forecaster(
+        ForecasterConfig(
+            scheduler=SchedulerConfig(), vae=VAEConfig(scaling_factor=1.0), denoiser=DenoiserConfig(change_scale=1.0)
+        )
+    ).save(folder / "model")
     return folder / "model"
 
 
 def machine(args) -> str:
     import torch
 
-    return (f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, torch "
-            f"{torch.__version__}; {args.requests} requests, {args.concurrency} concurrent, "
-            f"{args.samples} samples x {args.steps} DDIM steps each")
+    return (
+        f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, torch "
+        f"{torch.__version__}; {args.requests} requests, {args.concurrency} concurrent, "
+        f"{args.samples} samples x {args.steps} DDIM steps each"
+    )
 
 
 def against_url(args) -> list[tuple[str, Run]]:
@@ -149,8 +164,12 @@ def in_process(args) -> list[tuple[str, Run]]:
 
         def info(self):
             side = self.model.cfg.vae.sample_size
-            return {**self.source.info(), "crop_shape": [side, side], "uses_ehr": self.model.conditioner is not None,
-                    "evaluator": False}
+            return {
+                **self.source.info(),
+                "crop_shape": [side, side],
+                "uses_ehr": self.model.conditioner is not None,
+                "evaluator": False,
+            }
 
         def forecast(self, item):  # the ingress awaits it; runs in the caller's thread pool via to_thread
             import asyncio
@@ -163,8 +182,13 @@ def in_process(args) -> list[tuple[str, Run]]:
 
     with tempfile.TemporaryDirectory() as tmp:
         model = Direct(tiny_forecaster(Path(tmp)))
-        cfg = ServeConfig(forecaster=tmp, max_samples=args.samples, default_samples=args.samples,
-                          max_steps=args.steps, default_steps=args.steps)
+        cfg = ServeConfig(
+            forecaster=tmp,
+            max_samples=args.samples,
+            default_samples=args.samples,
+            max_steps=args.steps,
+            default_steps=args.steps,
+        )
         side = model.info()["crop_shape"][0]
         app = local_app(model, cfg, ingest=IngestConfig(crop_size=side))
         port = free_port()
@@ -198,11 +222,19 @@ def compare_batching(args) -> list[tuple[str, Run]]:
         # Fixed micro-batches keep answers batch-independent; each path gets the size that
         # fits it: a full batch of 8 requests in one call, or one request's samples.
         for label, batch in (("batching on (max_batch_size 8)", 8), ("batching off (max_batch_size 1)", 1)):
-            cfg = ServeConfig(forecaster=str(folder), max_batch_size=batch, batch_wait_timeout_s=0.02,
-                              micro_batch=batch * args.samples,
-                              max_samples=args.samples, default_samples=args.samples, max_steps=args.steps,
-                              default_steps=args.steps, max_ongoing_requests=args.concurrency * 2,
-                              max_queued_requests=args.requests, num_cpus=max(1, (os.cpu_count() or 2) - 1))
+            cfg = ServeConfig(
+                forecaster=str(folder),
+                max_batch_size=batch,
+                batch_wait_timeout_s=0.02,
+                micro_batch=batch * args.samples,
+                max_samples=args.samples,
+                default_samples=args.samples,
+                max_steps=args.steps,
+                default_steps=args.steps,
+                max_ongoing_requests=args.concurrency * 2,
+                max_queued_requests=args.requests,
+                num_cpus=max(1, (os.cpu_count() or 2) - 1),
+            )
             name = f"bench{batch}"
             serve.run(build_app(cfg), name=name, route_prefix=f"/{name}")
             url = f"http://127.0.0.1:{port}/{name}/v1/forecast"
@@ -218,8 +250,11 @@ def main() -> int:
     target = parser.add_mutually_exclusive_group()
     target.add_argument("--url", help="base URL of a running service, e.g. http://127.0.0.1:8000")
     target.add_argument("--in-process", action="store_true", help="serve a tiny model in this process (no Ray)")
-    target.add_argument("--compare-batching", action="store_true",
-                        help="local Ray Serve, dynamic batching on vs off (RESULTS.md; the default)")
+    target.add_argument(
+        "--compare-batching",
+        action="store_true",
+        help="local Ray Serve, dynamic batching on vs off (RESULTS.md; the default)",
+    )
     parser.add_argument("--requests", type=int, help="requests to send (default 1000; 64 with --compare-batching)")
     parser.add_argument("--concurrency", type=int, help="client threads (default 32; 16 with --compare-batching)")
     parser.add_argument("--samples", type=int, default=4, help="samples per request")

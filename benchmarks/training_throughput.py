@@ -37,7 +37,7 @@ def plain_loop(model_cfg, steps: int, batch: int, latents: np.ndarray) -> float:
     data = torch.from_numpy(latents)
     started = time.perf_counter()
     for step in range(steps):
-        rows = data[(step * batch) % len(data):][:batch]
+        rows = data[(step * batch) % len(data) :][:batch]
         loss = diffusion_loss(model, scheduler, rows, torch.zeros_like(rows), model.null(batch))
         optimizer.zero_grad()
         loss.backward()
@@ -46,22 +46,33 @@ def plain_loop(model_cfg, steps: int, batch: int, latents: np.ndarray) -> float:
     return steps * batch / (time.perf_counter() - started)
 
 
-def ray_path(model_cfg, steps: int, batch: int, latents: np.ndarray, workers: int, cpus: float,
-             storage: str) -> tuple[float, float]:
+def ray_path(
+    model_cfg, steps: int, batch: int, latents: np.ndarray, workers: int, cpus: float, storage: str
+) -> tuple[float, float]:
     import ray.data
 
     from cohortcast.config.training import ScalingSettings, StageConfig
     from cohortcast.training.ldm_stage import ldm_unconditional_worker_loop
     from cohortcast.training.runner import run_stage
 
-    stage = StageConfig(max_steps=steps, micro_batch_size=batch, lr=1e-4, warmup_steps=1, zero_stage=2,
-                        checkpoint_every=10**6, log_every=steps)
+    stage = StageConfig(
+        max_steps=steps,
+        micro_batch_size=batch,
+        lr=1e-4,
+        warmup_steps=1,
+        zero_stage=2,
+        checkpoint_every=10**6,
+        log_every=steps,
+    )
     dataset = ray.data.from_items([{"latent_d8": np.repeat(x[None], 8, axis=0)} for x in latents]).materialize()
     started = time.perf_counter()
-    result = run_stage(f"bench-{workers}w-{time.time_ns()}", ldm_unconditional_worker_loop,
-                       {"stage": stage, "model": model_cfg}, {"train": dataset},
-                       ScalingSettings(num_workers=workers, cpus_per_worker=cpus, storage_path=storage,
-                                       max_failures=0))
+    result = run_stage(
+        f"bench-{workers}w-{time.time_ns()}",
+        ldm_unconditional_worker_loop,
+        {"stage": stage, "model": model_cfg},
+        {"train": dataset},
+        ScalingSettings(num_workers=workers, cpus_per_worker=cpus, storage_path=storage, max_failures=0),
+    )
     wall = time.perf_counter() - started
     return float(result.metrics["samples_per_s"]), steps * batch * workers / wall
 
@@ -87,11 +98,20 @@ def main() -> None:
         # then data parallel with one core per worker (global batch x workers).
         for workers, per_worker in ((1, cpus), (cpus, 1)):
             rows[f"Ray Train + DeepSpeed ZeRO-2, {workers}w x {per_worker} CPU"] = ray_path(
-                model_cfg, args.steps, args.batch, latents, workers, per_worker, storage)
+                model_cfg, args.steps, args.batch, latents, workers, per_worker, storage
+            )
     base = rows["plain loop"][0]
-    print(json.dumps({"machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-                                 f"torch {torch.__version__}, Ray {ray.__version__}",
-                      "steps": args.steps, "micro_batch": args.batch, "latent": [4, side, side]}))
+    print(
+        json.dumps(
+            {
+                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
+                f"torch {torch.__version__}, Ray {ray.__version__}",
+                "steps": args.steps,
+                "micro_batch": args.batch,
+                "latent": [4, side, side],
+            }
+        )
+    )
     print(f"{'path':<46} {'samples/s (loop)':>17} {'ratio':>7} {'samples/s (incl. start-up)':>27}")
     for name, (loop_rate, wall_rate) in rows.items():
         wall = f"{wall_rate:.1f}" if wall_rate is not None else "-"

@@ -31,10 +31,24 @@ def mlflow_server(tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
-    proc = subprocess.Popen([str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-                             "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
-                            stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [
+            str(mlflow_cli),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination",
+            str(root / "artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=open(root / "server.log", "wb"),
+        stderr=subprocess.STDOUT,
+    )
     uri = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while True:
@@ -59,8 +73,9 @@ def ray_session():
 
     # The dashboard hosts the job server: the end-to-end test submits
     # jobs/train_namd.py to this same instance with `ray job submit`.
-    context = ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False,
-                       configure_logging=False)
+    context = ray.init(
+        num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False, configure_logging=False
+    )
     ray.test_job_address = f"http://{context.dashboard_url}"
     yield ray
     ray.shutdown()
@@ -96,8 +111,19 @@ def forecaster_config(**kw):
 def tiny_synth_config(**overrides):
     from cohortcast.config import SynthConfig
 
-    base = dict(patients=4, seed=7, min_exams=2, max_exams=3, max_nodules=2, image_size=48, num_slices=16,
-                pixel_spacing_mm=6.0, slice_thickness_mm=8.0, nifti_fraction=0.3, fibrosis_fraction=0.5)
+    base = dict(
+        patients=4,
+        seed=7,
+        min_exams=2,
+        max_exams=3,
+        max_nodules=2,
+        image_size=48,
+        num_slices=16,
+        pixel_spacing_mm=6.0,
+        slice_thickness_mm=8.0,
+        nifti_fraction=0.3,
+        fibrosis_fraction=0.5,
+    )
     base.update(overrides)
     return SynthConfig(**base)
 
@@ -119,6 +145,15 @@ def tiny_ingested(ray_session, tiny_cohort, tmp_path_factory):
     from cohortcast.data.ingest import run_ingest
 
     out = tmp_path_factory.mktemp("train-ingest") / "ingested"
-    run_ingest(IngestConfig(manifest=str(tiny_cohort), output=str(out), crop_size=32, crop_spacing_mm=1.5,
-                            patch_size=8, volume_shape=(8, 16, 16), split=SplitConfig(1.0, 0.0, 0.0)))
+    run_ingest(
+        IngestConfig(
+            manifest=str(tiny_cohort),
+            output=str(out),
+            crop_size=32,
+            crop_spacing_mm=1.5,
+            patch_size=8,
+            volume_shape=(8, 16, 16),
+            split=SplitConfig(1.0, 0.0, 0.0),
+        )
+    )
     return out

@@ -16,8 +16,9 @@ from cohortcast.config.serving import ServeConfig
 from cohortcast.serving.requests import encode_npy
 
 SIDE = 8
-CFG = ServeConfig(default_samples=2, max_samples=4, default_steps=3, max_steps=5, max_batch_size=4,
-                  batch_wait_timeout_s=0.01)
+CFG = ServeConfig(
+    default_samples=2, max_samples=4, default_steps=3, max_steps=5, max_batch_size=4, batch_wait_timeout_s=0.01
+)
 
 
 class FakeForecaster:
@@ -36,8 +37,7 @@ class FakeForecaster:
         time.sleep(self.delay)
         base = crops.float()  # (B, 1, H, W)
         samples = base[:, None].repeat(1, num_samples, 1, 1, 1) * 0.5
-        return SimpleNamespace(mean=samples.mean(1), variance=samples.var(1, unbiased=False) + 0.01,
-                               samples=samples)
+        return SimpleNamespace(mean=samples.mean(1), variance=samples.var(1, unbiased=False) + 0.01, samples=samples)
 
 
 class FakeSource:
@@ -64,8 +64,9 @@ class FakeDeployment:
 class FakeJobs:
     """Ray's JobSubmissionClient as the service uses it: submit_job, get_job_info."""
 
-    def __init__(self, status: str = "RUNNING", message: str = "Job is currently running.",
-                 fail: Exception | None = None):
+    def __init__(
+        self, status: str = "RUNNING", message: str = "Job is currently running.", fail: Exception | None = None
+    ):
         self.submitted, self.asked = [], []
         self.status, self.message, self.fail = status, message, fail
 

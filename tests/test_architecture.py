@@ -14,8 +14,15 @@ PACKAGE = ROOT / "platform" / "cohortcast"
 
 def lint_imports(source_root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(source_root)}
-    command = [sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
-               "sys.exit(lint_imports_command())", "--config", str(ROOT / "pyproject.toml"), "--no-cache", "--no-logo"]
+    command = [
+        sys.executable,
+        "-c",
+        "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+        "--config",
+        str(ROOT / "pyproject.toml"),
+        "--no-cache",
+        "--no-logo",
+    ]
     return subprocess.run(command, cwd=source_root, env=env, capture_output=True, text=True, timeout=300)
 
 

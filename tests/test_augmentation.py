@@ -42,16 +42,18 @@ def test_latent_encoder_writes_every_orientations_latent(tmp_path):
     save_vae(vae, tmp_path / "vae")
     rng = np.random.default_rng(0)
     crops = rng.uniform(-1, 1, size=(3, 32, 32)).astype(np.float32)
-    out = LatentEncoder(str(tmp_path / "vae"))({"crop": crops, "patch": np.zeros((3, 8, 8, 8), np.float32),
-                                                "case": np.array(["a", "b", "c"])})
+    out = LatentEncoder(str(tmp_path / "vae"))(
+        {"crop": crops, "patch": np.zeros((3, 8, 8, 8), np.float32), "case": np.array(["a", "b", "c"])}
+    )
     assert "patch" not in out and list(out["case"]) == ["a", "b", "c"]
     assert out["latent_d8"].shape == (3, 8, 4, 8, 8) and out["latent"].shape == (3, 4, 8, 8)
     np.testing.assert_array_equal(out["latent"], out["latent_d8"][:, 0])
     reference = load_vae(tmp_path / "vae")
     for k in range(NUM_ORIENTATIONS):
         view = torch.from_numpy(np.ascontiguousarray(dihedral_orientation(crops, k)))[:, None]
-        np.testing.assert_allclose(out["latent_d8"][:, k], reference.encode_for_diffusion(view).numpy(),
-                                   rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(
+            out["latent_d8"][:, k], reference.encode_for_diffusion(view).numpy(), rtol=1e-5, atol=1e-5
+        )
     assert not np.allclose(out["latent_d8"][:, 0], out["latent_d8"][:, 1])  # orientations really differ
 
 
@@ -60,11 +62,16 @@ def nodule_group(days, patient="sub-a"):
     with 10 j + k; crop j is an asymmetric ramp plus j."""
     n = len(days)
     ramp = np.arange(32 * 32, dtype=np.float32).reshape(32, 32) / 1024
-    group = {"patient": np.array([patient] * n, object), "nodule_id": np.array(["n1"] * n, object),
-             "days_since_baseline": np.array(days, np.float64), "malignant": np.array([0] * n),
-             "latent_d8": np.stack([np.stack([np.full((4, 8, 8), 10 * j + k, np.float32) for k in range(8)])
-                                    for j in range(n)]),
-             "crop": np.stack([ramp + j for j in range(n)])}
+    group = {
+        "patient": np.array([patient] * n, object),
+        "nodule_id": np.array(["n1"] * n, object),
+        "days_since_baseline": np.array(days, np.float64),
+        "malignant": np.array([0] * n),
+        "latent_d8": np.stack(
+            [np.stack([np.full((4, 8, 8), 10 * j + k, np.float32) for k in range(8)]) for j in range(n)]
+        ),
+        "crop": np.stack([ramp + j for j in range(n)]),
+    }
     for name in EHR_FEATURES:
         group[name] = np.array([None] * n, object)
     return group

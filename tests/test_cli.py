@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from cohortcast.cli import build_parser, main
 
 
@@ -24,8 +23,9 @@ def test_console_script_help_runs():
     out = subprocess.run([str(script), "--help"], capture_output=True, text=True, check=True)
     for command in ("synth", "ingest", "validate-manifest", "config"):
         assert command in out.stdout
-    out = subprocess.run([sys.executable, "-m", "cohortcast", "ingest", "--help"], capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "cohortcast", "ingest", "--help"], capture_output=True, text=True, check=True
+    )
     assert "--set KEY=VALUE" in out.stdout
 
 
@@ -47,8 +47,23 @@ def test_validate_manifest(tiny_cohort, tmp_path, capsys):
 
 
 def test_synth_command(tmp_path, capsys):
-    args = ["synth", "--patients", "1", "--seed", "3", "--out", str(tmp_path / "c"), "--set", "synth.image_size=32",
-            "--set", "synth.num_slices=8", "--set", "synth.min_exams=2", "--set", "synth.max_exams=2"]
+    args = [
+        "synth",
+        "--patients",
+        "1",
+        "--seed",
+        "3",
+        "--out",
+        str(tmp_path / "c"),
+        "--set",
+        "synth.image_size=32",
+        "--set",
+        "synth.num_slices=8",
+        "--set",
+        "synth.min_exams=2",
+        "--set",
+        "synth.max_exams=2",
+    ]
     assert main(args) == 0
     assert "patients 1, studies 2" in capsys.readouterr().out
     assert main(args) == 2  # refuses to overwrite without --overwrite
@@ -81,7 +96,14 @@ def test_serve_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
 
 def test_missing_pseudonym_secret_exits_2_with_one_line(tiny_cohort, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("COHORTCAST_PSEUDONYM_SECRET", raising=False)
-    args = ["ingest", "--manifest", str(tiny_cohort), "--out", str(tmp_path / "out"), "--set",
-            "privacy.require_secret=true"]
+    args = [
+        "ingest",
+        "--manifest",
+        str(tiny_cohort),
+        "--out",
+        str(tmp_path / "out"),
+        "--set",
+        "privacy.require_secret=true",
+    ]
     assert main(args) == 2
     assert "COHORTCAST_PSEUDONYM_SECRET" in one_line(capsys.readouterr().err)

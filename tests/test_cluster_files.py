@@ -52,12 +52,18 @@ def _run_local_job(tmp_path, args, fail_submit_of=""):
     bin_dir.mkdir()
     calls = tmp_path / "calls"
     fake = bin_dir / "ray"
-    fake.write_text('#!/bin/sh\necho "$*" >> "$RAY_CALLS"\n'
-                    '[ "$1" = status ] && exit 1\n'  # no head up: the script starts one
-                    'case "$*" in *"python $FAIL_SUBMIT_OF "*) exit 3;; esac\n')
+    fake.write_text(
+        '#!/bin/sh\necho "$*" >> "$RAY_CALLS"\n'
+        '[ "$1" = status ] && exit 1\n'  # no head up: the script starts one
+        'case "$*" in *"python $FAIL_SUBMIT_OF "*) exit 3;; esac\n'
+    )
     fake.chmod(0o755)
-    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "RAY_CALLS": str(calls),
-           "FAIL_SUBMIT_OF": fail_submit_of or "-"}
+    env = {
+        **os.environ,
+        "PATH": f"{bin_dir}:{os.environ['PATH']}",
+        "RAY_CALLS": str(calls),
+        "FAIL_SUBMIT_OF": fail_submit_of or "-",
+    }
     done = subprocess.run(["bash", str(project / "cluster/local_job.sh"), *args], env=env, timeout=60)
     return done.returncode, calls.read_text().splitlines(), project
 
@@ -67,8 +73,11 @@ def test_local_job_script_submits_each_job_with_the_runtime_env(tmp_path):
     submit = "job submit --working-dir . --runtime-env cluster/runtime_env.yaml -- python"
     assert code == 0
     assert calls[0].startswith("status") and calls[1].startswith("start --head")
-    assert calls[2:] == [f"{submit} jobs/a.py --config c.yaml --set workdir={project}",
-                         f"{submit} jobs/b.py --set workdir={project}", "stop --force"]
+    assert calls[2:] == [
+        f"{submit} jobs/a.py --config c.yaml --set workdir={project}",
+        f"{submit} jobs/b.py --set workdir={project}",
+        "stop --force",
+    ]
 
 
 def test_local_job_script_stops_at_a_failing_job_and_its_head(tmp_path):
@@ -100,8 +109,10 @@ def test_rayservice_serves_the_application_of_the_serve_config(monkeypatch):
     workers = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]
     gpus = int(workers["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"])
     assert workers["maxReplicas"] * gpus >= cfg.serve.autoscaling.max_replicas * cfg.serve.num_gpus
-    head_env = {e["name"] for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"][
-        "containers"][0]["env"]}
+    head_env = {
+        e["name"]
+        for e in service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]["containers"][0]["env"]
+    }
     assert cfg.serve.auth_token_env in head_env
 
     monkeypatch.chdir(ROOT)
@@ -119,8 +130,9 @@ def test_training_job_sets_the_alias_the_service_serves():
     name and point that alias at what it registers (issue 13: nothing set it)."""
     job = yaml.safe_load((ROOT / "cluster/rayjob-train-namd.yaml").read_text())
     argv = shlex.split(job["spec"]["entrypoint"])
-    trained = load_config(ROOT / argv[argv.index("--config") + 1],
-                          [argv[i + 1] for i, a in enumerate(argv) if a == "--set"])
+    trained = load_config(
+        ROOT / argv[argv.index("--config") + 1], [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+    )
     service = yaml.safe_load((ROOT / "cluster/rayservice-forecast.yaml").read_text())
     spec = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]
     served = load_config(ROOT / spec["args"]["config"], spec["args"]["set"])

@@ -14,8 +14,13 @@ from cohortcast.config.models import ConditionerConfig, SchedulerConfig
 from cohortcast.config.training import ForecastJobConfig
 from cohortcast.data.nifti_reader import read_nifti
 from cohortcast.data.readers import read_study
-from cohortcast.inference.cohort_forecast import (ForecastSettingsMismatch, case_key, finished_cases, read_forecasts,
-                                                  run_cohort_forecast)
+from cohortcast.inference.cohort_forecast import (
+    ForecastSettingsMismatch,
+    case_key,
+    finished_cases,
+    read_forecasts,
+    run_cohort_forecast,
+)
 from cohortcast.inference.forecast_outputs import crop_affine, to_hu
 from cohortcast.models.forecaster import Forecaster
 from cohortcast.models.tiny_llm import write_tiny_gemma3
@@ -28,15 +33,26 @@ def forecaster_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("forecaster")
     llm = write_tiny_gemma3(root / "llm", ["solid nodule right upper lobe long axis mm"])
     torch.manual_seed(0)
-    cfg = forecaster_config(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
-                            scheduler=SchedulerConfig(micro_batch=4))
+    cfg = forecaster_config(
+        conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
+        scheduler=SchedulerConfig(micro_batch=4),
+    )
     Forecaster(cfg).save(root / "model")
     return str(root / "model")
 
 
 def job(forecaster_folder, ingested, output, **kw):
-    base = dict(forecaster=forecaster_folder, ingested=str(ingested), split="train", output=str(output),
-                num_samples=2, inference_steps=3, seed=5, cases_per_batch=2, write_dicom=True)
+    base = dict(
+        forecaster=forecaster_folder,
+        ingested=str(ingested),
+        split="train",
+        output=str(output),
+        num_samples=2,
+        inference_steps=3,
+        seed=5,
+        cases_per_batch=2,
+        write_dicom=True,
+    )
     return ForecastJobConfig(**{**base, **kw})
 
 
@@ -59,16 +75,17 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(ray_session, tiny_in
     assert third["forecast_this_run"] == 0
 
 
-def test_forecasts_reproducible_by_seed_whatever_the_batching(ray_session, tiny_ingested, forecaster_folder,
-                                                              tmp_path):
-    run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path / "a", cases_per_batch=3, max_cases=3,
-                            write_dicom=False))
+def test_forecasts_reproducible_by_seed_whatever_the_batching(ray_session, tiny_ingested, forecaster_folder, tmp_path):
+    run_cohort_forecast(
+        job(forecaster_folder, tiny_ingested, tmp_path / "a", cases_per_batch=3, max_cases=3, write_dicom=False)
+    )
     run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path / "b", cases_per_batch=1, write_dicom=False))
-    run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path / "c", seed=6, max_cases=3,
-                            write_dicom=False))
+    run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path / "c", seed=6, max_cases=3, write_dicom=False))
     a, b, c = (read_forecasts(tmp_path / x) for x in "abc")
-    means = {x: dict(zip(t.column("case_id").to_pylist(), t.column("mean").combine_chunks().to_numpy_ndarray()))
-             for x, t in zip("abc", (a, b, c))}
+    means = {
+        x: dict(zip(t.column("case_id").to_pylist(), t.column("mean").combine_chunks().to_numpy_ndarray()))
+        for x, t in zip("abc", (a, b, c))
+    }
     shared = set(means["a"]) & set(means["c"])
     assert len(means["a"]) == 3 and shared
     for case in means["a"]:
@@ -81,8 +98,9 @@ def test_forecasts_reproducible_by_seed_whatever_the_batching(ray_session, tiny_
     assert read_forecasts(tmp_path / "a").num_rows == 3
 
 
-def test_outputs_sit_on_the_source_geometry_and_carry_pseudonyms(ray_session, tiny_ingested, forecaster_folder,
-                                                                 tmp_path):
+def test_outputs_sit_on_the_source_geometry_and_carry_pseudonyms(
+    ray_session, tiny_ingested, forecaster_folder, tmp_path
+):
     run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path, max_cases=1))
     [key] = finished_cases(tmp_path)
     row = pq.read_table(tmp_path / "cases" / key / "forecast.parquet")
@@ -119,9 +137,15 @@ def test_forecast_job_over_a_manifest_ingests_it_first(ray_session, tiny_cohort,
 
     cfg = load_config(None)
     cfg.workdir = str(tmp_path)
-    cfg.ingest = IngestConfig(manifest=str(tiny_cohort), output=str(tmp_path / "ingested"), crop_size=32,
-                              crop_spacing_mm=1.5, patch_size=8, volume_shape=(8, 16, 16),
-                              split=SplitConfig(1.0, 0.0, 0.0))
+    cfg.ingest = IngestConfig(
+        manifest=str(tiny_cohort),
+        output=str(tmp_path / "ingested"),
+        crop_size=32,
+        crop_spacing_mm=1.5,
+        patch_size=8,
+        volume_shape=(8, 16, 16),
+        split=SplitConfig(1.0, 0.0, 0.0),
+    )
     cfg.forecast = job(forecaster_folder, tmp_path / "ingested", tmp_path / "out", max_cases=1, write_dicom=False)
     summary = forecast_cohort(cfg)
     assert (tmp_path / "ingested" / "card.json").is_file()

@@ -62,9 +62,14 @@ def trajectories(seed: int = DATA_SEED) -> dict[str, np.ndarray]:
         margins, years = ("Spiculated", "Smooth")[i % 2], (1.0, 2.0)[(i // 2) % 2]
         baseline = torch.randn(LATENT, generator=g)
         follow_up = baseline + years * directions[margins] + 0.05 * torch.randn(LATENT, generator=g)
-        group = {"patient": np.array([f"sub-{i:03d}"] * 2, object), "nodule_id": np.array(["n1"] * 2, object),
-                 "days_since_baseline": np.array([0.0, 365.0 * years]), "malignant": np.array([-1, -1]),
-                 "latent": torch.stack([baseline, follow_up]).numpy(), "crop": np.zeros((2, 32, 32), np.float32)}
+        group = {
+            "patient": np.array([f"sub-{i:03d}"] * 2, object),
+            "nodule_id": np.array(["n1"] * 2, object),
+            "days_since_baseline": np.array([0.0, 365.0 * years]),
+            "malignant": np.array([-1, -1]),
+            "latent": torch.stack([baseline, follow_up]).numpy(),
+            "crop": np.zeros((2, 32, 32), np.float32),
+        }
         for name in EHR_FEATURES:
             group[name] = np.array([None, None], object)
         group["SCT_MARGINS"] = np.array([margins, margins], object)
@@ -82,20 +87,26 @@ class InMemoryTrajectories:
         assert batch_format == "numpy"
         n = len(self.batch["num_exams"])
         for start in range(0, n, batch_size):
-            yield {k: v[start:start + batch_size] for k, v in self.batch.items()}
+            yield {k: v[start : start + batch_size] for k, v in self.batch.items()}
 
 
-def train_and_forecast(data: dict[str, np.ndarray], scheduler: SchedulerConfig, denoiser: DenoiserConfig,
-                       seed: int = TRAIN_SEED) -> dict[str, float]:
+def train_and_forecast(
+    data: dict[str, np.ndarray], scheduler: SchedulerConfig, denoiser: DenoiserConfig, seed: int = TRAIN_SEED
+) -> dict[str, float]:
     """Train a tiny structured-EHR Forecaster with the stage-d objective, then forecast
     every training case with the project's sampler; latent errors of the mean forecast
     and of no change, against the real follow-up."""
     if denoiser.target == "change" and denoiser.change_scale is None:
         denoiser.change_scale = change_scale(InMemoryTrajectories(data))
     torch.manual_seed(seed)
-    forecaster = Forecaster(ForecasterConfig(vae=VAEConfig(scaling_factor=1.0),
-                                             conditioner=ConditionerConfig(kind="structured"),
-                                             denoiser=denoiser, scheduler=scheduler))
+    forecaster = Forecaster(
+        ForecasterConfig(
+            vae=VAEConfig(scaling_factor=1.0),
+            conditioner=ConditionerConfig(kind="structured"),
+            denoiser=denoiser,
+            scheduler=scheduler,
+        )
+    )
     forecaster.vae.requires_grad_(False)  # latents are given: the VAE plays no part here
     objective = ConditionalObjective(forecaster, "none")
     optimizer = torch.optim.AdamW([p for p in forecaster.parameters() if p.requires_grad], lr=LR)
@@ -113,15 +124,30 @@ def train_and_forecast(data: dict[str, np.ndarray], scheduler: SchedulerConfig, 
     forecaster.eval()
     cases = sample_targets(data, rng, augment=False)
     with torch.no_grad():
-        context = forecaster.context(cases["ehr"], cases["prior_latents"], cases["days_before_target"],
-                                     cases["exam_mask"], cases["horizon_days"])
-        generated = forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), cases["baseline"], context,
-                                     cases["case_id"], SAMPLES, seed, DDIM_STEPS).samples
+        context = forecaster.context(
+            cases["ehr"], cases["prior_latents"], cases["days_before_target"], cases["exam_mask"], cases["horizon_days"]
+        )
+        generated = forecast_latents(
+            forecaster.denoiser,
+            forecaster.inference_scheduler(),
+            cases["baseline"],
+            context,
+            cases["case_id"],
+            SAMPLES,
+            seed,
+            DDIM_STEPS,
+        ).samples
         forecast = forecaster.from_generated(generated, cases["baseline"][:, None]).mean(1)
     error = float((forecast - cases["target"]).abs().mean())
     no_change = float((cases["baseline"] - cases["target"]).abs().mean())
-    return {"error": error, "no_change": no_change, "ratio": error / no_change, "final_loss": float(loss.detach()),
-            "train_s": trained - started, "sample_s": time.perf_counter() - trained}
+    return {
+        "error": error,
+        "no_change": no_change,
+        "ratio": error / no_change,
+        "final_loss": float(loss.detach()),
+        "train_s": trained - started,
+        "sample_s": time.perf_counter() - trained,
+    }
 
 
 @pytest.fixture(scope="module")

@@ -30,16 +30,19 @@ def test_round_trip_through_yaml(tmp_path):
     assert load_config(tmp_path / "out.yaml") == cfg
 
 
-@pytest.mark.parametrize("override, fragment", [
-    ("ingest.crop_sise=64", "ingest.crop_sise: unknown field (did you mean 'crop_size'?)"),
-    ("ingest.crop_size=big", "ingest.crop_size: expected an integer, got 'big'"),
-    ("ingest.normalise=zscore", "ingest.normalise: 'zscore' is not one of"),
-    ("ingest.hu_window=[400, -1000]", "ingest.hu_window: low must be below high"),
-    ("ingest.split.train=0.9", "ingest.split.train: train + val + test must be 1"),
-    ("synth.min_exams=1", "synth.min_exams"),
-    ("ingest.volume_shape=[16, 32]", "ingest.volume_shape: expected 3 items"),
-    ("nonsense", "expected KEY=VALUE"),
-])
+@pytest.mark.parametrize(
+    "override, fragment",
+    [
+        ("ingest.crop_sise=64", "ingest.crop_sise: unknown field (did you mean 'crop_size'?)"),
+        ("ingest.crop_size=big", "ingest.crop_size: expected an integer, got 'big'"),
+        ("ingest.normalise=zscore", "ingest.normalise: 'zscore' is not one of"),
+        ("ingest.hu_window=[400, -1000]", "ingest.hu_window: low must be below high"),
+        ("ingest.split.train=0.9", "ingest.split.train: train + val + test must be 1"),
+        ("synth.min_exams=1", "synth.min_exams"),
+        ("ingest.volume_shape=[16, 32]", "ingest.volume_shape: expected 3 items"),
+        ("nonsense", "expected KEY=VALUE"),
+    ],
+)
 def test_errors_name_the_field(override, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -74,8 +77,11 @@ def test_shipped_configs_resolve_to_their_pinned_values():
     assert set(pinned) <= set(resolved)
     for name, expected in pinned.items():
         now = json.loads(json.dumps(flatten(resolved[name])))  # tuples as lists, as pinned
-        changed = {k: (expected.get(k), now.get(k)) for k in set(expected) | set(now)
-                   if expected.get(k, "<missing>") != now.get(k, "<missing>")}
+        changed = {
+            k: (expected.get(k), now.get(k))
+            for k in set(expected) | set(now)
+            if expected.get(k, "<missing>") != now.get(k, "<missing>")
+        }
         assert not changed, f"{name}: (pinned, now) {changed}"
 
 
@@ -83,8 +89,10 @@ def test_a_flavour_is_the_base_that_explicit_keys_override(tmp_path):
     from cohortcast.config.presets import sd15_forecaster
 
     path = tmp_path / "c.yaml"
-    path.write_text("model:\n  flavor: sd15\n  vae: {pretrained_path: /w/vae, layers_per_block: 3}\n"
-                    "  denoiser: {cross_attention_dim: 512}\n")
+    path.write_text(
+        "model:\n  flavor: sd15\n  vae: {pretrained_path: /w/vae, layers_per_block: 3}\n"
+        "  denoiser: {cross_attention_dim: 512}\n"
+    )
     cfg = load_config(path, ["model.denoiser.cross_attention_dim=1024"]).model
     assert cfg.vae.block_out_channels == (128, 256, 512, 512)  # flavour over the defaults
     assert cfg.vae.layers_per_block == 3 and cfg.vae.pretrained_path == "/w/vae"  # the file over the flavour
@@ -111,7 +119,8 @@ def test_unknown_flavour_names_the_known_ones():
     with pytest.raises(ConfigError) as err:
         load_config(None, ["model.flavor=sd16"])
     assert "model.flavor: unknown flavour 'sd16' (did you mean 'sd15'?); known flavours: ['debug', 'sd15']" in str(
-        err.value)
+        err.value
+    )
     with pytest.raises(ConfigError, match="model.vae.flavor: unknown field"):
         load_config(None, ["model.vae.flavor=sd15"])  # only the model section has flavours
 
@@ -128,8 +137,16 @@ def test_training_section_rejects_bad_stages_and_weights():
 def test_relative_paths_resolve_against_workdir(tmp_path):
     from cohortcast.config.paths import resolve_paths
 
-    cfg = resolve_paths(load_config(overrides=[f"workdir={tmp_path}", "model.conditioner.llm_path=models/llm",
-                                               "training.scaling.storage_path=/abs/ray", "ingest.output=s3://b/x"]))
+    cfg = resolve_paths(
+        load_config(
+            overrides=[
+                f"workdir={tmp_path}",
+                "model.conditioner.llm_path=models/llm",
+                "training.scaling.storage_path=/abs/ray",
+                "ingest.output=s3://b/x",
+            ]
+        )
+    )
     assert cfg.ingest.manifest == str(tmp_path / "runs/demo/cohort")
     assert cfg.model.conditioner.llm_path == str(tmp_path / "models/llm")
     assert cfg.training.scaling.storage_path == "/abs/ray" and cfg.ingest.output == "s3://b/x"

@@ -12,11 +12,12 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from serving_fakes import CFG, FakeDeployment, FakeJobs, crop_body
+
 import cohortcast
 from cohortcast.cli import main
 from cohortcast.errors import CohortcastError, MissingInputError, OutputExistsError
 from cohortcast.serving.local import local_app
-from serving_fakes import CFG, FakeDeployment, FakeJobs, crop_body
 
 # Exception classes that never reach a user (caught inside the package), with the reason.
 # Empty today; a class added here needs its reason in a comment.
@@ -46,11 +47,16 @@ def package_error_classes() -> dict[str, type]:
 def test_every_error_class_of_the_package_is_a_cohortcast_error():
     classes = package_error_classes()
     # The walk reaches the sub-packages (a broken walk would pass vacuously).
-    for name in ("cohortcast.config.loader.ConfigError", "cohortcast.data.manifest.ManifestError",
-                 "cohortcast.serving.requests.RequestError", "cohortcast.data.errors.StudyError"):
+    for name in (
+        "cohortcast.config.loader.ConfigError",
+        "cohortcast.data.manifest.ManifestError",
+        "cohortcast.serving.requests.RequestError",
+        "cohortcast.data.errors.StudyError",
+    ):
         assert name in classes
-    strays = sorted(name for name, cls in classes.items()
-                    if not issubclass(cls, CohortcastError) and name not in INTERNAL_ERRORS)
+    strays = sorted(
+        name for name, cls in classes.items() if not issubclass(cls, CohortcastError) and name not in INTERNAL_ERRORS
+    )
     assert not strays, f"error classes without the CohortcastError base: {strays}"
     for name, cls in classes.items():
         if issubclass(cls, CohortcastError):
@@ -93,6 +99,7 @@ def test_cli_reports_a_cohortcast_error_as_exit_2_and_its_message(monkeypatch, c
 
 def test_cli_does_not_swallow_bugs(monkeypatch):
     """Only user errors become exit 2; anything else keeps its traceback."""
+
     def buggy(args):
         raise KeyError("bug")
 
@@ -117,6 +124,7 @@ def test_jobs_report_a_cohortcast_error_as_exit_2_and_its_message(monkeypatch, c
 
 def test_missing_and_existing_paths_still_exit_2(monkeypatch, capsys):
     """The OS's own FileNotFoundError (a path the user named) stays a one-line error."""
+
     def missing(args):
         open("/nonexistent/cohortcast/file")
 
@@ -151,8 +159,9 @@ def test_api_hides_a_cohortcast_error_from_another_process():
     cause = ForecasterLoadError("/srv/models/secret: weights do not fit the config")
     wrapped = RayTaskError("forecast", "Traceback ... /srv/models/secret", cause).as_instanceof_cause()
     assert isinstance(wrapped, CohortcastError)  # what makes the guard necessary
-    answer = TestClient(local_app(FakeDeployment(error=wrapped), CFG),
-                        raise_server_exceptions=False).post("/v1/forecast", json=crop_body())
+    answer = TestClient(local_app(FakeDeployment(error=wrapped), CFG), raise_server_exceptions=False).post(
+        "/v1/forecast", json=crop_body()
+    )
     assert answer.status_code == 500 and answer.json() == {"error": "internal error", "field": None}
 
 

@@ -9,13 +9,20 @@ import json
 import pytest
 import torch
 
-from cohortcast.config import IngestConfig, SplitConfig, load_config
 from conftest import forecaster_config
 
+from cohortcast.config import IngestConfig, SplitConfig, load_config
 from cohortcast.config.models import ConditionerConfig, SchedulerConfig
 from cohortcast.config.training import ScalingSettings, StageConfig
-from cohortcast.evaluation.namd_evaluation import (COPY, NAMD, REAL_BASELINE, REAL_FOLLOW_UP, VAE_FLOOR,
-                                                   ablation_config, run_evaluation)
+from cohortcast.evaluation.namd_evaluation import (
+    COPY,
+    NAMD,
+    REAL_BASELINE,
+    REAL_FOLLOW_UP,
+    VAE_FLOOR,
+    ablation_config,
+    run_evaluation,
+)
 from cohortcast.models.forecaster import Forecaster
 from cohortcast.models.tiny_llm import write_tiny_gemma3
 
@@ -36,26 +43,46 @@ def test_ablation_config_drops_alignment_probe_and_task_loss():
 def evaluation_config(tmp_path, tiny_cohort, tiny_ingested):
     llm = write_tiny_gemma3(tmp_path / "llm", ["solid nodule right upper lobe long axis mm"])
     torch.manual_seed(0)
-    model = forecaster_config(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
-                              scheduler=SchedulerConfig(micro_batch=4))
+    model = forecaster_config(
+        conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
+        scheduler=SchedulerConfig(micro_batch=4),
+    )
     Forecaster(model).save(tmp_path / "forecaster")
     # No ablation and no regressor (both would train the NAMD stages): the plumbing is under test.
-    cfg = load_config(None, ["evaluation.ablation.enabled=false", "evaluation.regressor.enabled=false",
-                             "evaluation.evaluator.validate_every_epochs=1"])
+    cfg = load_config(
+        None,
+        [
+            "evaluation.ablation.enabled=false",
+            "evaluation.regressor.enabled=false",
+            "evaluation.evaluator.validate_every_epochs=1",
+        ],
+    )
     cfg.workdir, cfg.run_name = str(tmp_path), "eval-test"
     cfg.model = model
     # The tiny_ingested fixture's own settings: prepare_cohort finds it up to date.
-    cfg.ingest = IngestConfig(manifest=str(tiny_cohort), output=str(tiny_ingested), crop_size=32, crop_spacing_mm=1.5,
-                              patch_size=8, volume_shape=(8, 16, 16), split=SplitConfig(1.0, 0.0, 0.0))
+    cfg.ingest = IngestConfig(
+        manifest=str(tiny_cohort),
+        output=str(tiny_ingested),
+        crop_size=32,
+        crop_spacing_mm=1.5,
+        patch_size=8,
+        volume_shape=(8, 16, 16),
+        split=SplitConfig(1.0, 0.0, 0.0),
+    )
     cfg.synthesize_if_missing = False
     cfg.training.scaling = ScalingSettings(num_workers=1, storage_path=str(tmp_path / "ray"))
-    cfg.evaluation.evaluator.train = StageConfig(max_steps=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2,
-                                                 lr=1e-3)
+    cfg.evaluation.evaluator.train = StageConfig(
+        max_steps=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2, lr=1e-3
+    )
     cfg.evaluation.evaluator_output = str(tmp_path / "evaluator")
     cfg.evaluation.report = str(tmp_path / "report")
     f = cfg.forecast
-    f.forecaster, f.ingested, f.output, f.split = str(tmp_path / "forecaster"), str(tiny_ingested), str(
-        tmp_path / "forecasts"), "train"
+    f.forecaster, f.ingested, f.output, f.split = (
+        str(tmp_path / "forecaster"),
+        str(tiny_ingested),
+        str(tmp_path / "forecasts"),
+        "train",
+    )
     f.num_samples, f.inference_steps, f.write_dicom, f.cases_per_batch = 3, 2, False, 4
     return cfg
 

@@ -3,9 +3,16 @@
 import numpy as np
 import pytest
 
-from cohortcast.evaluation.metrics import (Interval, classification_metrics, frechet_distance,
-                                           frechet_distance_of_features, mean_auroc, over_seeds, patient_bootstrap,
-                                           running_variance)
+from cohortcast.evaluation.metrics import (
+    Interval,
+    classification_metrics,
+    frechet_distance,
+    frechet_distance_of_features,
+    mean_auroc,
+    over_seeds,
+    patient_bootstrap,
+    running_variance,
+)
 
 
 def test_classification_metrics_are_sklearns():
@@ -41,7 +48,8 @@ def test_frechet_distance_on_known_gaussians():
     q, _ = np.linalg.qr(rng.normal(size=(4, 4)))
     m1, m2 = rng.normal(size=4), rng.normal(size=4)
     assert frechet_distance(q @ m1, q @ c1 @ q.T, q @ m2, q @ c2 @ q.T) == pytest.approx(
-        frechet_distance(m1, c1, m2, c2), rel=1e-6)
+        frechet_distance(m1, c1, m2, c2), rel=1e-6
+    )
     assert frechet_distance(m1, c1, m1, c1) == pytest.approx(0.0, abs=1e-6)
 
 

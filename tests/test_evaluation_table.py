@@ -9,8 +9,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from cohortcast.evaluation.feature_networks import INCEPTION_SPACE, inception_features, lpips_distances
 from cohortcast.evaluation.report import _table_json
 from cohortcast.evaluation.table import Method, compute_table, difference_claims, error_claims, paper_claims
-from cohortcast.evaluation.variance import (case_variance, plot_error_variance, plot_running_variance,
-                                            plot_variance_maps)
+from cohortcast.evaluation.variance import case_variance, plot_error_variance, plot_running_variance, plot_variance_maps
 
 RNG = np.random.default_rng(0)
 N_CASES, N_SEEDS, SIDE = 24, 5, 16
@@ -36,8 +35,12 @@ def images_with_signal(strength: float) -> np.ndarray:
 def test_table_matches_sklearn_per_seed_and_real_rows_have_one_run():
     baseline, follow_up = images_with_signal(0.1), images_with_signal(1.0)
     runs = [images_with_signal(0.5) for _ in range(N_SEEDS)]
-    methods = [Method("baseline", [baseline], generated=False), Method("follow-up", [follow_up], generated=False),
-               Method("model", runs, generated=True), Method("copy", [baseline], generated=True)]
+    methods = [
+        Method("baseline", [baseline], generated=False),
+        Method("follow-up", [follow_up], generated=False),
+        Method("model", runs, generated=True),
+        Method("copy", [baseline], generated=True),
+    ]
     table = compute_table(methods, LABELS, follow_up, brightness, flat_features, "pixels", None, "n/a")
     per_seed = [roc_auc_score(LABELS, brightness(r)) for r in runs]
     model = table.row("model")
@@ -57,10 +60,12 @@ def test_table_matches_sklearn_per_seed_and_real_rows_have_one_run():
 
 def test_claims_report_a_broken_ordering():
     follow_up = images_with_signal(1.0)
-    methods = [Method("baseline", [images_with_signal(1.5)], generated=False),
-               Method("follow-up", [follow_up], generated=False),
-               Method("model", [images_with_signal(0.0)], generated=True),
-               Method("ablation", [images_with_signal(1.5)], generated=True)]
+    methods = [
+        Method("baseline", [images_with_signal(1.5)], generated=False),
+        Method("follow-up", [follow_up], generated=False),
+        Method("model", [images_with_signal(0.0)], generated=True),
+        Method("ablation", [images_with_signal(1.5)], generated=True),
+    ]
     table = compute_table(methods, LABELS, follow_up, brightness, flat_features, "pixels", None, "n/a")
     claims = {c.text: c.holds for c in paper_claims(table, "model", "ablation", "baseline", "follow-up")}
     assert claims == {"baseline < model": False, "model <= follow-up": True, "ablation < model": False}
@@ -111,8 +116,11 @@ def test_case_variance_and_figures(tmp_path):
     assert np.allclose(cv.mean_probability, probs.mean(0)) and np.allclose(cv.variance, probs.var(0, ddof=1))
     assert np.allclose(cv.error, np.abs(probs.mean(0) - LABELS))
     images = RNG.normal(0, 0.5, (N_CASES, SIDE, SIDE))
-    paths = [plot_error_variance(cv, tmp_path / "a.png"), plot_running_variance(probs, 10, 0, tmp_path / "b.png"),
-             plot_variance_maps(cv, images, images, images ** 2, images, 4, tmp_path / "c.png")]
+    paths = [
+        plot_error_variance(cv, tmp_path / "a.png"),
+        plot_running_variance(probs, 10, 0, tmp_path / "b.png"),
+        plot_variance_maps(cv, images, images, images**2, images, 4, tmp_path / "c.png"),
+    ]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 2000
 
@@ -129,12 +137,30 @@ def test_auroc_ci_and_paired_difference_match_a_direct_patient_bootstrap():
     rng = np.random.default_rng(11)
     labels = rng.permutation(LABELS)
     patients = _patients(rng, N_CASES)
-    signal = lambda s: (rng.normal(0, 0.3, (N_CASES, 1, 1)) + rng.normal(0, 0.3, (N_CASES, SIDE, SIDE))  # noqa
-                        + s * (labels[:, None, None] - 0.5)).astype(np.float32)  # AUROCs well inside (0.5, 1)
+
+    def signal(s):
+        return (
+            rng.normal(0, 0.3, (N_CASES, 1, 1))
+            + rng.normal(0, 0.3, (N_CASES, SIDE, SIDE))  # noqa
+            + s * (labels[:, None, None] - 0.5)
+        ).astype(np.float32)  # AUROCs well inside (0.5, 1)
+
     model_runs, baseline = [signal(0.4) for _ in range(3)], signal(0.1)
     methods = [Method("baseline", [baseline], generated=False), Method("model", model_runs, generated=True)]
-    table = compute_table(methods, labels, signal(1.0), brightness, flat_features, "pixels", None, "n/a",
-                          patients=patients, n_boot=200, boot_seed=7, differences=[("model", "baseline")])
+    table = compute_table(
+        methods,
+        labels,
+        signal(1.0),
+        brightness,
+        flat_features,
+        "pixels",
+        None,
+        "n/a",
+        patients=patients,
+        n_boot=200,
+        boot_seed=7,
+        differences=[("model", "baseline")],
+    )
 
     def auroc(runs, idx):
         return np.mean([roc_auc_score(labels[idx], brightness(r)[idx]) for r in runs])
@@ -159,8 +185,9 @@ def test_auroc_ci_and_paired_difference_match_a_direct_patient_bootstrap():
     md = table.markdown()
     assert f"[{model_ci.low:.2f}, {model_ci.high:.2f}]" in md and "AUROC ↑ [95% CI]" in md
     sign = "+" if d.mean >= 0 else "−"
-    assert (f"AUROC difference model − baseline: {sign}{abs(d.mean):.3f} ["
-            in md) and f"(patient bootstrap, {len(diffs)}" in md
+    assert (
+        f"AUROC difference model − baseline: {sign}{abs(d.mean):.3f} [" in md
+    ) and f"(patient bootstrap, {len(diffs)}" in md
     (claim,) = difference_claims(table)
     assert claim.text == "model − baseline AUROC CI excludes 0" and claim.holds == (d.interval.low > 0)
     as_json = _table_json(table)
@@ -176,15 +203,28 @@ def test_forecast_errors_match_numpy_and_missing_ones_show_a_dash():
     latent, target_latents = rng.normal(size=(N_CASES, 2, 4, 4)), rng.normal(size=(N_CASES, 2, 4, 4))
     masks = rng.random((N_CASES, SIDE, SIDE)) < 0.2
     masks[3] = False  # no nodule region: skipped, not counted as 0 or NaN
-    methods = [Method("baseline", [baseline], generated=False),
-               Method("model", runs, generated=True, mean_image=mean_image, latent=latent),
-               Method("copy", [baseline], generated=True, mean_image=baseline)]
-    table = compute_table(methods, LABELS, follow_up, brightness, flat_features, "pixels", None, "n/a",
-                          target_latents=target_latents, region_masks=masks)
+    methods = [
+        Method("baseline", [baseline], generated=False),
+        Method("model", runs, generated=True, mean_image=mean_image, latent=latent),
+        Method("copy", [baseline], generated=True, mean_image=baseline),
+    ]
+    table = compute_table(
+        methods,
+        LABELS,
+        follow_up,
+        brightness,
+        flat_features,
+        "pixels",
+        None,
+        "n/a",
+        target_latents=target_latents,
+        region_masks=masks,
+    )
     model, copy = table.row("model"), table.row("copy")
     assert model.mae == pytest.approx(np.mean([np.abs(mean_image[i] - follow_up[i]).mean() for i in range(N_CASES)]))
-    assert model.region_mae == pytest.approx(np.mean(
-        [np.abs(mean_image[i] - follow_up[i])[masks[i]].mean() for i in range(N_CASES) if i != 3]))
+    assert model.region_mae == pytest.approx(
+        np.mean([np.abs(mean_image[i] - follow_up[i])[masks[i]].mean() for i in range(N_CASES) if i != 3])
+    )
     assert model.latent_error == pytest.approx(np.abs(latent - target_latents).mean())
     assert copy.mae == pytest.approx(np.abs(baseline.astype(np.float64) - follow_up).mean())
     assert copy.latent_error is None and model.auroc_ci is None and table.differences == []
@@ -198,7 +238,11 @@ def test_forecast_errors_match_numpy_and_missing_ones_show_a_dash():
     assert claims == {"model mean-forecast MAE < copy": (model.mae < copy.mae, f"{model.mae:.4f} vs {copy.mae:.4f}")}
     row = _table_json(table)["rows"][1]
     assert (row["mae"], row["region_mae"], row["latent_error"], row["auroc_ci"]) == (
-        model.mae, model.region_mae, model.latent_error, None)
+        model.mae,
+        model.region_mae,
+        model.latent_error,
+        None,
+    )
 
 
 def test_compute_table_rejects_inconsistent_inputs():

@@ -37,8 +37,12 @@ def test_preprocessing_round_trips_with_the_forecaster(tmp_path):
     folder = saved(tmp_path / "fc")
     meta = json.loads((folder / "forecaster.json").read_text())
     assert meta["format_version"] == FORMAT_VERSION == 3
-    assert meta["preprocessing"] == {"crop_size": 32, "crop_spacing_mm": 1.5, "hu_window": [-1100.0, 500.0],
-                                     "normalise": "zero_one"}
+    assert meta["preprocessing"] == {
+        "crop_size": 32,
+        "crop_spacing_mm": 1.5,
+        "hu_window": [-1100.0, 500.0],
+        "normalise": "zero_one",
+    }
     assert Forecaster.load(folder).preprocessing == TRAINED == read_preprocessing(folder)
 
 
@@ -65,8 +69,9 @@ def test_pipeline_records_the_ingested_cohorts_preprocessing(tmp_path):
 
     ingested = tmp_path / "ingested"
     ingested.mkdir()
-    card_config = to_dict(IngestConfig(crop_size=32, crop_spacing_mm=1.5, hu_window=(-1100.0, 500.0),
-                                       normalise="zero_one"))
+    card_config = to_dict(
+        IngestConfig(crop_size=32, crop_spacing_mm=1.5, hu_window=(-1100.0, 500.0), normalise="zero_one")
+    )
     (ingested / "card.json").write_text(json.dumps({"config": card_config}))
     job = NAMDJob(CohortcastConfig())  # its ingest section (64 px) is not what the cache was encoded from
     assert job.training_preprocessing({"ingested": str(ingested), "path": "cache"}) == TRAINED
@@ -88,8 +93,7 @@ def test_serving_takes_the_models_preprocessing_before_its_ingest_config():
 
 def test_cohort_forecasting_refuses_a_cohort_cut_otherwise(tmp_path):
     from cohortcast.config import to_dict
-    from cohortcast.inference.cohort_forecast import (PreprocessingMismatch, cohort_preprocessing,
-                                                      ingest_for_forecaster)
+    from cohortcast.inference.cohort_forecast import PreprocessingMismatch, cohort_preprocessing, ingest_for_forecaster
 
     folder = str(saved(tmp_path / "fc"))
     other = {"config": to_dict(IngestConfig(crop_size=32, crop_spacing_mm=0.75, output="ingested"))}

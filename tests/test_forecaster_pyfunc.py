@@ -19,9 +19,9 @@ import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-import cohortcast
 from conftest import forecaster_config
 
+import cohortcast
 from cohortcast.config.models import SchedulerConfig
 from cohortcast.models.forecaster import Forecaster
 from cohortcast.models.preprocessing import CropPreprocessing
@@ -38,23 +38,33 @@ def logged(tmp_path_factory):
     before = mlflow.get_tracking_uri()
     root = tmp_path_factory.mktemp("pyfunc")
     torch.manual_seed(0)
-    Forecaster(forecaster_config(scheduler=SchedulerConfig(micro_batch=4, inference_steps=3)),
-               preprocessing=PREPROCESSING).save(root / "model")
+    Forecaster(
+        forecaster_config(scheduler=SchedulerConfig(micro_batch=4, inference_steps=3)), preprocessing=PREPROCESSING
+    ).save(root / "model")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment("pyfunc-test")
     with mlflow.start_run():
         info = log_forecaster(str(root / "model"), registry_name="namd-pyfunc-test", alias="champion")
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri="models:/namd-pyfunc-test@champion",
-                                                     dst_path=str(root / "download")))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri="models:/namd-pyfunc-test@champion", dst_path=str(root / "download")
+        )
+    )
     yield {"uri": uri, "info": info, "local": local, "model": mlflow.pyfunc.load_model(str(local))}
     mlflow.set_tracking_uri(before)
 
 
 def frame(rows: int = 2) -> pd.DataFrame:
     crops = [np.full((32, 32), -0.5 + 0.3 * i, np.float32).tolist() for i in range(rows)]
-    return pd.DataFrame({"case_id": [f"sub-{i}/n1" for i in range(rows)], "baseline": crops,
-                         "horizon_days": [365.0] * rows, "ehr": [json.dumps({"SCT_LONG_DIA": 8.0})] * rows})
+    return pd.DataFrame(
+        {
+            "case_id": [f"sub-{i}/n1" for i in range(rows)],
+            "baseline": crops,
+            "horizon_days": [365.0] * rows,
+            "ehr": [json.dumps({"SCT_LONG_DIA": 8.0})] * rows,
+        }
+    )
 
 
 def samples(model, **params) -> np.ndarray:
@@ -98,11 +108,18 @@ def test_requirements_cover_what_the_model_code_imports():
     """Every third-party module the pyfunc's code imports (at load or in a function) is
     installed by one of MODEL_REQUIREMENTS: a new import must be added there."""
     listing = subprocess.run(
-        [sys.executable, "-c", "import sys, cohortcast.tracking.forecaster_pyfunc, cohortcast.models.forecaster; "
-                               "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
-                               "if n.split('.')[0] == 'cohortcast' and getattr(m, '__file__', None)))"],
-        capture_output=True, text=True, check=True,
-        env={**os.environ, "PYTHONPATH": str(Path(cohortcast.__file__).parents[1])}).stdout.split()
+        [
+            sys.executable,
+            "-c",
+            "import sys, cohortcast.tracking.forecaster_pyfunc, cohortcast.models.forecaster; "
+            "print('\\n'.join(m.__file__ for n, m in list(sys.modules.items()) "
+            "if n.split('.')[0] == 'cohortcast' and getattr(m, '__file__', None)))",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "PYTHONPATH": str(Path(cohortcast.__file__).parents[1])},
+    ).stdout.split()
     distributions = packages_distributions()
     wanted = {name.lower() for name in MODEL_REQUIREMENTS}
     missing = set()
@@ -114,8 +131,7 @@ def test_requirements_cover_what_the_model_code_imports():
                 modules = [node.module]
             else:
                 continue
-            for top in {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"cohortcast",
-                                                                                                "__future__"}:
+            for top in {m.split(".")[0] for m in modules} - set(sys.stdlib_module_names) - {"cohortcast", "__future__"}:
                 if not {d.lower() for d in distributions.get(top, [top])} & wanted:
                     missing.add(f"{top} ({Path(path).name})")
     assert len(listing) > 10 and not missing, missing

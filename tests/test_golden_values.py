@@ -34,12 +34,22 @@ LATENT = (4, 8, 8)  # the tiny VAE's latent for 32 px crops (VAEConfig defaults)
 
 # Nodule rows for the alignment features: sizes, attributes, and a row with nothing known.
 ROWS = [
-    {"SCT_LONG_DIA": 12.0, "SCT_PERP_DIA": 8.0, "SCT_PRE_ATT": "Part Solid", "SCT_MARGINS": "Spiculated",
-     "SCT_EPI_LOC": "Lingula"},
+    {
+        "SCT_LONG_DIA": 12.0,
+        "SCT_PERP_DIA": 8.0,
+        "SCT_PRE_ATT": "Part Solid",
+        "SCT_MARGINS": "Spiculated",
+        "SCT_EPI_LOC": "Lingula",
+    },
     {"SCT_LONG_DIA": 5.0, "SCT_PERP_DIA": 4.0, "SCT_PRE_ATT": "Soft Tissue", "SCT_EPI_LOC": "Right Upper Lobe"},
     {"SCT_LONG_DIA": 7.5, "SCT_PERP_DIA": 6.0, "SCT_PRE_ATT": "Ground Glass", "SCT_MARGINS": "Smooth"},
-    {"SCT_LONG_DIA": 20.0, "SCT_PERP_DIA": 15.0, "SCT_PRE_ATT": "Soft Tissue", "SCT_MARGINS": "Poorly Defined",
-     "SCT_EPI_LOC": "Left Lower Lobe"},
+    {
+        "SCT_LONG_DIA": 20.0,
+        "SCT_PERP_DIA": 15.0,
+        "SCT_PRE_ATT": "Soft Tissue",
+        "SCT_MARGINS": "Poorly Defined",
+        "SCT_EPI_LOC": "Left Lower Lobe",
+    },
     {},
 ]
 
@@ -60,7 +70,8 @@ def wake_baseline_channels(unet, latent_channels: int, seed: int) -> None:
     pinned numbers depend on how the baseline enters too."""
     with torch.no_grad():
         unet.conv_in.weight[:, latent_channels:] = 0.05 * torch.randn(
-            unet.conv_in.weight[:, latent_channels:].shape, generator=torch.Generator().manual_seed(seed))
+            unet.conv_in.weight[:, latent_channels:].shape, generator=torch.Generator().manual_seed(seed)
+        )
 
 
 def corner(t: torch.Tensor) -> list[list[float]]:
@@ -69,6 +80,7 @@ def corner(t: torch.Tensor) -> list[list[float]]:
 
 
 # ----- what is pinned: each function returns {name: number or 3x3 list} ------------------
+
 
 def tiny_vae() -> NoduleVAE:
     torch.manual_seed(0)
@@ -81,9 +93,14 @@ def vae_values() -> dict:
     x = fixed((2, 1, 32, 32), seed=1)
     posterior = vae.encode(x)
     decoded = vae.decode(posterior.mean)
-    return {"mean": corner(posterior.mean[1]), "mean_avg": posterior.mean.mean().item(),
-            "logvar_avg": posterior.logvar.mean().item(), "decoded": corner(decoded[1]),
-            "decoded_avg": decoded.mean().item(), "probe_logit": vae.probe_logit(posterior.mean).tolist()}
+    return {
+        "mean": corner(posterior.mean[1]),
+        "mean_avg": posterior.mean.mean().item(),
+        "logvar_avg": posterior.logvar.mean().item(),
+        "decoded": corner(decoded[1]),
+        "decoded_avg": decoded.mean().item(),
+        "probe_logit": vae.probe_logit(posterior.mean).tolist(),
+    }
 
 
 @torch.no_grad()
@@ -101,9 +118,11 @@ def alignment_values() -> dict:
     cfg = VAELossConfig()  # the default temperatures and diameter scale
     features = nodule_features(ROWS, cfg.diameter_scale_mm)
     latents = fixed((len(ROWS), *LATENT), seed=4, low=-2.0, high=2.0)
-    return {"default_temperatures": alignment_loss(features, latents, cfg.tau_f, cfg.tau_z).item(),
-            "tau_f_0.5_tau_z_3": alignment_loss(features, latents, 0.5, 3.0).item(),
-            "features_row0": features[0].tolist()}
+    return {
+        "default_temperatures": alignment_loss(features, latents, cfg.tau_f, cfg.tau_z).item(),
+        "tau_f_0.5_tau_z_3": alignment_loss(features, latents, 0.5, 3.0).item(),
+        "features_row0": features[0].tolist(),
+    }
 
 
 @torch.no_grad()
@@ -118,9 +137,13 @@ def unet_step_values() -> dict:
     t = scheduler.timesteps[0]
     prediction = denoiser(noisy, t, baseline, context)
     previous = scheduler.step(prediction, t, noisy).prev_sample
-    return {"timesteps": scheduler.timesteps.tolist(), "prediction": corner(prediction),
-            "prediction_avg": prediction.mean().item(), "previous": corner(previous),
-            "previous_avg": previous.mean().item()}
+    return {
+        "timesteps": scheduler.timesteps.tolist(),
+        "prediction": corner(prediction),
+        "prediction_avg": prediction.mean().item(),
+        "previous": corner(previous),
+        "previous_avg": previous.mean().item(),
+    }
 
 
 def forecast_values() -> dict:
@@ -130,11 +153,17 @@ def forecast_values() -> dict:
     images = fixed((2, 1, 32, 32), seed=11)
     horizon = torch.tensor([365.0, 730.0])
     plain = model.forecast(images, horizon, ["case-a", "case-b"], num_samples=2, seed=7, steps=3)
-    guided = model.forecast(images, horizon, ["case-a", "case-b"], num_samples=2, seed=7, steps=3,
-                            guidance_scale=2.0, eta=0.5)
-    return {"latent": corner(plain.latents[1, 1]), "mean": corner(plain.mean[0]),
-            "mean_avg": plain.mean.mean().item(), "variance_avg": plain.variance.mean().item(),
-            "guided_latent": corner(guided.latents[0, 1]), "guided_mean_avg": guided.mean.mean().item()}
+    guided = model.forecast(
+        images, horizon, ["case-a", "case-b"], num_samples=2, seed=7, steps=3, guidance_scale=2.0, eta=0.5
+    )
+    return {
+        "latent": corner(plain.latents[1, 1]),
+        "mean": corner(plain.mean[0]),
+        "mean_avg": plain.mean.mean().item(),
+        "variance_avg": plain.variance.mean().item(),
+        "guided_latent": corner(guided.latents[0, 1]),
+        "guided_mean_avg": guided.mean.mean().item(),
+    }
 
 
 @torch.no_grad()
@@ -149,22 +178,32 @@ def lpips_values() -> dict:
     return {"rgb": net(x, y).tolist(), "grey": net(grey_x, grey_y).tolist(), "self": net(x, x).tolist()}
 
 
-COMPUTE = {"vae": vae_values, "vae_loss": vae_loss_values, "alignment": alignment_values,
-           "unet_step": unet_step_values, "forecast": forecast_values, "lpips": lpips_values}
+COMPUTE = {
+    "vae": vae_values,
+    "vae_loss": vae_loss_values,
+    "alignment": alignment_values,
+    "unet_step": unet_step_values,
+    "forecast": forecast_values,
+    "lpips": lpips_values,
+}
 
 
 # ----- the pinned numbers (see the module docstring to regenerate) -------------------------
 
 EXPECTED = {
     "vae": {
-        "mean": [[0.0786517, -0.1994997, -0.2103657],
-                 [0.0346745, -0.2606094, -0.117463],
-                 [-0.0514576, -0.2424091, -0.1682973]],
+        "mean": [
+            [0.0786517, -0.1994997, -0.2103657],
+            [0.0346745, -0.2606094, -0.117463],
+            [-0.0514576, -0.2424091, -0.1682973],
+        ],
         "mean_avg": -0.1478381,
         "logvar_avg": -5.9979429,
-        "decoded": [[0.1230657, 0.1450907, 0.1780394],
-                    [0.0742505, 0.081829, 0.1759253],
-                    [0.0986881, 0.1004791, 0.2312592]],
+        "decoded": [
+            [0.1230657, 0.1450907, 0.1780394],
+            [0.0742505, 0.081829, 0.1759253],
+            [0.0986881, 0.1004791, 0.2312592],
+        ],
         "decoded_avg": 0.0451687,
         "probe_logit": [-0.0587837, 0.0698978],
     },
@@ -183,27 +222,37 @@ EXPECTED = {
     },
     "unet_step": {
         "timesteps": [667, 334, 1],
-        "prediction": [[-0.0994091, 0.4691572, -0.3386758],
-                       [-0.1838961, 0.1252337, 0.1306104],
-                       [-0.2437717, 0.3635538, 0.3070619]],
+        "prediction": [
+            [-0.0994091, 0.4691572, -0.3386758],
+            [-0.1838961, 0.1252337, 0.1306104],
+            [-0.2437717, 0.3635538, 0.3070619],
+        ],
         "prediction_avg": -0.1405371,
-        "previous": [[0.3014385, -0.0322956, 1.8755958],
-                     [0.2988464, -1.2312241, -0.6490672],
-                     [1.3993388, 0.1984386, -0.6211138]],
+        "previous": [
+            [0.3014385, -0.0322956, 1.8755958],
+            [0.2988464, -1.2312241, -0.6490672],
+            [1.3993388, 0.1984386, -0.6211138],
+        ],
         "previous_avg": 0.0939243,
     },
     "forecast": {
-        "latent": [[-0.3142453, -0.598473, -0.0340958],
-                   [0.0827131, -0.4967771, -0.3720448],
-                   [-0.2399823, 0.3493551, -0.1881692]],
-        "mean": [[0.2582641, 0.1201912, 0.1615893],
-                 [0.2209003, 0.006541, 0.0650395],
-                 [0.2443001, -0.0694239, -0.0618588]],
+        "latent": [
+            [-0.3142453, -0.598473, -0.0340958],
+            [0.0827131, -0.4967771, -0.3720448],
+            [-0.2399823, 0.3493551, -0.1881692],
+        ],
+        "mean": [
+            [0.2582641, 0.1201912, 0.1615893],
+            [0.2209003, 0.006541, 0.0650395],
+            [0.2443001, -0.0694239, -0.0618588],
+        ],
         "mean_avg": 0.0357929,
         "variance_avg": 0.0719507,
-        "guided_latent": [[-1.6811452, -0.2028793, 0.4581367],
-                          [0.1344211, 0.6607278, -0.0968139],
-                          [0.5123817, 0.9522256, -0.5031508]],
+        "guided_latent": [
+            [-1.6811452, -0.2028793, 0.4581367],
+            [0.1344211, 0.6607278, -0.0968139],
+            [0.5123817, 0.9522256, -0.5031508],
+        ],
         "guided_mean_avg": 0.0304784,
     },
     # Computed by the reference lpips 0.1.4 (LPIPS(net="vgg").forward) on the same trunk and
@@ -220,9 +269,13 @@ EXPECTED = {
 def check(got: dict, expected: dict) -> None:
     assert got.keys() == expected.keys()
     for name, value in expected.items():
-        torch.testing.assert_close(torch.tensor(got[name], dtype=torch.float64),
-                                   torch.tensor(value, dtype=torch.float64), rtol=0, atol=TOLERANCE,
-                                   msg=lambda m, name=name: f"{name}: {m}")
+        torch.testing.assert_close(
+            torch.tensor(got[name], dtype=torch.float64),
+            torch.tensor(value, dtype=torch.float64),
+            rtol=0,
+            atol=TOLERANCE,
+            msg=lambda m, name=name: f"{name}: {m}",
+        )
 
 
 @pytest.mark.parametrize("name", list(COMPUTE))
@@ -238,8 +291,10 @@ def import_reference_lpips():
     try:
         import lpips
     except Exception as exc:  # ImportError, or torchvision failing to load its operators
-        pytest.skip(f"reference lpips package not importable ({type(exc).__name__}: {exc}); "
-                    "it needs an lpips + torchvision install matching this torch")
+        pytest.skip(
+            f"reference lpips package not importable ({type(exc).__name__}: {exc}); "
+            "it needs an lpips + torchvision install matching this torch"
+        )
     return lpips
 
 
@@ -262,15 +317,18 @@ def test_lpips_matches_the_reference_package(tmp_path):
         expected = reference(x, y).flatten()
         torch.testing.assert_close(ours(x, y), expected, rtol=1e-5, atol=1e-6)
         grey_x, grey_y = x[:, :1], y[:, :1]  # ours takes 1 channel as the grey image repeated to RGB
-        torch.testing.assert_close(ours(grey_x, grey_y), reference(grey_x.repeat(1, 3, 1, 1),
-                                                                   grey_y.repeat(1, 3, 1, 1)).flatten(),
-                                   rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ours(grey_x, grey_y),
+            reference(grey_x.repeat(1, 3, 1, 1), grey_y.repeat(1, 3, 1, 1)).flatten(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
     assert (expected > 1e-3).all()  # not a vacuous comparison of zeros
-
 
 
 def format_expected(values: dict) -> str:
     """`values` as Python source for EXPECTED, rounded to 1e-7 (the tolerance is 1e-4)."""
+
     def number(value):
         return [number(v) for v in value] if isinstance(value, list) else round(value, 7)
 

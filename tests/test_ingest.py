@@ -24,8 +24,16 @@ pytestmark = pytest.mark.ray
 
 
 def tiny_ingest_config(manifest: Path, output: Path, **kw) -> IngestConfig:
-    base = dict(manifest=str(manifest), output=str(output), crop_size=16, crop_spacing_mm=2.0, patch_size=8,
-                patch_spacing_mm=3.0, volume_shape=(8, 16, 16), rows_per_file=4)
+    base = dict(
+        manifest=str(manifest),
+        output=str(output),
+        crop_size=16,
+        crop_spacing_mm=2.0,
+        patch_size=8,
+        patch_spacing_mm=3.0,
+        volume_shape=(8, 16, 16),
+        rows_per_file=4,
+    )
     base.update(kw)
     return IngestConfig(**base)
 
@@ -41,13 +49,20 @@ def broken_cohort(tiny_cohort, tmp_path_factory):
     victim.write_bytes(victim.read_bytes()[:-500])  # truncated pixel data
     (root / nifti[0]).unlink()  # path in the manifest, file gone
     findings = pd.read_parquet(root / "findings.parquet")
-    ok_study = next(s for s in m.studies.study_id
-                    if m.studies.set_index("study_id").loc[s, "path"] not in (dicom[0], nifti[0])
-                    and (findings.study_id == s).any())
+    ok_study = next(
+        s
+        for s in m.studies.study_id
+        if m.studies.set_index("study_id").loc[s, "path"] not in (dicom[0], nifti[0]) and (findings.study_id == s).any()
+    )
     row = findings.index[findings.study_id == ok_study][0]
     findings.loc[row, "center_x_mm"] += 1000.0  # outside the image
     findings.to_parquet(root / "findings.parquet", index=False)
-    return {"root": root, "corrupt": dicom[0], "missing": nifti[0], "outside": (ok_study, findings.loc[row, "nodule_id"])}
+    return {
+        "root": root,
+        "corrupt": dicom[0],
+        "missing": nifti[0],
+        "outside": (ok_study, findings.loc[row, "nodule_id"]),
+    }
 
 
 class _Capture(logging.Handler):
@@ -147,13 +162,24 @@ def test_no_identifiers_anywhere(ingested):
         folder = ingested["root"] / study_path
         if folder.is_dir():
             ds = pydicom.dcmread(sorted(folder.iterdir())[0], stop_before_pixels=True)
-            identifiers |= {str(ds.PatientName), str(ds.PatientName).split("^")[0], ds.PatientID,
-                            ds.PatientBirthDate, ds.AccessionNumber, ds.InstitutionName}
+            identifiers |= {
+                str(ds.PatientName),
+                str(ds.PatientName).split("^")[0],
+                ds.PatientID,
+                ds.PatientBirthDate,
+                ds.AccessionNumber,
+                ds.InstitutionName,
+            }
     texts = [ingested["logs"], (ingested["out"] / "card.json").read_text()]
     for path in ingested["out"].rglob("*.parquet"):
         table = pq.read_table(path)
-        plain = table.drop_columns([c for c in table.column_names if c in
-                                    {"crop", "patch", "volume", "mask", "source_shape", "source_affine", "volume_affine"}])
+        plain = table.drop_columns(
+            [
+                c
+                for c in table.column_names
+                if c in {"crop", "patch", "volume", "mask", "source_shape", "source_affine", "volume_affine"}
+            ]
+        )
         texts.append(json.dumps(plain.to_pylist(), default=str))
         texts.append(path.read_bytes().decode("latin-1"))
     blob = "\n".join(texts)
@@ -170,7 +196,8 @@ def test_rerun_reuses_and_changed_config_rebuilds(ingested):
 
 
 def test_interrupted_run_leaves_nothing_that_looks_finished_and_rerun_completes(
-        ray_session, broken_cohort, tmp_path, monkeypatch):
+    ray_session, broken_cohort, tmp_path, monkeypatch
+):
     out = tmp_path / "out"
     calls = {"n": 0}
     real_write = ingest_module.pq.write_table

@@ -12,9 +12,9 @@ import gzip
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -54,8 +54,9 @@ CENTRE = base_volume().voxel_to_world(np.array([[8.0, 8.0, 3.0]]))[0]
 def identity(seed: str) -> DicomIdentity:
     import datetime as dt
 
-    return DicomIdentity("Hostile^Case", "HOSTILE-MRN", dt.date(1950, 1, 1), "F", "ACC-H", "Hostile Inst",
-                         dt.date(2004, 5, 6), seed)
+    return DicomIdentity(
+        "Hostile^Case", "HOSTILE-MRN", dt.date(1950, 1, 1), "F", "ACC-H", "Hostile Inst", dt.date(2004, 5, 6), seed
+    )
 
 
 def series(folder: Path, seed: str = "s") -> list[Path]:
@@ -83,6 +84,7 @@ def nifti_bytes(shape, dtype=np.int16, data: bytes | None = None) -> bytes:
 
 
 # --- the corpus: each builder writes one study under `root / rel` -------------------
+
 
 def truncated_header_in_series(p: Path):
     victim = series(p)[2]
@@ -152,8 +154,11 @@ def missing_pixel_data(p: Path):
 def uneven_spacing(p: Path):
     files = series(p)
     ds = pydicom.dcmread(files[-1])
-    edit(files[-1], ImagePositionPatient=[float(v) for v in ds.ImagePositionPatient[:2]]
-         + [float(ds.ImagePositionPatient[2]) + 1.5])
+    edit(
+        files[-1],
+        ImagePositionPatient=[float(v) for v in ds.ImagePositionPatient[:2]]
+        + [float(ds.ImagePositionPatient[2]) + 1.5],
+    )
 
 
 def missing_slice(p: Path):
@@ -193,6 +198,7 @@ def nifti_(writer: Callable[[Path], None]) -> Callable[[Path], None]:
     def build(p: Path):
         p.parent.mkdir(parents=True, exist_ok=True)
         writer(p)
+
     build.__name__ = writer.__name__
     return build
 
@@ -315,14 +321,23 @@ CASES = [
     Case("non_utf8_names_corrupt", "hostile/non_utf8_corrupt", "corrupt_file", non_utf8_names_corrupt),
     Case("symlink_loop", "hostile/loop.nii.gz", "symlink_loop", symlink_loop),
     Case("dangling_symlink", "hostile/dangling.nii.gz", "missing_path", dangling_symlink),
-    Case("unreadable_permissions", "hostile/locked.nii.gz", "permission_denied", unreadable_permissions,
-         needs_non_root=True),
+    Case(
+        "unreadable_permissions",
+        "hostile/locked.nii.gz",
+        "permission_denied",
+        unreadable_permissions,
+        needs_non_root=True,
+    ),
     Case("missing_path", "hostile/never_written", "missing_path", lambda p: None),
     Case("single_file_not_dicom", "hostile/report.dcm", "not_dicom", single_file_not_dicom),
     Case("truncated_nifti_gz", "hostile/truncated.nii.gz", "corrupt_file", truncated_nifti_gz),
     Case("truncated_nifti_plain", "hostile/truncated.nii", "corrupt_file", truncated_nifti_plain),
-    Case("nifti_header_declares_more_than_data", "hostile/short_data.nii", "corrupt_file",
-         nifti_header_declares_more_than_data),
+    Case(
+        "nifti_header_declares_more_than_data",
+        "hostile/short_data.nii",
+        "corrupt_file",
+        nifti_header_declares_more_than_data,
+    ),
     Case("nan_nifti", "hostile/nan.nii.gz", "non_finite_voxels", nan_nifti),
     Case("inf_nifti", "hostile/inf.nii.gz", "non_finite_voxels", inf_nifti),
     Case("nifti_huge_header", "hostile/huge_header.nii.gz", "too_large", nifti_huge_header),
@@ -362,18 +377,61 @@ def add_to_manifest(root: Path, cases: list[Case]) -> None:
         pid, sid = f"HOSTILE-{k:03d}", f"HOSTILE-ST-{k:03d}"
         mask = case.rel if case.kind == "mask" else None
         patients.append(pd.DataFrame([{"patient_id": pid}]))
-        studies.append(pd.DataFrame([{"study_id": sid, "patient_id": pid, "study_date": pd.Timestamp("2004-05-06").date(),
-                                      "modality": "CT", "path": MASKED_IMAGE if mask else case.rel,
-                                      "mask_path": mask, "report_text": ""}]))
-        findings.append(pd.DataFrame([{"study_id": sid, "nodule_id": f"N{k}", "center_x_mm": CENTRE[0],
-                                       "center_y_mm": CENTRE[1], "center_z_mm": CENTRE[2],
-                                       "SCT_LONG_DIA": 8.0, "SCT_PERP_DIA": 6.0}]))
+        studies.append(
+            pd.DataFrame(
+                [
+                    {
+                        "study_id": sid,
+                        "patient_id": pid,
+                        "study_date": pd.Timestamp("2004-05-06").date(),
+                        "modality": "CT",
+                        "path": MASKED_IMAGE if mask else case.rel,
+                        "mask_path": mask,
+                        "report_text": "",
+                    }
+                ]
+            )
+        )
+        findings.append(
+            pd.DataFrame(
+                [
+                    {
+                        "study_id": sid,
+                        "nodule_id": f"N{k}",
+                        "center_x_mm": CENTRE[0],
+                        "center_y_mm": CENTRE[1],
+                        "center_z_mm": CENTRE[2],
+                        "SCT_LONG_DIA": 8.0,
+                        "SCT_PERP_DIA": 6.0,
+                    }
+                ]
+            )
+        )
         if case.rel == OUTSIDE:
-            findings.append(pd.DataFrame([{"study_id": sid, "nodule_id": f"N{k}-out", "center_x_mm": CENTRE[0] + 1000,
-                                           "center_y_mm": CENTRE[1], "center_z_mm": CENTRE[2],
-                                           "SCT_LONG_DIA": 8.0, "SCT_PERP_DIA": 6.0}]))
-    write_tables({"patients": pd.concat(patients, ignore_index=True), "studies": pd.concat(studies, ignore_index=True),
-                  "findings": pd.concat(findings, ignore_index=True), "labels": m.labels}, root)
+            findings.append(
+                pd.DataFrame(
+                    [
+                        {
+                            "study_id": sid,
+                            "nodule_id": f"N{k}-out",
+                            "center_x_mm": CENTRE[0] + 1000,
+                            "center_y_mm": CENTRE[1],
+                            "center_z_mm": CENTRE[2],
+                            "SCT_LONG_DIA": 8.0,
+                            "SCT_PERP_DIA": 6.0,
+                        }
+                    ]
+                )
+            )
+    write_tables(
+        {
+            "patients": pd.concat(patients, ignore_index=True),
+            "studies": pd.concat(studies, ignore_index=True),
+            "findings": pd.concat(findings, ignore_index=True),
+            "labels": m.labels,
+        },
+        root,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -458,25 +516,60 @@ def test_dicom_limits_are_checked_before_pixels(hostile, monkeypatch):
 
 # --- the process_study / Parquet boundary guards, without Ray ------------------------
 
+
 def _task(root: Path, rel: str, **kw) -> dict:
-    return {"patient": "sub-x", "study": "ses-x", "split": "train", "study_date": "2004-05-06", "exam_index": 0,
-            "num_exams": 1, "days_since_baseline": 0, "modality": "CT", "report_text": "",
-            "path": str(root / rel), "rel_path": rel, "mask_path": "", "mask_path_rel": "",
-            "findings_json": json.dumps([{"nodule_id": "N0", "malignant": 0, "center_x_mm": CENTRE[0],
-                                          "center_y_mm": CENTRE[1], "center_z_mm": CENTRE[2],
-                                          **{k: None for k in EHR_FEATURES}}]), **kw}
+    return {
+        "patient": "sub-x",
+        "study": "ses-x",
+        "split": "train",
+        "study_date": "2004-05-06",
+        "exam_index": 0,
+        "num_exams": 1,
+        "days_since_baseline": 0,
+        "modality": "CT",
+        "report_text": "",
+        "path": str(root / rel),
+        "rel_path": rel,
+        "mask_path": "",
+        "mask_path_rel": "",
+        "findings_json": json.dumps(
+            [
+                {
+                    "nodule_id": "N0",
+                    "malignant": 0,
+                    "center_x_mm": CENTRE[0],
+                    "center_y_mm": CENTRE[1],
+                    "center_z_mm": CENTRE[2],
+                    **{k: None for k in EHR_FEATURES},
+                }
+            ]
+        ),
+        **kw,
+    }
 
 
 def _cfg(**kw) -> IngestConfig:
-    return IngestConfig(crop_size=16, crop_spacing_mm=2.0, patch_size=8, patch_spacing_mm=3.0,
-                        volume_shape=(8, 16, 16), max_voxels=MAX_VOXELS, max_uncompressed_mb=MAX_MB, **kw)
+    return IngestConfig(
+        crop_size=16,
+        crop_spacing_mm=2.0,
+        patch_size=8,
+        patch_spacing_mm=3.0,
+        volume_shape=(8, 16, 16),
+        max_voxels=MAX_VOXELS,
+        max_uncompressed_mb=MAX_MB,
+        **kw,
+    )
 
 
 def test_process_study_quarantines_with_relative_messages(hostile):
     from cohortcast.data.study_processing import QUARANTINED, process_study
 
-    for rel, reason in (("hostile/truncated_pixels", "corrupt_file"), ("hostile/never_written", "missing_path"),
-                        ("hostile/huge_header.nii.gz", "too_large"), ("hostile/nan.nii.gz", "non_finite_voxels")):
+    for rel, reason in (
+        ("hostile/truncated_pixels", "corrupt_file"),
+        ("hostile/never_written", "missing_path"),
+        ("hostile/huge_header.nii.gz", "too_large"),
+        ("hostile/nan.nii.gz", "non_finite_voxels"),
+    ):
         result = process_study(_task(hostile, rel), _cfg())
         assert (result["status"], result["reason"]) == (QUARANTINED, reason)
         assert rel in result["message"] and str(hostile) not in result["message"]
@@ -518,15 +611,34 @@ def test_finding_counts_and_summary_add_up():
     from cohortcast.data.prepare import format_summary
 
     tasks = [{"study": f"ses-{k}", "findings_json": json.dumps([{}] * n)} for k, n in enumerate([3, 4, 5, 8])]
-    quarantine = [{"study": "ses-1", "nodule_id": None}, {"study": "ses-3", "nodule_id": None},
-                  {"study": "ses-2", "nodule_id": "N1"}, {"study": "ses-2", "nodule_id": "N2"}]
+    quarantine = [
+        {"study": "ses-1", "nodule_id": None},
+        {"study": "ses-3", "nodule_id": None},
+        {"study": "ses-2", "nodule_id": "N1"},
+        {"study": "ses-2", "nodule_id": "N2"},
+    ]
     counts = finding_counts(tasks, quarantine, {"train": 6, "val": 0, "test": 0})
-    assert counts == {"findings": 20, "findings_cropped": 6, "findings_with_quarantined_study": 12,
-                      "findings_quarantined": 2}
-    card = {"config": {"output": "out"}, "manifest_fingerprint": "m" * 64, "fingerprint": "f" * 64,
-            "counts": {"patients": 2, "studies": 4, "studies_ingested": 2, "studies_quarantined": 2, **counts,
-                       "nodule_rows": {"train": 6}, "study_rows": {"train": 2}},
-            "tables": {"nodules": {"crop": [16, 16], "patch": [8] * 3}, "studies": {"volume": [8, 16, 16]}}}
+    assert counts == {
+        "findings": 20,
+        "findings_cropped": 6,
+        "findings_with_quarantined_study": 12,
+        "findings_quarantined": 2,
+    }
+    card = {
+        "config": {"output": "out"},
+        "manifest_fingerprint": "m" * 64,
+        "fingerprint": "f" * 64,
+        "counts": {
+            "patients": 2,
+            "studies": 4,
+            "studies_ingested": 2,
+            "studies_quarantined": 2,
+            **counts,
+            "nodule_rows": {"train": 6},
+            "study_rows": {"train": 2},
+        },
+        "tables": {"nodules": {"crop": [16, 16], "patch": [8] * 3}, "studies": {"volume": [8, 16, 16]}},
+    }
     assert "findings 20: 6 cropped, 12 with their quarantined study, 2 quarantined themselves" in format_summary(card)
 
 
@@ -549,6 +661,7 @@ def test_scrub_root_removes_the_manifest_folder():
 
 
 # --- one ingestion run over the whole corpus -----------------------------------------
+
 
 @pytest.fixture(scope="module")
 def ingested(ray_session, hostile, tmp_path_factory):
@@ -620,5 +733,7 @@ def test_nothing_half_written_and_counts_add_up(ingested):
     assert c["findings_with_quarantined_study"] == c["studies_quarantined"]  # one finding per hostile study
     assert sum(card["quarantine_reasons"].values()) == c["studies_quarantined"] + c["findings_quarantined"]
     summary = format_summary(ingested["card"])
-    assert (f"findings {c['findings']}: {c['findings_cropped']} cropped, {c['findings_with_quarantined_study']} "
-            f"with their quarantined study, {c['findings_quarantined']} quarantined themselves") in summary
+    assert (
+        f"findings {c['findings']}: {c['findings_cropped']} cropped, {c['findings_with_quarantined_study']} "
+        f"with their quarantined study, {c['findings_quarantined']} quarantined themselves"
+    ) in summary

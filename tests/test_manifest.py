@@ -42,23 +42,27 @@ def _set(column, row, value):
         frame = frame.astype({column: object})
         frame.loc[row, column] = value
         return frame
+
     return fn
 
 
-@pytest.mark.parametrize("table, fn, fragment", [
-    ("studies", _set("study_date", 1, "31/31/2003"), "studies row 1 (study_id="),
-    ("studies", _set("study_date", 1, "31/31/2003"), "study_date: '31/31/2003' is not a valid date"),
-    ("studies", _set("modality", 0, "PET"), "modality: 'PET' is not one of"),
-    ("findings", _set("SCT_PRE_ATT", 2, "Calcified"), "findings row 2 (study_id="),
-    ("findings", _set("SCT_LONG_DIA", 0, -3.0), "SCT_LONG_DIA: -3.0 must be in (0, 300] mm"),
-    ("findings", _set("SCT_PERP_DIA", 0, 299.0), "SCT_PERP_DIA: 299.0 exceeds SCT_LONG_DIA"),
-    ("patients", _set("age", 0, "old"), "age: 'old' is not a valid float"),
-    ("labels", _set("malignant", 0, 2), "malignant: '2' is not a valid int01 (must be 0 or 1)"),
-    ("studies", _set("patient_id", 0, "MRN-UNKNOWN"), "patient_id: 'MRN-UNKNOWN' is not in patients"),
-    ("studies", lambda f: pd.concat([f, f.iloc[[0]]]), "duplicate key"),
-    ("findings", lambda f: f.drop(columns=["center_y_mm"]), "findings: missing required column(s) ['center_y_mm']"),
-    ("labels", _set("nodule_id", 0, "n99"), "nodule_id: 'n99' has no finding for this patient"),
-])
+@pytest.mark.parametrize(
+    "table, fn, fragment",
+    [
+        ("studies", _set("study_date", 1, "31/31/2003"), "studies row 1 (study_id="),
+        ("studies", _set("study_date", 1, "31/31/2003"), "study_date: '31/31/2003' is not a valid date"),
+        ("studies", _set("modality", 0, "PET"), "modality: 'PET' is not one of"),
+        ("findings", _set("SCT_PRE_ATT", 2, "Calcified"), "findings row 2 (study_id="),
+        ("findings", _set("SCT_LONG_DIA", 0, -3.0), "SCT_LONG_DIA: -3.0 must be in (0, 300] mm"),
+        ("findings", _set("SCT_PERP_DIA", 0, 299.0), "SCT_PERP_DIA: 299.0 exceeds SCT_LONG_DIA"),
+        ("patients", _set("age", 0, "old"), "age: 'old' is not a valid float"),
+        ("labels", _set("malignant", 0, 2), "malignant: '2' is not a valid int01 (must be 0 or 1)"),
+        ("studies", _set("patient_id", 0, "MRN-UNKNOWN"), "patient_id: 'MRN-UNKNOWN' is not in patients"),
+        ("studies", lambda f: pd.concat([f, f.iloc[[0]]]), "duplicate key"),
+        ("findings", lambda f: f.drop(columns=["center_y_mm"]), "findings: missing required column(s) ['center_y_mm']"),
+        ("labels", _set("nodule_id", 0, "n99"), "nodule_id: 'n99' has no finding for this patient"),
+    ],
+)
 def test_validation_names_row_and_field(editable, table, fn, fragment):
     _edit(editable, table, fn)
     with pytest.raises(ManifestError) as err:

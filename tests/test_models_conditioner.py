@@ -15,8 +15,10 @@ LONG = "CLINICAL HISTORY: 64-year-old female. Emphysema: yes. Spiculated part-so
 
 @pytest.fixture(scope="module")
 def conditioner(tmp_path_factory):
-    folder = write_tiny_gemma3(tmp_path_factory.mktemp("llm") / "tiny-gemma3", [SHORT, LONG, "other words", render_ehr_prompt(EHR),
-                                                                                    render_ehr_prompt({**EHR, "age": 50.0})])
+    folder = write_tiny_gemma3(
+        tmp_path_factory.mktemp("llm") / "tiny-gemma3",
+        [SHORT, LONG, "other words", render_ehr_prompt(EHR), render_ehr_prompt({**EHR, "age": 50.0})],
+    )
     torch.manual_seed(0)
     return SoftPromptConditioner(ConditionerConfig(llm_path=str(folder), num_soft_prompts=4))
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from conftest import forecaster_config
 
 from cohortcast.config.models import ConditionerConfig
@@ -16,9 +17,21 @@ from cohortcast.models.forecaster import Forecaster
 from cohortcast.training.ldm_conditional_stage import ConditionalObjective
 from cohortcast.training.trajectories import make_trajectory, sample_targets
 
-RECORD = {"SCT_PRE_ATT": "Part Solid", "SCT_EPI_LOC": "Lingula", "SCT_LONG_DIA": 12.0, "SCT_PERP_DIA": 9.0,
-          "SCT_MARGINS": "Spiculated", "age": 64.0, "diagemph": "Yes", "gender": "Female", "famfather": "Yes",
-          "fammother": "No", "fambrother": "No", "famsister": None, "famchild": "No"}
+RECORD = {
+    "SCT_PRE_ATT": "Part Solid",
+    "SCT_EPI_LOC": "Lingula",
+    "SCT_LONG_DIA": 12.0,
+    "SCT_PERP_DIA": 9.0,
+    "SCT_MARGINS": "Spiculated",
+    "age": 64.0,
+    "diagemph": "Yes",
+    "gender": "Female",
+    "famfather": "Yes",
+    "fammother": "No",
+    "fambrother": "No",
+    "famsister": None,
+    "famchild": "No",
+}
 
 
 def test_ehr_vector_tells_missing_from_zero_and_no():
@@ -29,7 +42,8 @@ def test_ehr_vector_tells_missing_from_zero_and_no():
     assert ehr_vector({"age": None}) == ehr_vector({"age": float("nan")}) == ehr_vector({"age": " "}) == missing
     assert ehr_vector({"age": 0.0}) != missing
     assert ehr_vector({"famfather": "No"}) != missing and ehr_vector({"famfather": "Yes"}) != ehr_vector(
-        {"famfather": "No"})
+        {"famfather": "No"}
+    )
     assert ehr_vector({"SCT_MARGINS": "Smooth"}) != missing
     assert ehr_vector({"SCT_MARGINS": "Smooth"}) != ehr_vector({"SCT_MARGINS": "Spiculated"})
     assert ehr_vector({"SCT_LONG_DIA": 0.0}) != ehr_vector({"SCT_LONG_DIA": None})
@@ -50,10 +64,14 @@ def _examples(records):
     """Two trajectories of 2 exams each (synthetic latents), with their own EHR records."""
     rows = []
     for i, record in enumerate(records):
-        group = {"patient": np.array([f"sub-{i}"] * 2, object), "nodule_id": np.array(["n1"] * 2, object),
-                 "days_since_baseline": np.array([0.0, 365.0]), "malignant": np.array([i % 2] * 2),
-                 "latent": np.random.default_rng(i).normal(size=(2, 4, 8, 8)).astype(np.float32),
-                 "crop": np.zeros((2, 32, 32), np.float32)}
+        group = {
+            "patient": np.array([f"sub-{i}"] * 2, object),
+            "nodule_id": np.array(["n1"] * 2, object),
+            "days_since_baseline": np.array([0.0, 365.0]),
+            "malignant": np.array([i % 2] * 2),
+            "latent": np.random.default_rng(i).normal(size=(2, 4, 8, 8)).astype(np.float32),
+            "crop": np.zeros((2, 32, 32), np.float32),
+        }
         for name in EHR_FEATURES:
             group[name] = np.array([record.get(name)] * 2, object)
         rows.append(make_trajectory(group, 2))

@@ -8,8 +8,13 @@ import torch.nn.functional as F
 
 from conftest import forecaster_config
 
-from cohortcast.config.models import (ConditionerConfig, DenoiserConfig, ForecasterConfig, SchedulerConfig,
-                                       TemporalConfig)
+from cohortcast.config.models import (
+    ConditionerConfig,
+    DenoiserConfig,
+    ForecasterConfig,
+    SchedulerConfig,
+    TemporalConfig,
+)
 from cohortcast.models.denoiser import ConditionalDenoiser
 from cohortcast.models.ehr_prompt import render_ehr_prompt
 from cohortcast.models.forecaster import Forecaster, ForecasterLoadError
@@ -61,17 +66,25 @@ def test_training_step_gradients_reach_every_trainable_part(forecaster):
     baseline = f.vae.encode_for_diffusion(images)
     target = torch.randn_like(baseline)
     horizon = torch.tensor([365.0, 400.0, 300.0])
-    ctx = f.context(RECORDS, *f.encode_priors(baseline, horizon, None, None, None), horizon,
-                    drop=torch.tensor([False, True, False]))
+    ctx = f.context(
+        RECORDS, *f.encode_priors(baseline, horizon, None, None, None), horizon, drop=torch.tensor([False, True, False])
+    )
     sched = f.train_scheduler()
     noise = torch.randn_like(target)
     t = torch.randint(0, sched.config.num_train_timesteps, (3,))
-    loss = F.mse_loss(f.denoiser(sched.add_noise(target, noise, t), t, baseline, ctx),
-                      training_target(sched, target, noise, t))  # v by default
+    loss = F.mse_loss(
+        f.denoiser(sched.add_noise(target, noise, t), t, baseline, ctx), training_target(sched, target, noise, t)
+    )  # v by default
     f.zero_grad()
     loss.backward()
-    for name in ("denoiser.unet.conv_in.weight", "denoiser.ehr_proj.weight", "denoiser.null_context",
-                 "temporal.latent_proj.weight", "temporal.target_date.proj.weight", "conditioner.soft_prompts"):
+    for name in (
+        "denoiser.unet.conv_in.weight",
+        "denoiser.ehr_proj.weight",
+        "denoiser.null_context",
+        "temporal.latent_proj.weight",
+        "temporal.target_date.proj.weight",
+        "conditioner.soft_prompts",
+    ):
         grad = dict(f.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert all(p.grad is None for p in f.conditioner.lm.parameters())
@@ -97,7 +110,9 @@ def test_ddim_loop_equals_diffusers_loop(forecaster):
 
     class ConcatUNet(torch.nn.Module):  # the unet diffusers sees: baseline concatenated inside
         def forward(self, x, t, encoder_hidden_states, return_dict=False):
-            return (f.denoiser.unet(torch.cat([x, baseline], 1), t, encoder_hidden_states=encoder_hidden_states).sample,)
+            return (
+                f.denoiser.unet(torch.cat([x, baseline], 1), t, encoder_hidden_states=encoder_hidden_states).sample,
+            )
 
     with torch.no_grad():
         ours = ddim_loop(f.denoiser, f.inference_scheduler(), noise, baseline, ctx, steps=10)
@@ -116,19 +131,51 @@ def _forecast(f, case_ids, records, seed=3, **kw):
 def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
     batch = _forecast(forecaster, ["c0", "c1", "c2"], RECORDS, eta=eta)
     torch.manual_seed(999)
-    alone = forecaster.forecast(torch.full((1, 1, 32, 32), 0.2), torch.tensor([395.0]), ["c1"], ehr=RECORDS[1:2],
-                                num_samples=4, seed=3, steps=6, eta=eta)
+    alone = forecaster.forecast(
+        torch.full((1, 1, 32, 32), 0.2),
+        torch.tensor([395.0]),
+        ["c1"],
+        ehr=RECORDS[1:2],
+        num_samples=4,
+        seed=3,
+        steps=6,
+        eta=eta,
+    )
     assert torch.equal(alone.samples[0], batch.samples[1])
     # More cases than one micro-batch holds (scheduler.micro_batch = 20 rows, 4 samples each).
-    many = forecaster.forecast(torch.full((7, 1, 32, 32), 0.2), torch.full((7,), 395.0), [f"x{i}" for i in range(6)]
-                               + ["c1"], ehr=[RECORDS[0]] * 6 + [RECORDS[1]], num_samples=4, seed=3, steps=6, eta=eta)
+    many = forecaster.forecast(
+        torch.full((7, 1, 32, 32), 0.2),
+        torch.full((7,), 395.0),
+        [f"x{i}" for i in range(6)] + ["c1"],
+        ehr=[RECORDS[0]] * 6 + [RECORDS[1]],
+        num_samples=4,
+        seed=3,
+        steps=6,
+        eta=eta,
+    )
     assert torch.equal(many.samples[6], alone.samples[0])
     # One seed per case (how the service batches requests with different seeds): each case
     # matches its own single-seed call, even the same case id under two seeds.
-    mixed = forecaster.forecast(torch.full((3, 1, 32, 32), 0.2), torch.full((3,), 395.0), ["c1", "c1", "x0"],
-                                ehr=[RECORDS[1]] * 3, num_samples=4, seed=[3, 8, 3], steps=6, eta=eta)
-    other_seed = forecaster.forecast(torch.full((1, 1, 32, 32), 0.2), torch.tensor([395.0]), ["c1"],
-                                     ehr=RECORDS[1:2], num_samples=4, seed=8, steps=6, eta=eta)
+    mixed = forecaster.forecast(
+        torch.full((3, 1, 32, 32), 0.2),
+        torch.full((3,), 395.0),
+        ["c1", "c1", "x0"],
+        ehr=[RECORDS[1]] * 3,
+        num_samples=4,
+        seed=[3, 8, 3],
+        steps=6,
+        eta=eta,
+    )
+    other_seed = forecaster.forecast(
+        torch.full((1, 1, 32, 32), 0.2),
+        torch.tensor([395.0]),
+        ["c1"],
+        ehr=RECORDS[1:2],
+        num_samples=4,
+        seed=8,
+        steps=6,
+        eta=eta,
+    )
     assert torch.equal(mixed.samples[0], alone.samples[0]) and torch.equal(mixed.samples[1], other_seed.samples[0])
 
 
@@ -182,11 +229,27 @@ def test_load_errors_are_clear(forecaster, tmp_path, llm_path):
 
 def test_forecast_latents_validates_inputs(forecaster):
     with pytest.raises(ValueError, match="unique"):
-        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, *LATENT),
-                         torch.zeros(2, 3, 64), ["a", "a"], 2, 0, 2)
+        forecast_latents(
+            forecaster.denoiser,
+            forecaster.inference_scheduler(),
+            torch.zeros(2, *LATENT),
+            torch.zeros(2, 3, 64),
+            ["a", "a"],
+            2,
+            0,
+            2,
+        )
     with pytest.raises(ValueError, match="seeds for"):
-        forecast_latents(forecaster.denoiser, forecaster.inference_scheduler(), torch.zeros(2, *LATENT),
-                         torch.zeros(2, 3, 64), ["a", "b"], 2, [0], 2)
+        forecast_latents(
+            forecaster.denoiser,
+            forecaster.inference_scheduler(),
+            torch.zeros(2, *LATENT),
+            torch.zeros(2, 3, 64),
+            ["a", "b"],
+            2,
+            [0],
+            2,
+        )
 
 
 def test_condition_dropout_rate_and_null_rows(forecaster):
@@ -214,9 +277,15 @@ def test_prior_exams_feed_the_temporal_context(forecaster):
     common = dict(ehr=RECORDS[:1], num_samples=2, seed=1, steps=3)
     single = forecaster.forecast(images, torch.tensor([365.0]), ["p"], **common)
     priors = torch.stack([torch.full((1, 32, 32), -0.5), torch.full((1, 32, 32), 0.2), torch.zeros(1, 32, 32)])[None]
-    multi = forecaster.forecast(images, torch.tensor([365.0]), ["p"], prior_images=priors,
-                                days_before_target=torch.tensor([[730.0, 365.0, 0.0]]),
-                                exam_mask=torch.tensor([[True, True, False]]), **common)
+    multi = forecaster.forecast(
+        images,
+        torch.tensor([365.0]),
+        ["p"],
+        prior_images=priors,
+        days_before_target=torch.tensor([[730.0, 365.0, 0.0]]),
+        exam_mask=torch.tensor([[True, True, False]]),
+        **common,
+    )
     assert multi.samples.shape == single.samples.shape and not torch.equal(multi.samples, single.samples)
 
 
@@ -226,8 +295,8 @@ def test_fresh_denoiser_ignores_the_baseline():
     noise. (Before: random weights, the output depended on the baseline.)"""
     torch.manual_seed(0)
     denoiser = ConditionalDenoiser(DenoiserConfig(), LATENT[0], LATENT[1], ehr_dim=None).eval()
-    assert torch.count_nonzero(denoiser.unet.conv_in.weight[:, LATENT[0]:]) == 0
-    assert torch.count_nonzero(denoiser.unet.conv_in.weight[:, :LATENT[0]]) > 0
+    assert torch.count_nonzero(denoiser.unet.conv_in.weight[:, LATENT[0] :]) == 0
+    assert torch.count_nonzero(denoiser.unet.conv_in.weight[:, : LATENT[0]]) > 0
     noisy, t, ctx = torch.randn(2, *LATENT), torch.tensor([10, 900]), torch.randn(2, 3, 64)
     with torch.no_grad():
         a = denoiser(noisy, t, torch.randn(2, *LATENT), ctx)

@@ -25,9 +25,18 @@ def test_the_nlst_config_builds_sd15_sized_models():
     model = load_config(ROOT / "jobs" / "configs" / "namd_nlst.yaml").model
     v, d = model.vae, model.denoiser
     assert (v.block_out_channels, v.layers_per_block, v.norm_num_groups, v.latent_channels) == (
-        (128, 256, 512, 512), 2, 32, 4)
-    assert (d.block_out_channels, d.layers_per_block, d.attention_head_dim, d.norm_num_groups,
-            d.cross_attention_dim) == ((320, 640, 1280, 1280), 2, 8, 32, 768)
+        (128, 256, 512, 512),
+        2,
+        32,
+        4,
+    )
+    assert (
+        d.block_out_channels,
+        d.layers_per_block,
+        d.attention_head_dim,
+        d.norm_num_groups,
+        d.cross_attention_dim,
+    ) == ((320, 640, 1280, 1280), 2, 8, 32, 768)
     assert v.downsample_factor == 8 and v.latent_shape == (4, 8, 8)  # 64 px crops
     assert (model.temporal.d_model, model.temporal.num_layers, model.conditioner.dtype) == (768, 4, "bfloat16")
     with torch.device("meta"):  # the local weight folders are not read here
@@ -73,5 +82,7 @@ def test_widened_unet_computes_the_pretrained_function(tmp_path):
     assert wide.conv_in.in_channels == 8 and wide.config.in_channels == 8
     x, base, ctx = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8), torch.randn(2, 3, 24)
     with torch.no_grad():
-        torch.testing.assert_close(wide(torch.cat([x, base], 1), 10, encoder_hidden_states=ctx).sample,
-                                   four(x, 10, encoder_hidden_states=ctx).sample)
+        torch.testing.assert_close(
+            wide(torch.cat([x, base], 1), 10, encoder_hidden_states=ctx).sample,
+            four(x, 10, encoder_hidden_states=ctx).sample,
+        )

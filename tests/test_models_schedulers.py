@@ -23,8 +23,8 @@ def test_predicted_clean_matches_diffusers(prediction_type):
     ours = predicted_clean(scheduler.alphas_cumprod, noisy, out, t, prediction_type)
     assert ours.dtype == torch.float32
     for i in range(3):
-        ref = scheduler.step(out[i:i + 1], int(t[i]), noisy[i:i + 1]).pred_original_sample
-        torch.testing.assert_close(ours[i:i + 1], ref, rtol=1e-5, atol=1e-5)
+        ref = scheduler.step(out[i : i + 1], int(t[i]), noisy[i : i + 1]).pred_original_sample
+        torch.testing.assert_close(ours[i : i + 1], ref, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
@@ -39,8 +39,12 @@ def test_training_target_and_predicted_clean_are_consistent(prediction_type):
     expected = {"epsilon": noise, "v_prediction": scheduler.get_velocity(clean, noise, t), "sample": clean}
     torch.testing.assert_close(target, expected[prediction_type])
     noisy = scheduler.add_noise(clean, noise, t)
-    torch.testing.assert_close(predicted_clean(scheduler.alphas_cumprod, noisy, target, t, prediction_type), clean,
-                               rtol=1e-4, atol=1e-4 if prediction_type != "epsilon" else 5e-2)
+    torch.testing.assert_close(
+        predicted_clean(scheduler.alphas_cumprod, noisy, target, t, prediction_type),
+        clean,
+        rtol=1e-4,
+        atol=1e-4 if prediction_type != "epsilon" else 5e-2,
+    )
 
 
 def test_unknown_prediction_type_is_an_error():

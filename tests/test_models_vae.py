@@ -12,8 +12,14 @@ from cohortcast.config.models import VAEConfig, VAELossConfig
 from cohortcast.models.alignment import alignment_loss, nodule_features
 from cohortcast.models.ehr_prompt import render_ehr_prompt
 from cohortcast.models.perceptual import LPIPS
-from cohortcast.models.vae import (NoduleVAE, build_autoencoder, load_pretrained_autoencoder, load_vae,
-                                   posterior_mean_scaling_factor, save_vae)
+from cohortcast.models.vae import (
+    NoduleVAE,
+    build_autoencoder,
+    load_pretrained_autoencoder,
+    load_vae,
+    posterior_mean_scaling_factor,
+    save_vae,
+)
 from cohortcast.models.vae_loss import build_perceptual, vae_loss
 
 
@@ -55,8 +61,16 @@ def test_alignment_gradient_is_finite_with_duplicate_rows():
 
 
 def test_nodule_features_one_hot_and_missing():
-    rows = [{"SCT_LONG_DIA": 12.0, "SCT_PERP_DIA": 8.0, "SCT_PRE_ATT": "Part Solid", "SCT_MARGINS": "Spiculated",
-             "SCT_EPI_LOC": "Lingula"}, {"SCT_LONG_DIA": 5.0, "SCT_PERP_DIA": 5.0}]
+    rows = [
+        {
+            "SCT_LONG_DIA": 12.0,
+            "SCT_PERP_DIA": 8.0,
+            "SCT_PRE_ATT": "Part Solid",
+            "SCT_MARGINS": "Spiculated",
+            "SCT_EPI_LOC": "Lingula",
+        },
+        {"SCT_LONG_DIA": 5.0, "SCT_PERP_DIA": 5.0},
+    ]
     f = nodule_features(rows)
     assert f.shape == (2, 14)
     assert f[0, :2].tolist() == pytest.approx([1.2, 0.8]) and f[0, 2:].sum() == 3 and f[1, 2:].sum() == 0
@@ -110,8 +124,9 @@ def test_sd15_style_rgb_vae_folds_exactly_to_one_channel(tmp_path):
         mean_rgb = rgb.encode(x.repeat(1, 3, 1, 1)).latent_dist.mean
         mean_grey = grey.encode(x).latent_dist.mean
         torch.testing.assert_close(mean_grey, mean_rgb, rtol=1e-4, atol=1e-5)
-        torch.testing.assert_close(grey.decode(mean_grey).sample, rgb.decode(mean_rgb).sample.mean(1, keepdim=True),
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            grey.decode(mean_grey).sample, rgb.decode(mean_rgb).sample.mean(1, keepdim=True), rtol=1e-4, atol=1e-5
+        )
     with pytest.raises(FileNotFoundError, match="no config.json"):
         load_pretrained_autoencoder(tmp_path, in_channels=1)
 
@@ -128,27 +143,56 @@ def test_lpips_properties_and_weight_files(tmp_path):
     torch.save({k: v for k, v in net.state_dict().items() if k.startswith("lin")}, tmp_path / "lpips_vgg.pth")
     loaded = LPIPS.from_files(tmp_path / "vgg16.pth", tmp_path / "lpips_vgg.pth")
     torch.testing.assert_close(loaded(x, y), net(x, y))
-    cfg = VAELossConfig(perceptual_vgg_path=str(tmp_path / "vgg16.pth"),
-                        perceptual_lpips_path=str(tmp_path / "lpips_vgg.pth"))
+    cfg = VAELossConfig(
+        perceptual_vgg_path=str(tmp_path / "vgg16.pth"), perceptual_lpips_path=str(tmp_path / "lpips_vgg.pth")
+    )
     assert isinstance(build_perceptual(cfg), LPIPS)
 
 
-EHR = {"SCT_PRE_ATT": "Part Solid", "SCT_EPI_LOC": "Right Upper Lobe", "SCT_LONG_DIA": 12.3, "SCT_PERP_DIA": 9.0,
-       "SCT_MARGINS": "Spiculated", "age": 64.0, "diagemph": "Yes", "gender": "Female", "famfather": "Yes",
-       "fammother": "No", "fambrother": "No", "famsister": "No", "famchild": "No"}
+EHR = {
+    "SCT_PRE_ATT": "Part Solid",
+    "SCT_EPI_LOC": "Right Upper Lobe",
+    "SCT_LONG_DIA": 12.3,
+    "SCT_PERP_DIA": 9.0,
+    "SCT_MARGINS": "Spiculated",
+    "age": 64.0,
+    "diagemph": "Yes",
+    "gender": "Female",
+    "famfather": "Yes",
+    "fammother": "No",
+    "fambrother": "No",
+    "famsister": "No",
+    "famchild": "No",
+}
 
 
 def test_ehr_prompt_is_deterministic_and_complete():
     text = render_ehr_prompt(EHR)
     assert text == render_ehr_prompt(dict(reversed(list(EHR.items()))))
-    for fragment in ("64-year-old female", "Emphysema: yes", "lung cancer in father", "Part-solid nodule",
-                     "right upper lobe", "long axis 12.3 mm", "perpendicular axis 9.0 mm", "margins spiculated"):
+    for fragment in (
+        "64-year-old female",
+        "Emphysema: yes",
+        "lung cancer in father",
+        "Part-solid nodule",
+        "right upper lobe",
+        "long axis 12.3 mm",
+        "perpendicular axis 9.0 mm",
+        "margins spiculated",
+    ):
         assert fragment in text
 
 
 def test_ehr_prompt_says_what_is_missing():
-    partial = {**EHR, "age": None, "SCT_MARGINS": float("nan"), "famfather": None, "fammother": None,
-               "fambrother": None, "famsister": None, "famchild": None}
+    partial = {
+        **EHR,
+        "age": None,
+        "SCT_MARGINS": float("nan"),
+        "famfather": None,
+        "fammother": None,
+        "fambrother": None,
+        "famsister": None,
+        "famchild": None,
+    }
     text = render_ehr_prompt(partial)
     assert "age not recorded" in text and "margins not recorded" in text and "Family history: not recorded" in text
     some = render_ehr_prompt({**EHR, "famfather": "No", "famchild": None})
@@ -161,7 +205,7 @@ def disc_crops(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.
     yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
     radius = 3 + 6 * torch.rand(n, 1, 1, generator=generator)
     cy, cx = (10 + 12 * torch.rand(n, 2, 1, 1, generator=generator)).unbind(1)
-    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius ** 2
+    inside = (yy - cy) ** 2 + (xx - cx) ** 2 <= radius**2
     images = torch.where(inside, 0.6, -0.7) + 0.1 * torch.randn(n, 32, 32, generator=generator)
     features = torch.stack([radius[:, 0, 0] / 2.5, cy[:, 0, 0] / 10, cx[:, 0, 0] / 10], 1)
     return images[:, None].clamp(-1, 1), features
@@ -248,8 +292,7 @@ def test_fresh_vae_starts_at_small_posterior_variance_and_learns_to_reconstruct(
     optimizer = torch.optim.AdamW(vae.parameters(), lr=1e-3)
     for _ in range(150):
         rows = torch.randint(0, len(train), (16,), generator=generator)
-        terms = vae_loss(vae(train[rows], generator=generator), train[rows], features[rows], None, cfg,
-                         perceptual=None)
+        terms = vae_loss(vae(train[rows], generator=generator), train[rows], features[rows], None, cfg, perceptual=None)
         optimizer.zero_grad()
         terms["total"].backward()
         optimizer.step()

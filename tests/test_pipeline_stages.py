@@ -30,6 +30,12 @@ def test_marker_makes_a_stage_valid_only_for_its_key(tmp_path):
 def test_loss_ends_average_quarters_and_the_report_shows_them():
     assert loss_ends([4.0, 3.0, 2.0, 1.0, 1.0, 0.0, 0.0, 0.0]) == (3.5, 0.0)
     assert loss_ends([2.0]) == (2.0, 2.0)
-    text = format_report(NAMDReport([StageReport("vae", "trained", "/x", 12.0, 3.5, 0.25,
-                                                 {"val/reconstruction_l1": 0.125})], "/f", "MLflow: here", "r1"))
+    text = format_report(
+        NAMDReport(
+            [StageReport("vae", "trained", "/x", 12.0, 3.5, 0.25, {"val/reconstruction_l1": 0.125})],
+            "/f",
+            "MLflow: here",
+            "r1",
+        )
+    )
     assert "3.5000 -> 0.2500" in text and "reconstruction_l1 0.1250" in text and "MLflow: here" in text

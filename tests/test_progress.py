@@ -9,17 +9,36 @@ import re
 
 import pytest
 
-from cohortcast.console import (CohortcastFormatter, configure_logging, ensure_info_reaches_stderr, format_duration,
-                                format_rate)
+from cohortcast.console import (
+    CohortcastFormatter,
+    configure_logging,
+    ensure_info_reaches_stderr,
+    format_duration,
+    format_rate,
+)
 from cohortcast.training.progress import StageProgress, eta_seconds, stage_label
 
-LINE = re.compile(r"^stage (?P<name>\S+) step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\S+) "
-                  r"(?P<rate>[\d.]+) samples/s ETA (?P<eta>\S+)$")
+LINE = re.compile(
+    r"^stage (?P<name>\S+) step (?P<step>\d+)/(?P<total>\d+) loss (?P<loss>\S+) "
+    r"(?P<rate>[\d.]+) samples/s ETA (?P<eta>\S+)$"
+)
 
 
-@pytest.mark.parametrize("seconds, text", [(0, "0s"), (44.6, "45s"), (59.4, "59s"), (60, "1m00s"), (190, "3m10s"),
-                                           (3599, "59m59s"), (3600, "1h00m"), (7530, "2h05m"), (100 * 3600, "100h00m"),
-                                           (-3, "0s")])
+@pytest.mark.parametrize(
+    "seconds, text",
+    [
+        (0, "0s"),
+        (44.6, "45s"),
+        (59.4, "59s"),
+        (60, "1m00s"),
+        (190, "3m10s"),
+        (3599, "59m59s"),
+        (3600, "1h00m"),
+        (7530, "2h05m"),
+        (100 * 3600, "100h00m"),
+        (-3, "0s"),
+    ],
+)
 def test_durations(seconds, text):
     assert format_duration(seconds) == text
 
@@ -47,8 +66,6 @@ def test_stage_line_has_step_total_loss_rate_and_eta():
     assert stage_label("vae-resume") == "vae-resume"  # only a 16-hex stage key is dropped
 
 
-
-
 def _record(name: str, message: str) -> logging.LogRecord:
     return logging.LogRecord(name, logging.INFO, __file__, 1, message, None, None)
 
@@ -56,7 +73,8 @@ def _record(name: str, message: str) -> logging.LogRecord:
 def test_our_log_lines_carry_the_prefix_and_others_do_not():
     fmt = CohortcastFormatter("%(levelname)s %(name)s: %(message)s")
     assert fmt.format(_record("cohortcast.data.ingest", "read 3 studies")) == (
-        "[cohortcast] INFO cohortcast.data.ingest: read 3 studies")
+        "[cohortcast] INFO cohortcast.data.ingest: read 3 studies"
+    )
     assert fmt.format(_record("ray.data", "Execution plan")) == "INFO ray.data: Execution plan"
     assert not fmt.format(_record("cohortcastle", "x")).startswith("[cohortcast]")
 

@@ -14,8 +14,14 @@ from pydicom.data import get_testdata_file
 
 from cohortcast.data.dicom_reader import read_dicom_file, read_dicom_series
 from cohortcast.data.errors import (
-    CorruptFileError, EmptySeriesError, MissingPathError, MissingPixelDataError, MixedSeriesError,
-    ModalityMismatchError, NotDicomError, SliceGeometryError,
+    CorruptFileError,
+    EmptySeriesError,
+    MissingPathError,
+    MissingPixelDataError,
+    MixedSeriesError,
+    ModalityMismatchError,
+    NotDicomError,
+    SliceGeometryError,
 )
 from cohortcast.data.nifti_reader import read_nifti
 from cohortcast.data.readers import read_study
@@ -80,11 +86,14 @@ def test_series_is_ordered_by_position_not_file_or_instance_number(tmp_path):
     np.testing.assert_allclose(vol.affine[:3, 2], 2.5 * normal, atol=1e-6)
 
 
-@pytest.mark.parametrize("kwargs, error, fragment", [
-    (dict(drop=(2,)), SliceGeometryError, "missing slice"),
-    (dict(duplicate=3), SliceGeometryError, "duplicated slice position"),
-    (dict(jitter=1.1), SliceGeometryError, "non-uniform slice spacing"),
-])
+@pytest.mark.parametrize(
+    "kwargs, error, fragment",
+    [
+        (dict(drop=(2,)), SliceGeometryError, "missing slice"),
+        (dict(duplicate=3), SliceGeometryError, "duplicated slice position"),
+        (dict(jitter=1.1), SliceGeometryError, "non-uniform slice spacing"),
+    ],
+)
 def test_series_geometry_errors(tmp_path, kwargs, error, fragment):
     _series_from_ct_small(tmp_path / "s", **kwargs)
     with pytest.raises(error, match=fragment):
@@ -185,8 +194,16 @@ def test_nifti_write_read_round_trip(tmp_path):
 
 def test_dicom_series_write_read_round_trip(tmp_path):
     vol = _oblique_volume()
-    ident = DicomIdentity("Doe^Jane", "MRN1", __import__("datetime").date(1950, 1, 2), "F", "ACC1", "Inst",
-                          __import__("datetime").date(2003, 4, 5), "seed")
+    ident = DicomIdentity(
+        "Doe^Jane",
+        "MRN1",
+        __import__("datetime").date(1950, 1, 2),
+        "F",
+        "ACC1",
+        "Inst",
+        __import__("datetime").date(2003, 4, 5),
+        "seed",
+    )
     write_ct_series(vol, tmp_path / "series", ident)
     back = read_dicom_series(tmp_path / "series")
     np.testing.assert_array_equal(back.array, vol.array)

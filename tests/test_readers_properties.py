@@ -15,7 +15,6 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from hypothesis import HealthCheck, given, settings
@@ -28,8 +27,12 @@ from cohortcast.io.dicom import DicomIdentity, write_ct_series
 from cohortcast.io.nifti import write_nifti
 from cohortcast.io.volume import Volume
 
-PROPERTY = settings(max_examples=60, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+PROPERTY = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 # A mutated header may declare any size: keep what an example may allocate small.
 LIMITS = ReadLimits(max_voxels=4_000_000, max_uncompressed_bytes=64 * 2**20)
 
@@ -39,7 +42,7 @@ def _volume(slices: int = 3) -> Volume:
     return Volume(hu, np.diag([1.5, 1.5, 3.0, 1.0]))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_series() -> tuple[bytes, ...]:
     """The files of a real 3-slice CT series (a few hundred bytes of header each)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -48,7 +51,7 @@ def base_series() -> tuple[bytes, ...]:
         return tuple(p.read_bytes() for p in sorted((Path(tmp) / "s").iterdir()))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def base_nifti() -> bytes:
     with tempfile.TemporaryDirectory() as tmp:
         write_nifti(_volume(), Path(tmp) / "v.nii")
@@ -138,22 +141,83 @@ def test_unmutated_bases_read():
 # --- manifest validation -------------------------------------------------------------
 
 BASE_MANIFEST = {
-    "patients": [{"patient_id": "P1", "age": 61.0, "gender": "Male", "diagemph": "No", "famfather": "No",
-                  "fammother": "Yes", "fambrother": "No", "famsister": "No", "famchild": "No"}],
-    "studies": [{"study_id": "S1", "patient_id": "P1", "study_date": "2004-01-02", "modality": "CT",
-                 "path": "s1", "mask_path": None, "report_text": "No change."}],
-    "findings": [{"study_id": "S1", "nodule_id": "N1", "center_x_mm": 1.0, "center_y_mm": 2.0, "center_z_mm": 3.0,
-                  "SCT_LONG_DIA": 8.0, "SCT_PERP_DIA": 6.0, "SCT_PRE_ATT": "Soft Tissue", "SCT_MARGINS": "Smooth",
-                  "SCT_EPI_LOC": "Lingula"}],
+    "patients": [
+        {
+            "patient_id": "P1",
+            "age": 61.0,
+            "gender": "Male",
+            "diagemph": "No",
+            "famfather": "No",
+            "fammother": "Yes",
+            "fambrother": "No",
+            "famsister": "No",
+            "famchild": "No",
+        }
+    ],
+    "studies": [
+        {
+            "study_id": "S1",
+            "patient_id": "P1",
+            "study_date": "2004-01-02",
+            "modality": "CT",
+            "path": "s1",
+            "mask_path": None,
+            "report_text": "No change.",
+        }
+    ],
+    "findings": [
+        {
+            "study_id": "S1",
+            "nodule_id": "N1",
+            "center_x_mm": 1.0,
+            "center_y_mm": 2.0,
+            "center_z_mm": 3.0,
+            "SCT_LONG_DIA": 8.0,
+            "SCT_PERP_DIA": 6.0,
+            "SCT_PRE_ATT": "Soft Tissue",
+            "SCT_MARGINS": "Smooth",
+            "SCT_EPI_LOC": "Lingula",
+        }
+    ],
     "labels": [{"patient_id": "P1", "nodule_id": "N1", "malignant": 1}],
 }
 FIELDS = [(table, column) for table, columns in SCHEMA.items() for column in columns]
 VALUES = st.one_of(
-    st.none(), st.booleans(), st.integers(), st.integers(-10**30, 10**30).map(lambda v: v * 10**300),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=30), st.binary(max_size=12),
-    st.dates(), st.datetimes(), st.just(pd.NaT), st.just(pd.NA), st.just(np.float32("nan")),
-    st.sampled_from(["", " ", "nan", "inf", "-inf", "1e400", "Yes", "true", "2004-13-45", "P1", "S1", "N1", "0", "1",
-                     "-0.0", "10000-01-01", "CT", "MR"]))
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(-(10**30), 10**30).map(lambda v: v * 10**300),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30),
+    st.binary(max_size=12),
+    st.dates(),
+    st.datetimes(),
+    st.just(pd.NaT),
+    st.just(pd.NA),
+    st.just(np.float32("nan")),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "nan",
+            "inf",
+            "-inf",
+            "1e400",
+            "Yes",
+            "true",
+            "2004-13-45",
+            "P1",
+            "S1",
+            "N1",
+            "0",
+            "1",
+            "-0.0",
+            "10000-01-01",
+            "CT",
+            "MR",
+        ]
+    ),
+)
 
 
 def test_base_manifest_is_valid():
@@ -161,8 +225,11 @@ def test_base_manifest_is_valid():
 
 
 @PROPERTY
-@given(edits=st.lists(st.tuples(st.sampled_from(FIELDS), VALUES), max_size=6),
-       drops=st.lists(st.sampled_from(FIELDS), max_size=2), duplicate=st.sampled_from([None, *SCHEMA]))
+@given(
+    edits=st.lists(st.tuples(st.sampled_from(FIELDS), VALUES), max_size=6),
+    drops=st.lists(st.sampled_from(FIELDS), max_size=2),
+    duplicate=st.sampled_from([None, *SCHEMA]),
+)
 def test_manifest_validation_never_crashes(edits, drops, duplicate):
     frames = {name: pd.DataFrame(rows) for name, rows in BASE_MANIFEST.items()}
     if duplicate:

@@ -22,16 +22,24 @@ def model(tmp_path_factory):
     root = tmp_path_factory.mktemp("serve-model")
     llm = write_tiny_gemma3(root / "llm", ["solid nodule right upper lobe long axis mm"])
     torch.manual_seed(0)
-    return Forecaster(forecaster_config(conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2,
-                                                                      max_length=64),
-                                        scheduler=SchedulerConfig(micro_batch=4))).eval()
+    return Forecaster(
+        forecaster_config(
+            conditioner=ConditionerConfig(llm_path=str(llm), num_soft_prompts=2, max_length=64),
+            scheduler=SchedulerConfig(micro_batch=4),
+        )
+    ).eval()
 
 
 def request(seed=0, value=0.1, **kw):
     crop = np.full((32, 32), value, np.float32)
     crop[12:20, 12:20] = 0.8
-    return ForecastRequest(crop_npy_b64=encode_npy(crop), horizon_days=365, seed=seed,
-                           ehr={"age": 61, "SCT_LONG_DIA": 8.0, "gender": "Female"}, **kw)
+    return ForecastRequest(
+        crop_npy_b64=encode_npy(crop),
+        horizon_days=365,
+        seed=seed,
+        ehr={"age": 61, "SCT_LONG_DIA": 8.0, "gender": "Female"},
+        **kw,
+    )
 
 
 def test_answers_do_not_depend_on_the_batch(model):
@@ -55,17 +63,20 @@ def test_prepared_request_carries_the_validated_record():
     assert prepare(request(), (32, 32), CFG, True).case_id == with_ehr.case_id != without.case_id
 
 
-@pytest.mark.parametrize("change, field", [
-    ({"crop_npy_b64": encode_npy(np.zeros((16, 16)))}, "crop_npy_b64"),
-    ({"crop_npy_b64": "not base64!"}, "crop_npy_b64"),
-    ({"crop_npy_b64": encode_npy(np.full((32, 32), 5.0))}, "crop_npy_b64"),
-    ({"num_samples": 9}, "num_samples"),
-    ({"steps": 0}, "steps"),
-    ({"horizon_days": 99999}, "horizon_days"),
-    ({"ehr": {"age": 300}}, "ehr.age"),
-    ({"ehr": {"gender": "X"}}, "ehr.gender"),
-    ({"ehr": {"shoe_size": 42}}, "ehr.shoe_size"),
-])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"crop_npy_b64": encode_npy(np.zeros((16, 16)))}, "crop_npy_b64"),
+        ({"crop_npy_b64": "not base64!"}, "crop_npy_b64"),
+        ({"crop_npy_b64": encode_npy(np.full((32, 32), 5.0))}, "crop_npy_b64"),
+        ({"num_samples": 9}, "num_samples"),
+        ({"steps": 0}, "steps"),
+        ({"horizon_days": 99999}, "horizon_days"),
+        ({"ehr": {"age": 300}}, "ehr.age"),
+        ({"ehr": {"gender": "X"}}, "ehr.gender"),
+        ({"ehr": {"shoe_size": 42}}, "ehr.shoe_size"),
+    ],
+)
 def test_bad_requests_name_the_field(change, field):
     body = request().model_dump() | change
     with pytest.raises(RequestError) as info:
@@ -104,8 +115,12 @@ def test_app_dashboard_plots_the_metrics_the_service_emits():
 
     emitted = {metric.info["name"] for metric in vars(ServiceMetrics()).values()}  # the metrics it creates
     dashboard = json.load(open("dashboards/cohortcast_serving.json"))
-    plotted = {m for p in dashboard["panels"] for t in p["targets"]
-               for m in re.findall(r"ray_(cohortcast_\w+?)(?:_total|_bucket)?\b", t["expr"])}
+    plotted = {
+        m
+        for p in dashboard["panels"]
+        for t in p["targets"]
+        for m in re.findall(r"ray_(cohortcast_\w+?)(?:_total|_bucket)?\b", t["expr"])
+    }
     assert emitted and plotted == emitted
     for name in ("serve_grafana_dashboard", "default_grafana_dashboard"):
         assert json.load(open(f"dashboards/ray/{name}.json"))["panels"]

@@ -17,9 +17,10 @@ from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
 
+from serving_fakes import CFG, SIDE, FakeDeployment, FakeJobs
+
 from cohortcast.config import IngestConfig
 from cohortcast.serving.local import local_app
-from serving_fakes import CFG, SIDE, FakeDeployment, FakeJobs
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -30,15 +31,18 @@ atexit.register(shutil.rmtree, ROOT, True)
 
 
 def _app():
-    app = local_app(FakeDeployment(), replace(CFG, cohort_roots=[str(ROOT)], cohort_output=str(ROOT / "out"),
-                                              max_upload_mb=1.0, max_uncompressed_mb=4.0),
-                    ingest=IngestConfig(crop_size=SIDE, crop_spacing_mm=1.5))
+    app = local_app(
+        FakeDeployment(),
+        replace(
+            CFG, cohort_roots=[str(ROOT)], cohort_output=str(ROOT / "out"), max_upload_mb=1.0, max_uncompressed_mb=4.0
+        ),
+        ingest=IngestConfig(crop_size=SIDE, crop_spacing_mm=1.5),
+    )
     app.state.api._jobs = FakeJobs()
     return app
 
 
-schema = schemathesis.openapi.from_asgi(
-    "/openapi.json", _app(), config=schemathesis.Config.from_dict({"seed": 13}))
+schema = schemathesis.openapi.from_asgi("/openapi.json", _app(), config=schemathesis.Config.from_dict({"seed": 13}))
 
 
 def test_every_refusal_is_documented_with_its_body():

@@ -20,19 +20,21 @@ try:  # starlette's TestClient uses httpx2 where installed, else httpx
 except ImportError:
     import httpx
 
+from serving_fakes import CFG, SIDE, FakeDeployment, FakeJobs, crop_body, fake_model, replica_context  # noqa: F401
+
 from cohortcast.config import IngestConfig
 from cohortcast.serving.local import local_app
 from cohortcast.serving.requests import RequestError
 from cohortcast.serving.studies import StudyForecastRequest, StudyLimits, Upload, study_crop
-from serving_fakes import CFG, SIDE, FakeDeployment, FakeJobs, crop_body, fake_model, replica_context  # noqa: F401
 
 INGEST = IngestConfig(crop_size=SIDE, crop_spacing_mm=1.5)
 SETTINGS = StudyForecastRequest(center_voxel=[1, 1, 1], horizon_days=30)
 
 
 def client(deployment=None, cfg=CFG, **kw) -> TestClient:
-    return TestClient(local_app(deployment or FakeDeployment(), cfg, ingest=INGEST, **kw),
-                      raise_server_exceptions=False)
+    return TestClient(
+        local_app(deployment or FakeDeployment(), cfg, ingest=INGEST, **kw), raise_server_exceptions=False
+    )
 
 
 def npy_b64(array: np.ndarray) -> str:
@@ -53,16 +55,20 @@ def test_non_finite_horizon_is_422_not_500(horizon):
     assert answer.json()["field"] == "horizon_days" and set(answer.json()) == {"error", "field"}  # no input echo
 
 
-@pytest.mark.parametrize("array", [
-    np.zeros((SIDE, SIDE), np.complex64),  # was accepted (200)
-    np.zeros((SIDE, SIDE), np.int16),
-    np.zeros((SIDE, SIDE), bool),
-    np.full((SIDE, SIDE), np.nan, np.float32),
-    np.full((SIDE, SIDE), np.inf, np.float64),
-    np.zeros((SIDE, SIDE, 1), np.float32),
-    np.zeros(SIDE * SIDE, np.float32),
-    np.zeros((SIDE, SIDE), [("a", "f4"), ("b", "f4")]),
-], ids=["complex", "int", "bool", "nan", "inf", "3d", "1d", "structured"])
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.zeros((SIDE, SIDE), np.complex64),  # was accepted (200)
+        np.zeros((SIDE, SIDE), np.int16),
+        np.zeros((SIDE, SIDE), bool),
+        np.full((SIDE, SIDE), np.nan, np.float32),
+        np.full((SIDE, SIDE), np.inf, np.float64),
+        np.zeros((SIDE, SIDE, 1), np.float32),
+        np.zeros(SIDE * SIDE, np.float32),
+        np.zeros((SIDE, SIDE), [("a", "f4"), ("b", "f4")]),
+    ],
+    ids=["complex", "int", "bool", "nan", "inf", "3d", "1d", "structured"],
+)
 def test_bad_crop_arrays_are_400_naming_the_field(array):
     answer = client().post("/v1/forecast", json=crop_body(crop_npy_b64=npy_b64(array)))
     assert answer.status_code == 400 and answer.json()["field"] == "crop_npy_b64", answer.text
@@ -70,8 +76,7 @@ def test_bad_crop_arrays_are_400_naming_the_field(array):
 
 def test_npy_header_claiming_a_huge_array_is_refused_before_allocating():
     header = io.BytesIO()  # magic + header claiming 8 TB of float64, then 64 bytes of data
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False,
-                                                  "shape": (10**6, 10**6)})
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f8", "fortran_order": False, "shape": (10**6, 10**6)})
     text = base64.b64encode(header.getvalue() + b"\0" * 64).decode()
     started = time.perf_counter()
     answer = client().post("/v1/forecast", json=crop_body(crop_npy_b64=text))
@@ -79,13 +84,16 @@ def test_npy_header_claiming_a_huge_array_is_refused_before_allocating():
     assert time.perf_counter() - started < 5
 
 
-@pytest.mark.parametrize("ehr, field", [
-    ({"age": 10**400}, "ehr.age"),  # a JSON integer too large for a float: was an OverflowError
-    ({"SCT_LONG_DIA": float("nan")}, "ehr.SCT_LONG_DIA"),
-    ({"age": True}, "ehr.age"),
-    ({"gender": ["Male"]}, "ehr.gender"),
-    ({"x" * 500: 1}, "ehr"),
-])
+@pytest.mark.parametrize(
+    "ehr, field",
+    [
+        ({"age": 10**400}, "ehr.age"),  # a JSON integer too large for a float: was an OverflowError
+        ({"SCT_LONG_DIA": float("nan")}, "ehr.SCT_LONG_DIA"),
+        ({"age": True}, "ehr.age"),
+        ({"gender": ["Male"]}, "ehr.gender"),
+        ({"x" * 500: 1}, "ehr"),
+    ],
+)
 def test_bad_ehr_values_are_400(ehr, field):
     import json
 
@@ -95,8 +103,15 @@ def test_bad_ehr_values_are_400(ehr, field):
     assert len(answer.text) < 2000  # a huge value is not echoed back whole
 
 
-@pytest.mark.parametrize("change, field", [({"seed": 2**64}, "seed"), ({"seed": -1}, "seed"),
-                                           ({"num_samples": 10**30}, "num_samples"), ({"steps": 0}, "steps")])
+@pytest.mark.parametrize(
+    "change, field",
+    [
+        ({"seed": 2**64}, "seed"),
+        ({"seed": -1}, "seed"),
+        ({"num_samples": 10**30}, "num_samples"),
+        ({"steps": 0}, "steps"),
+    ],
+)
 def test_counts_out_of_range_are_4xx(change, field):
     answer = client().post("/v1/forecast", json=crop_body(**change))
     assert answer.status_code in (400, 422) and answer.json()["field"] == field, answer.text
@@ -113,18 +128,23 @@ def test_unexpected_model_errors_are_a_bare_500_and_a_dead_model_a_503():
 
 
 def test_crop_size_mismatch_is_503_not_500():
-    answer = client(FakeDeployment(side=16)).post("/v1/forecast/study", data={"request": SETTINGS.model_dump_json()},
-                                                  files=[("study", ("a.dcm", b"x"))])
+    answer = client(FakeDeployment(side=16)).post(
+        "/v1/forecast/study", data={"request": SETTINGS.model_dump_json()}, files=[("study", ("a.dcm", b"x"))]
+    )
     assert answer.status_code == 503 and "misconfigured" in answer.json()["error"]
 
 
 def test_study_request_with_non_finite_centre_is_422():
-    answer = client().post("/v1/forecast/study", data={"request": '{"horizon_days": 3, "center_voxel": [1, NaN, 2]}'},
-                           files=[("study", ("a.dcm", b"x"))])
+    answer = client().post(
+        "/v1/forecast/study",
+        data={"request": '{"horizon_days": 3, "center_voxel": [1, NaN, 2]}'},
+        files=[("study", ("a.dcm", b"x"))],
+    )
     assert answer.status_code == 422 and answer.json()["field"].startswith("request")
 
 
 # --- decompression bombs --------------------------------------------------------------------
+
 
 def zipped(members: dict[str, bytes]) -> bytes:
     buffer = io.BytesIO()
@@ -173,8 +193,11 @@ def test_too_many_files_is_413():
 
 def test_zip_bomb_over_http_is_413_naming_the_limit():
     cfg = replace(CFG, max_uncompressed_mb=1.0)
-    answer = client(cfg=cfg).post("/v1/forecast/study", data={"request": SETTINGS.model_dump_json()},
-                                  files=[("study", ("s.zip", zipped({"a.dcm": bytes(8 * 2**20)})))])
+    answer = client(cfg=cfg).post(
+        "/v1/forecast/study",
+        data={"request": SETTINGS.model_dump_json()},
+        files=[("study", ("s.zip", zipped({"a.dcm": bytes(8 * 2**20)})))],
+    )
     assert answer.status_code == 413 and "serve.max_uncompressed_mb" in answer.json()["error"]
 
 
@@ -190,8 +213,11 @@ def test_reader_gets_the_service_limits_and_too_large_is_413(monkeypatch):
 
     monkeypatch.setattr(readers, "read_study", too_large)
     cfg = replace(CFG, max_voxels=1000, max_uncompressed_mb=3.0)
-    answer = client(cfg=cfg).post("/v1/forecast/study", data={"request": SETTINGS.model_dump_json()},
-                                  files=[("study", ("x.nii.gz", b"\x1f\x8bbomb"))])
+    answer = client(cfg=cfg).post(
+        "/v1/forecast/study",
+        data={"request": SETTINGS.model_dump_json()},
+        files=[("study", ("x.nii.gz", b"\x1f\x8bbomb"))],
+    )
     assert answer.status_code == 413 and "serve.max_voxels" in answer.json()["error"]
     assert "cohortcast-upload" not in answer.text and "/tmp" not in answer.text
     assert seen["limits"].max_voxels == 1000 and seen["limits"].max_uncompressed_bytes == 3 * 2**20
@@ -205,14 +231,18 @@ def test_nifti_with_too_many_voxels_is_413(tiny_cohort):
     with open(task["path"], "rb") as handle:
         data = handle.read()
     cfg = replace(CFG, max_voxels=100)
-    answer = client(cfg=cfg).post("/v1/forecast/study", data={"request": SETTINGS.model_dump_json()},
-                                  files=[("study", (os.path.basename(task["path"]), data))])
+    answer = client(cfg=cfg).post(
+        "/v1/forecast/study",
+        data={"request": SETTINGS.model_dump_json()},
+        files=[("study", (os.path.basename(task["path"]), data))],
+    )
     if answer.status_code != 413:
         pytest.skip("the data readers do not enforce ReadLimits.max_voxels in this tree yet")
     assert "serve.max_voxels" in answer.json()["error"]
 
 
 # --- cohort jobs -----------------------------------------------------------------------------
+
 
 @pytest.fixture
 def cohorts(tmp_path):
@@ -235,8 +265,14 @@ def test_cohort_submission_is_disabled_without_roots():
 
 def test_cohorts_are_confined_to_the_roots(cohorts):
     api, jobs, root, outside = cohorts
-    for ingested in (str(outside / "cohort"), str(root / ".." / "private" / "cohort"), "../private/cohort",
-                     str(root / "escape"), "escape", "/"):
+    for ingested in (
+        str(outside / "cohort"),
+        str(root / ".." / "private" / "cohort"),
+        "../private/cohort",
+        str(root / "escape"),
+        "escape",
+        "/",
+    ):
         answer = api.post("/v1/cohorts", json={"ingested": ingested})
         assert answer.status_code == 403, (ingested, answer.text)
         assert str(outside) not in answer.text.replace(ingested, "")  # only what the client sent comes back
@@ -252,8 +288,11 @@ def test_cohort_job_submitted_and_reported_without_server_paths(cohorts):
     job_id = answer.json()["job_id"]
     assert str(root) not in answer.text and answer.json()["output"] == job_id
     assert str((root / "cohort").resolve()) in jobs.submitted[0][1]  # the job gets the resolved folder
-    jobs.status, jobs.message = "FAILED", "Job entrypoint command failed with exit code 1, last available logs " \
-                                          "(truncated to 20,000 chars):\nTraceback ... /srv/data/patient.dcm"
+    jobs.status, jobs.message = (
+        "FAILED",
+        "Job entrypoint command failed with exit code 1, last available logs "
+        "(truncated to 20,000 chars):\nTraceback ... /srv/data/patient.dcm",
+    )
     status = api.get(f"/v1/cohorts/{job_id}").json()
     assert status["status"] == "FAILED" and status["message"] == "Job entrypoint command failed with exit code 1"
     assert "/srv" not in str(status) and str(root) not in str(status)
@@ -276,12 +315,15 @@ def test_missing_job_server_is_503(cohorts, tmp_path):
     # A real client against a port where nothing listens (a Ray without its dashboard).
     cfg = replace(CFG, cohort_roots=[str(tmp_path)], jobs_address=f"http://127.0.0.1:{free_port()}")
     real = client(cfg=cfg)
-    for answer in (real.get("/v1/cohorts/cohort-0123456789ab"),
-                   real.post("/v1/cohorts", json={"ingested": "allowed/cohort"})):
+    for answer in (
+        real.get("/v1/cohorts/cohort-0123456789ab"),
+        real.post("/v1/cohorts", json={"ingested": "allowed/cohort"}),
+    ):
         assert answer.status_code == 503 and "job server" in answer.json()["error"], answer.text
 
 
 # --- the event loop ---------------------------------------------------------------------------
+
 
 def test_healthz_answers_while_a_slow_forecast_runs(replica_context):
     import threading

@@ -10,9 +10,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from serving_fakes import CFG
+
 from cohortcast.data.manifest import EHR_FEATURES
 from cohortcast.serving.requests import ForecastRequest, PreparedRequest, RequestError, check_ehr, decode_npy, prepare
-from serving_fakes import CFG
 
 SHAPE = (8, 8)
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -20,7 +21,8 @@ FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCh
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-    max_leaves=8)
+    max_leaves=8,
+)
 
 
 def npy_bytes(array: np.ndarray) -> bytes:
@@ -31,7 +33,8 @@ def npy_bytes(array: np.ndarray) -> bytes:
 
 arrays = hnp.arrays(
     dtype=st.one_of(hnp.floating_dtypes(), hnp.complex_number_dtypes(), hnp.integer_dtypes(), hnp.boolean_dtypes()),
-    shape=st.one_of(st.just(SHAPE), hnp.array_shapes(max_dims=3, max_side=9)))
+    shape=st.one_of(st.just(SHAPE), hnp.array_shapes(max_dims=3, max_side=9)),
+)
 
 
 def accepted(array: np.ndarray) -> None:
@@ -81,21 +84,32 @@ def test_any_ehr_record_is_accepted_or_a_request_error(record):
         return
     for name, value in checked.items():  # what passed is a known feature with a usable value
         assert name in EHR_FEATURES
-        assert value is None or isinstance(value, str) or (
-            isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(float(value)))
+        assert (
+            value is None
+            or isinstance(value, str)
+            or (isinstance(value, (int, float)) and not isinstance(value, bool) and np.isfinite(float(value)))
+        )
 
 
 @FAST
-@given(crop=st.one_of(hnp.arrays(np.float32, SHAPE, elements=st.floats(-1.5, 1.5, width=32)), arrays),
-       horizon=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers()),
-       samples=st.one_of(st.none(), st.integers()), steps=st.one_of(st.none(), st.integers()),
-       seed=st.integers(0, 2**63 - 1),
-       ehr=st.dictionaries(st.sampled_from(EHR_FEATURES), json_values, max_size=3),
-       uses_ehr=st.booleans())
+@given(
+    crop=st.one_of(hnp.arrays(np.float32, SHAPE, elements=st.floats(-1.5, 1.5, width=32)), arrays),
+    horizon=st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers()),
+    samples=st.one_of(st.none(), st.integers()),
+    steps=st.one_of(st.none(), st.integers()),
+    seed=st.integers(0, 2**63 - 1),
+    ehr=st.dictionaries(st.sampled_from(EHR_FEATURES), json_values, max_size=3),
+    uses_ehr=st.booleans(),
+)
 def test_prepare_accepts_only_valid_requests(crop, horizon, samples, steps, seed, ehr, uses_ehr):
-    request = ForecastRequest.model_construct(crop_npy_b64=base64.b64encode(npy_bytes(crop)).decode(),
-                                              horizon_days=horizon, num_samples=samples, steps=steps, seed=seed,
-                                              ehr=ehr)
+    request = ForecastRequest.model_construct(
+        crop_npy_b64=base64.b64encode(npy_bytes(crop)).decode(),
+        horizon_days=horizon,
+        num_samples=samples,
+        steps=steps,
+        seed=seed,
+        ehr=ehr,
+    )
     try:
         item = prepare(request, SHAPE, CFG, uses_ehr)
     except RequestError:

@@ -73,8 +73,9 @@ def test_centre_given_as_voxel_indices(tiny_cohort):
     ijk = read_study(task["path"]).world_to_voxel(np.asarray([by_mm.center_lps_mm]))[0]
     by_voxel = StudyForecastRequest(center_voxel=ijk.tolist(), horizon_days=365)
     uploads = uploads_of(Path(task["path"]), False)
-    np.testing.assert_allclose(study_crop(uploads, by_voxel, INGEST, LIMIT).crop,
-                               study_crop(uploads, by_mm, INGEST, LIMIT).crop, atol=1e-5)
+    np.testing.assert_allclose(
+        study_crop(uploads, by_voxel, INGEST, LIMIT).crop, study_crop(uploads, by_mm, INGEST, LIMIT).crop, atol=1e-5
+    )
     with pytest.raises(ValueError, match="exactly one"):
         StudyForecastRequest(horizon_days=365)
 

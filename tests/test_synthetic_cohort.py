@@ -10,11 +10,12 @@ import pydicom
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from conftest import tiny_synth_config
+
 from cohortcast.data.manifest import load_manifest
 from cohortcast.data.readers import read_study
 from cohortcast.data.synthetic import generate_cohort
 from cohortcast.data.synthetic.clinical import make_patient
-from conftest import tiny_synth_config
 
 
 def _tables(folder):
@@ -37,8 +38,15 @@ def test_same_seed_same_cohort_any_worker_count(tiny_cohort, tmp_path):
 def test_files_are_real_dicom_and_nifti_with_findings_visible(tmp_path):
     # Finer grid and little noise than the tiny cohort, so even a 6 mm ground-glass
     # nodule covers its centre voxel without partial-volume blur.
-    cfg = tiny_synth_config(patients=3, image_size=128, num_slices=24, pixel_spacing_mm=2.5, slice_thickness_mm=3.0,
-                            noise_hu=5.0, nifti_fraction=0.5)
+    cfg = tiny_synth_config(
+        patients=3,
+        image_size=128,
+        num_slices=24,
+        pixel_spacing_mm=2.5,
+        slice_thickness_mm=3.0,
+        noise_hu=5.0,
+        nifti_fraction=0.5,
+    )
     generate_cohort(cfg, tmp_path / "fine", progress=False)
     m = load_manifest(tmp_path / "fine")
     kinds, checked = set(), 0
@@ -93,8 +101,10 @@ def test_follow_up_separates_classes_better_than_baseline():
     auc_base, auc_follow = roc_auc_score(y, base), roc_auc_score(y, follow)
     assert 0.5 < auc_base < 0.75  # baseline size is only weakly informative
     assert auc_follow > auc_base + 0.1
+
     def spiculated(k):
         return np.mean([p.nodules[0].states[k].margins == "Spiculated" for p in patients if p.nodules[0].malignant])
+
     assert spiculated(1) > spiculated(0)
 
 

@@ -36,7 +36,8 @@ def _check(uri, parent_id, child_id):
     # More than one MLflow request holds (100 params, 1000 metrics): every one arrives.
     assert len(parent.data.params) == len(flatten(CohortcastConfig())) > 100
     assert {k: v for k, v in parent.data.metrics.items() if k.startswith("table/")} == {
-        f"table/{i}": float(i) for i in range(MANY_METRICS)}
+        f"table/{i}": float(i) for i in range(MANY_METRICS)
+    }
     assert [a.path for a in client.list_artifacts(parent_id)] == ["config.yaml"]
     child = client.get_run(child_id)
     assert child.data.tags[PARENT_TAG] == parent_id and child.data.tags[STATUS_TAG] == "trained"

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+
 from conftest import forecaster_config
 
 from cohortcast.config.models import ConditionerConfig, SchedulerConfig
@@ -21,10 +22,14 @@ def nodule_group(days, malignant=1):
     """Cache rows of one nodule, deliberately out of date order; latent k is filled with days
     (a cache without `latent_d8`: one orientation)."""
     n = len(days)
-    group = {"patient": np.array(["sub-a"] * n, object), "nodule_id": np.array(["n1"] * n, object),
-             "days_since_baseline": np.array(days), "malignant": np.array([malignant] * n),
-             "latent": np.stack([np.full((4, 8, 8), d, np.float32) for d in days]),
-             "crop": np.stack([np.full((32, 32), d / 1000, np.float32) for d in days])}
+    group = {
+        "patient": np.array(["sub-a"] * n, object),
+        "nodule_id": np.array(["n1"] * n, object),
+        "days_since_baseline": np.array(days),
+        "malignant": np.array([malignant] * n),
+        "latent": np.stack([np.full((4, 8, 8), d, np.float32) for d in days]),
+        "crop": np.stack([np.full((32, 32), d / 1000, np.float32) for d in days]),
+    }
     for k in EHR_FEATURES:
         group[k] = np.array([None] * n, object)
     group["SCT_LONG_DIA"] = np.array([float(d) / 100 + 5 for d in days])  # the record differs per exam
@@ -50,8 +55,12 @@ def _batch(rows):
 
 
 def test_sampled_targets_are_follow_ups_with_only_earlier_priors():
-    batch = _batch([make_trajectory(nodule_group([0, 365, 730, 1100]), MAX_EXAMS),
-                    make_trajectory(nodule_group([0, 400]), MAX_EXAMS)])
+    batch = _batch(
+        [
+            make_trajectory(nodule_group([0, 365, 730, 1100]), MAX_EXAMS),
+            make_trajectory(nodule_group([0, 400]), MAX_EXAMS),
+        ]
+    )
     seen = set()
     for epoch in range(30):
         ex = sample_targets(batch, np.random.default_rng([23, epoch, 0]))
@@ -100,8 +109,12 @@ def test_objective_trains_conditioning_parts_not_the_vae(forecaster, task_loss, 
     assert set(terms) == {"diffusion", "task", "total"}
     torch.testing.assert_close(terms["total"], terms["diffusion"] + terms["task"])
     terms["total"].backward()
-    for name in ("denoiser.unet.conv_in.weight", "denoiser.ehr_proj.weight", "temporal.latent_proj.weight",
-                 "conditioner.soft_prompts"):
+    for name in (
+        "denoiser.unet.conv_in.weight",
+        "denoiser.ehr_proj.weight",
+        "temporal.latent_proj.weight",
+        "conditioner.soft_prompts",
+    ):
         grad = dict(forecaster.named_parameters())[name].grad
         assert grad is not None and grad.abs().sum() > 0, name
     assert all(p.grad is None for p in forecaster.vae.parameters())
@@ -129,7 +142,7 @@ class FakeTrajectories:
     def iter_batches(self, batch_size: int, batch_format: str):
         assert batch_format == "numpy" and batch_size >= 1
         for start in range(0, len(self.latents), 2):
-            yield {"latents": self.latents[start:start + 2], "num_exams": self.num_exams[start:start + 2]}
+            yield {"latents": self.latents[start : start + 2], "num_exams": self.num_exams[start : start + 2]}
 
 
 def test_change_scale_is_one_over_the_std_of_consecutive_changes():
@@ -143,7 +156,7 @@ def test_change_scale_is_one_over_the_std_of_consecutive_changes():
     changes = []
     for row, n in zip(latents, num_exams):
         row[n:] = 1e6  # padding: must not count
-        changes.append((row[1:n] - row[:n - 1]).ravel())
+        changes.append((row[1:n] - row[: n - 1]).ravel())
     expected = 1.0 / np.concatenate(changes).std()
     got = change_scale(FakeTrajectories(latents.astype(np.float32), num_exams))
     assert got == pytest.approx(expected, rel=1e-5)
@@ -171,8 +184,9 @@ def test_objective_diffuses_the_scaled_change(forecaster, monkeypatch):
     with torch.no_grad():
         clean = (batch["target"] - batch["baseline"]) * 3.0
         noisy = objective.scheduler.add_noise(clean, noise, torch.zeros(2, dtype=torch.long))
-        out = forecaster.denoiser(noisy, torch.zeros(2, dtype=torch.long), batch["baseline"],
-                                  objective.context(batch, None))
+        out = forecaster.denoiser(
+            noisy, torch.zeros(2, dtype=torch.long), batch["baseline"], objective.context(batch, None)
+        )
     torch.testing.assert_close(terms["diffusion"], torch.nn.functional.mse_loss(out, clean), rtol=1e-4, atol=1e-6)
 
 
@@ -190,8 +204,12 @@ def test_regression_objective_trains_the_denoiser_in_one_pass():
     assert all(torch.isfinite(v) for v in terms.values())
     with torch.no_grad():
         predicted = f.regress(batch["baseline"], objective.context(batch, None))
-    torch.testing.assert_close(terms["diffusion"], torch.nn.functional.mse_loss(
-        predicted, f.to_generated(batch["target"], batch["baseline"])), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(
+        terms["diffusion"],
+        torch.nn.functional.mse_loss(predicted, f.to_generated(batch["target"], batch["baseline"])),
+        rtol=1e-5,
+        atol=1e-6,
+    )
     terms["total"].backward()
     for name in ("denoiser.unet.conv_in.weight", "denoiser.unet.conv_out.weight", "temporal.latent_proj.weight"):
         grad = dict(f.named_parameters())[name].grad

@@ -41,9 +41,13 @@ def test_worker_death_is_retried_from_the_checkpoint(ray_session, tiny_ingested,
     data = ray_session.data.from_items(vae_dataset(tiny_ingested).take(4))
     stage = StageConfig(max_steps=5, micro_batch_size=2, warmup_steps=1, zero_stage=2, checkpoint_every=2)
     model = VAEConfig(loss=VAELossConfig(perceptual=0.0))
-    result = run_stage("vae-dies", dying_vae_loop, {"stage": stage, "model": model, "marker": str(tmp_path / "died")},
-                       {"train": data}, ScalingSettings(num_workers=1, storage_path=str(tmp_path / "runs"),
-                                                        max_failures=1))
+    result = run_stage(
+        "vae-dies",
+        dying_vae_loop,
+        {"stage": stage, "model": model, "marker": str(tmp_path / "died")},
+        {"train": data},
+        ScalingSettings(num_workers=1, storage_path=str(tmp_path / "runs"), max_failures=1),
+    )
     assert (tmp_path / "died").exists()  # the failure really happened
     assert result.error is None
     assert result.metrics["step"] == 5 and result.metrics["resumed_from"] == 2

@@ -22,9 +22,13 @@ def test_unconditional_stage_trains_the_denoiser_from_the_cache(tiny_ingested, t
     cache = build_latent_cache(tiny_ingested, tmp_path / "vae", tmp_path / "cache", actors=1)
     model = ForecasterConfig()
     stage = StageConfig(max_steps=4, micro_batch_size=2, lr=1e-3, warmup_steps=1, zero_stage=1, checkpoint_every=2)
-    result = run_stage("ldm-uncond", ldm_unconditional_worker_loop, {"stage": stage, "model": model},
-                       {"train": latent_dataset(cache["path"])},
-                       ScalingSettings(num_workers=2, storage_path=str(tmp_path / "runs")))
+    result = run_stage(
+        "ldm-uncond",
+        ldm_unconditional_worker_loop,
+        {"stage": stage, "model": model},
+        {"train": latent_dataset(cache["path"])},
+        ScalingSettings(num_workers=2, storage_path=str(tmp_path / "runs")),
+    )
     assert result.error is None and result.metrics["step"] == 4
     loss = result.metrics["loss/total"]
     assert 0 < loss < 10  # v-MSE (the default prediction type) of a fresh model is about 1

@@ -25,8 +25,7 @@ def fixed_batch(ray_session, tiny_ingested):
 
 
 def _stage(**kw):
-    base = dict(max_steps=8, micro_batch_size=2, lr=2e-3, warmup_steps=1, zero_stage=2, log_every=1,
-                checkpoint_every=1)
+    base = dict(max_steps=8, micro_batch_size=2, lr=2e-3, warmup_steps=1, zero_stage=2, log_every=1, checkpoint_every=1)
     base.update(kw)
     return StageConfig(**base)
 
@@ -39,8 +38,9 @@ MODEL = VAEConfig(loss=VAELossConfig(perceptual=0.0, kl=1e-4))
 
 
 def test_zero2_on_two_cpu_workers_loss_falls(fixed_batch, tmp_path):
-    result = run_stage("vae", vae_worker_loop, {"stage": _stage(), "model": MODEL}, {"train": fixed_batch},
-                       _scaling(tmp_path))
+    result = run_stage(
+        "vae", vae_worker_loop, {"stage": _stage(), "model": MODEL}, {"train": fixed_batch}, _scaling(tmp_path)
+    )
     assert result.error is None
     history = sorted((m for _, m in result.best_checkpoints), key=lambda m: m["step"])
     assert [m["step"] for m in history] == list(range(1, 9))
@@ -65,8 +65,9 @@ def test_zero2_on_two_cpu_workers_loss_falls(fixed_batch, tmp_path):
     assert sum(bool(PROGRESS.search(line)) for line in _worker_stderr()) == 8  # rank 1 prints none
     assert all(float(m["rate"]) > 0 and re.fullmatch(r"\d+s|\d+m\d\ds|\d+h\d\dm", m["eta"]) for m in lines.values())
     assert lines[8]["eta"] == "0s"
-    assert [float(lines[k]["loss"]) for k in (1, 8)] == pytest.approx([history[0]["loss/total"],
-                                                                        history[-1]["loss/total"]], rel=1e-3)
+    assert [float(lines[k]["loss"]) for k in (1, 8)] == pytest.approx(
+        [history[0]["loss/total"], history[-1]["loss/total"]], rel=1e-3
+    )
 
 
 PROGRESS = re.compile(r"stage vae step (?P<step>\d+)/8 loss (?P<loss>\S+) (?P<rate>[\d.]+) samples/s ETA (?P<eta>\S+)$")
@@ -81,9 +82,19 @@ def _worker_stderr() -> list[str]:
 
 
 def test_rerun_resumes_from_the_saved_step(fixed_batch, tmp_path):
-    first = run_stage("vae-resume", vae_worker_loop, {"stage": _stage(max_steps=4, checkpoint_every=2),
-                                                       "model": MODEL}, {"train": fixed_batch}, _scaling(tmp_path))
+    first = run_stage(
+        "vae-resume",
+        vae_worker_loop,
+        {"stage": _stage(max_steps=4, checkpoint_every=2), "model": MODEL},
+        {"train": fixed_batch},
+        _scaling(tmp_path),
+    )
     assert first.metrics["step"] == 4 and first.metrics["resumed_from"] == 0
-    second = run_stage("vae-resume", vae_worker_loop, {"stage": _stage(max_steps=6, checkpoint_every=2),
-                                                        "model": MODEL}, {"train": fixed_batch}, _scaling(tmp_path))
+    second = run_stage(
+        "vae-resume",
+        vae_worker_loop,
+        {"stage": _stage(max_steps=6, checkpoint_every=2), "model": MODEL},
+        {"train": fixed_batch},
+        _scaling(tmp_path),
+    )
     assert second.metrics["resumed_from"] == 4 and second.metrics["step"] == 6

@@ -44,8 +44,9 @@ def test_resample_keeps_physical_positions():
     zz, yy, xx = np.meshgrid(np.arange(20), np.arange(40), np.arange(50), indexing="ij")
     world_x = (xx * 0.7 - 50.0).astype(np.float32)  # intensity = world x coordinate
     out = resample_to_shape(Volume(world_x, affine), (10, 20, 25))
-    centres = out.voxel_to_world(np.stack(np.meshgrid(np.arange(25), np.arange(20), np.arange(10),
-                                                      indexing="ij"), -1).reshape(-1, 3))
+    centres = out.voxel_to_world(
+        np.stack(np.meshgrid(np.arange(25), np.arange(20), np.arange(10), indexing="ij"), -1).reshape(-1, 3)
+    )
     got = out.array.transpose(2, 1, 0).reshape(-1)
     np.testing.assert_allclose(got, centres[:, 0], atol=1e-3)
     np.testing.assert_allclose(out.spacing, [1.4, 1.4, 5.0])

@@ -52,8 +52,12 @@ def test_concurrency_follows_the_cluster_and_the_workers_per_trial():
 
 
 def test_best_trial_ignores_unfinished_ones():
-    rows = [{"trial": "a", "status": "finished", "m": 0.5}, {"trial": "b", "status": "stopped early", "m": None},
-            {"trial": "c", "status": "finished", "m": 0.2}, {"trial": "d", "status": "error", "m": None}]
+    rows = [
+        {"trial": "a", "status": "finished", "m": 0.5},
+        {"trial": "b", "status": "stopped early", "m": None},
+        {"trial": "c", "status": "finished", "m": 0.2},
+        {"trial": "d", "status": "error", "m": None},
+    ]
     assert pick_best(rows, "m", "min")["trial"] == "c" and pick_best(rows, "m", "max")["trial"] == "a"
     assert pick_best(rows[1:2], "m", "min") is None
 
@@ -68,18 +72,36 @@ def test_asha_is_built_from_the_config_only_when_enabled():
     scheduler = asha_scheduler(cfg)
     assert isinstance(scheduler, ASHAScheduler)
     assert (scheduler.metric, scheduler._mode, scheduler._max_t, scheduler._time_attr) == (
-        "loss/diffusion", "min", 40, "training_iteration")
+        "loss/diffusion",
+        "min",
+        40,
+        "training_iteration",
+    )
     assert scheduler._brackets[0]._rungs[-1][0] == 3  # the first rung (milestone): grace_period reports
 
 
 STEPS = 2
-SWEEP = [f"training.{s}.max_steps={STEPS}" for s in ("vae", "ldm_uncond", "ldm_cond")] + [
-    f"training.{s}.{k}={v}" for s in ("vae", "ldm_uncond", "ldm_cond")
-    for k, v in (("checkpoint_every", STEPS), ("log_every", 1), ("warmup_steps", 1))] + [
-    "synth.patients=12", "ingest.split.train=0.6", "ingest.split.val=0.2", "ingest.split.test=0.2",
-    "training.scaling.num_workers=1", "training.validation.every_epochs=1", "training.validation.cases=2",
-    "training.validation.samples=1", "training.validation.inference_steps=2", "mlflow.experiment=sweep-test",
-    "tune.grid={training.task_weight: [0.1, 1.0], training.ldm_cond.lr: [0.0001, 0.0005]}"]
+SWEEP = (
+    [f"training.{s}.max_steps={STEPS}" for s in ("vae", "ldm_uncond", "ldm_cond")]
+    + [
+        f"training.{s}.{k}={v}"
+        for s in ("vae", "ldm_uncond", "ldm_cond")
+        for k, v in (("checkpoint_every", STEPS), ("log_every", 1), ("warmup_steps", 1))
+    ]
+    + [
+        "synth.patients=12",
+        "ingest.split.train=0.6",
+        "ingest.split.val=0.2",
+        "ingest.split.test=0.2",
+        "training.scaling.num_workers=1",
+        "training.validation.every_epochs=1",
+        "training.validation.cases=2",
+        "training.validation.samples=1",
+        "training.validation.inference_steps=2",
+        "mlflow.experiment=sweep-test",
+        "tune.grid={training.task_weight: [0.1, 1.0], training.ldm_cond.lr: [0.0001, 0.0005]}",
+    ]
+)
 
 
 @pytest.mark.ray

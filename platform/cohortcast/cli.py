@@ -12,8 +12,14 @@ from cohortcast import __version__
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="YAML config file (defaults apply to anything it leaves out)")
-    p.add_argument("--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
-                   help="override one config value, e.g. --set ingest.crop_size=32 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
+        help="override one config value, e.g. --set ingest.crop_size=32 (repeatable)",
+    )
 
 
 def _load(args: argparse.Namespace, extra: list[str]):
@@ -49,8 +55,10 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from cohortcast.data.manifest import load_manifest
 
     m = load_manifest(args.manifest)
-    print(f"manifest OK: {len(m.patients)} patients, {len(m.studies)} studies, {len(m.findings)} findings, "
-          f"{len(m.labels)} labels (fingerprint {m.fingerprint()[:12]})")
+    print(
+        f"manifest OK: {len(m.patients)} patients, {len(m.studies)} studies, {len(m.findings)} findings, "
+        f"{len(m.labels)} labels (fingerprint {m.fingerprint()[:12]})"
+    )
     return 0
 
 
@@ -70,9 +78,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 def cmd_forecast(args: argparse.Namespace) -> int:
     from cohortcast.inference.cohort_forecast import forecast_cohort
 
-    extra = [f"forecast.{k}={v}" for k, v in (("forecaster", args.forecaster), ("ingested", args.ingested),
-                                               ("output", args.out), ("split", args.split),
-                                               ("num_samples", args.samples), ("seed", args.seed)) if v is not None]
+    extra = [
+        f"forecast.{k}={v}"
+        for k, v in (
+            ("forecaster", args.forecaster),
+            ("ingested", args.ingested),
+            ("output", args.out),
+            ("split", args.split),
+            ("num_samples", args.samples),
+            ("seed", args.seed),
+        )
+        if v is not None
+    ]
     print(json.dumps(forecast_cohort(_load(args, extra)), indent=2))
     return 0
 
@@ -99,8 +116,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from cohortcast.ray_runtime import ensure_ray
     from cohortcast.serving.entry import application, check_before_start
 
-    extra = [f"serve.{k}={v}" for k, v in (("forecaster", args.forecaster), ("evaluator", args.evaluator),
-                                           ("host", args.host), ("port", args.port)) if v is not None]
+    extra = [
+        f"serve.{k}={v}"
+        for k, v in (
+            ("forecaster", args.forecaster),
+            ("evaluator", args.evaluator),
+            ("host", args.host),
+            ("port", args.port),
+        )
+        if v is not None
+    ]
     cfg = _load(args, extra)
     check_before_start(cfg)
     # The dashboard hosts Ray's job server, which the cohort endpoints submit to.
@@ -124,8 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--patients", type=int, help="number of patients (synth.patients)")
     p.add_argument("--seed", type=int, help="random seed; same seed, same cohort (synth.seed)")
-    p.add_argument("--out", metavar="DIR", help="output folder, which becomes the manifest folder "
-                                                "(default: ingest.manifest)")
+    p.add_argument(
+        "--out", metavar="DIR", help="output folder, which becomes the manifest folder (default: ingest.manifest)"
+    )
     p.add_argument("--workers", type=int, default=1, help="worker processes (output does not depend on it)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing cohort folder")
     p.set_defaults(func=cmd_synth)
@@ -141,8 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("manifest", metavar="DIR", help="manifest folder")
     p.set_defaults(func=cmd_validate)
 
-    p = sub.add_parser("forecast", help="forecast every case of a split with a trained Forecaster (Ray Data actor "
-                                        "pool); Parquet + NIfTI + DICOM per case, finished cases skipped")
+    p = sub.add_parser(
+        "forecast",
+        help="forecast every case of a split with a trained Forecaster (Ray Data actor "
+        "pool); Parquet + NIfTI + DICOM per case, finished cases skipped",
+    )
     _add_config_args(p)
     p.add_argument("--forecaster", metavar="DIR", help="Forecaster folder (forecast.forecaster)")
     p.add_argument("--ingested", metavar="DIR", help="ingested cohort (forecast.ingested)")
@@ -152,24 +181,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="DIR", help="output folder (forecast.output)")
     p.set_defaults(func=cmd_forecast)
 
-    p = sub.add_parser("evaluate", help="NAMD's Table 1 on a split: ViT evaluator, ablation, forecasts, AUROC/AUPRC "
-                                        "over seeds, LPIPS, Frechet distance, variance figures, Markdown report")
+    p = sub.add_parser(
+        "evaluate",
+        help="NAMD's Table 1 on a split: ViT evaluator, ablation, forecasts, AUROC/AUPRC "
+        "over seeds, LPIPS, Frechet distance, variance figures, Markdown report",
+    )
     _add_config_args(p)
     p.add_argument("--split", choices=("train", "val", "test"), help="which split's cases (forecast.split)")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("tune", help="Ray Tune grid over lambda and the alignment temperatures (tune.grid): one "
-                                    "Train run per trial, summary table and best config in MLflow; reruns resume")
+    p = sub.add_parser(
+        "tune",
+        help="Ray Tune grid over lambda and the alignment temperatures (tune.grid): one "
+        "Train run per trial, summary table and best config in MLflow; reruns resume",
+    )
     _add_config_args(p)
     p.add_argument("--asha", action="store_true", help="stop poor trials early with ASHA (tune.asha.enabled)")
     p.set_defaults(func=cmd_tune)
 
     p = sub.add_parser("serve", help="start the forecasting service (Ray Serve + FastAPI) and block")
     _add_config_args(p)
-    p.add_argument("--forecaster", metavar="DIR_OR_URI",
-                   help="Forecaster folder or MLflow model URI, e.g. models:/namd-forecaster/3 (serve.forecaster)")
-    p.add_argument("--evaluator", metavar="DIR", help="evaluator folder: per-sample malignancy probabilities "
-                                                      "in answers (serve.evaluator)")
+    p.add_argument(
+        "--forecaster",
+        metavar="DIR_OR_URI",
+        help="Forecaster folder or MLflow model URI, e.g. models:/namd-forecaster/3 (serve.forecaster)",
+    )
+    p.add_argument(
+        "--evaluator",
+        metavar="DIR",
+        help="evaluator folder: per-sample malignancy probabilities in answers (serve.evaluator)",
+    )
     p.add_argument("--host", help="address to listen on (serve.host)")
     p.add_argument("--port", type=int, help="port (serve.port)")
     p.set_defaults(func=cmd_serve)

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from cohortcast.errors import USER_ERRORS
 
@@ -17,9 +18,17 @@ def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], exa
     from cohortcast.console import configure_logging
 
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, metavar="FILE", help="YAML config, e.g. jobs/configs/namd_debug.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help=f"override one config value (repeatable), e.g. --set {example}")
+    parser.add_argument(
+        "--config", required=True, metavar="FILE", help="YAML config, e.g. jobs/configs/namd_debug.yaml"
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help=f"override one config value (repeatable), e.g. --set {example}",
+    )
     args = parser.parse_args()
     configure_logging()
     try:

@@ -30,7 +30,8 @@ def ensure_ray(cfg: RayConfig | None = None, dashboard: bool = False) -> str | N
         if cfg.num_cpus is not None:
             kwargs["num_cpus"] = cfg.num_cpus
     context = ray.init(address=cfg.address, **kwargs)
-    log.info("Ray: %s with %s", cfg.address or os.environ.get("RAY_ADDRESS") or "local instance",
-             ray.cluster_resources())
+    log.info(
+        "Ray: %s with %s", cfg.address or os.environ.get("RAY_ADDRESS") or "local instance", ray.cluster_resources()
+    )
     url = getattr(context, "dashboard_url", None)
     return f"http://{url}" if url else None

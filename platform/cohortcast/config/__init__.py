@@ -25,6 +25,18 @@ def load_config(path=None, overrides=None) -> CohortcastConfig:
 
 
 __all__ = [
-    "CohortcastConfig", "ConfigError", "IngestConfig", "PrivacyConfig", "RayConfig", "SplitConfig",
-    "SynthConfig", "apply_overrides", "dump_yaml", "flatten", "from_dict", "load", "load_config", "to_dict",
+    "CohortcastConfig",
+    "ConfigError",
+    "IngestConfig",
+    "PrivacyConfig",
+    "RayConfig",
+    "SplitConfig",
+    "SynthConfig",
+    "apply_overrides",
+    "dump_yaml",
+    "flatten",
+    "from_dict",
+    "load",
+    "load_config",
+    "to_dict",
 ]

@@ -23,9 +23,11 @@ class EvaluatorConfig:
     patch_size: int = 4
     dropout: float = 0.0
     validate_every_epochs: int = 4  # validation AUROC on the val split's follow-ups
-    train: StageConfig = field(default_factory=lambda: StageConfig(max_steps=150, micro_batch_size=16, lr=1e-3,
-                                                                   warmup_steps=10, checkpoint_every=75,
-                                                                   log_every=25))
+    train: StageConfig = field(
+        default_factory=lambda: StageConfig(
+            max_steps=150, micro_batch_size=16, lr=1e-3, warmup_steps=10, checkpoint_every=75, log_every=25
+        )
+    )
 
     def validate(self) -> None:
         _require(self.hidden_size % self.num_heads == 0, "hidden_size", "must be a multiple of num_heads")
@@ -86,8 +88,11 @@ class EvaluationConfig:
     batch_size: int = 64  # evaluator forward batch
 
     def validate(self) -> None:
-        _require((self.lpips_vgg_path is None) == (self.lpips_path is None), "lpips_path",
-                 "set both lpips_vgg_path and lpips_path, or neither")
+        _require(
+            (self.lpips_vgg_path is None) == (self.lpips_path is None),
+            "lpips_path",
+            "set both lpips_vgg_path and lpips_path, or neither",
+        )
         _require(self.variance_cases >= 1 and self.figure_cases >= 1, "variance_cases", "must be >= 1")
         _require(self.bootstrap >= 100, "bootstrap", "must be >= 100 resamples")
         _require(self.region_margin_mm >= 0, "region_margin_mm", "must be >= 0")

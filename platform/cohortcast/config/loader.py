@@ -167,8 +167,9 @@ def _merged_section(default: Any, update: dict[str, Any]) -> dict[str, Any]:
     out = to_dict(default)
     for key, value in update.items():
         current = getattr(default, key, None)
-        merge = (isinstance(value, dict) and dataclasses.is_dataclass(current)
-                 and not _names_flavor(type(current), value))  # a flavour replaces the default (from_dict)
+        merge = (
+            isinstance(value, dict) and dataclasses.is_dataclass(current) and not _names_flavor(type(current), value)
+        )  # a flavour replaces the default (from_dict)
         out[key] = _merged_section(current, value) if merge else value
     return out
 

@@ -74,8 +74,11 @@ class VAEConfig:
     def validate(self) -> None:
         _require(self.in_channels in (1, 3), "in_channels", "must be 1 (CT) or 3")
         _require(len(self.block_out_channels) >= 1, "block_out_channels", "needs at least one level")
-        _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
-                 f"must divide every block_out_channels entry {list(self.block_out_channels)}")
+        _require(
+            all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+            "norm_num_groups",
+            f"must divide every block_out_channels entry {list(self.block_out_channels)}",
+        )
         _require(self.scaling_factor is None or self.scaling_factor > 0, "scaling_factor", "must be > 0 or null")
         _require(self.intensity_range[0] < self.intensity_range[1], "intensity_range", "low must be below high")
 
@@ -97,7 +100,7 @@ class VAEConfig:
     @property
     def latent_numel(self) -> int:
         """Values in one crop's latent (the probe's and the temporal encoder's input width)."""
-        return self.latent_channels * self.latent_side ** 2
+        return self.latent_channels * self.latent_side**2
 
 
 @dataclass
@@ -172,8 +175,11 @@ class DenoiserConfig:
 
     def validate(self) -> None:
         _require(len(self.block_out_channels) >= 1, "block_out_channels", "needs at least one level")
-        _require(all(c % self.norm_num_groups == 0 for c in self.block_out_channels), "norm_num_groups",
-                 "must divide every block_out_channels entry")
+        _require(
+            all(c % self.norm_num_groups == 0 for c in self.block_out_channels),
+            "norm_num_groups",
+            "must divide every block_out_channels entry",
+        )
         _require(0.0 <= self.condition_dropout < 1.0, "condition_dropout", "must be in [0, 1)")
         _require(self.change_scale is None or self.change_scale > 0, "change_scale", "must be > 0 or null")
 
@@ -205,8 +211,11 @@ class SchedulerConfig:
 
     def validate(self) -> None:
         _require(0 < self.beta_start < self.beta_end < 1, "beta_start", "need 0 < beta_start < beta_end < 1")
-        _require(1 <= self.inference_steps <= self.num_train_timesteps, "inference_steps",
-                 "must be in 1..num_train_timesteps")
+        _require(
+            1 <= self.inference_steps <= self.num_train_timesteps,
+            "inference_steps",
+            "must be in 1..num_train_timesteps",
+        )
         _require(self.num_samples >= 1, "num_samples", "must be >= 1")
         _require(self.guidance_scale >= 0, "guidance_scale", "must be >= 0")
         _require(self.micro_batch >= 1, "micro_batch", "must be >= 1")

@@ -24,29 +24,49 @@ A new flavour is one more entry in FLAVORS: a function returning its ForecasterC
 from __future__ import annotations
 
 import difflib
-from typing import Callable
+from collections.abc import Callable
 
 from cohortcast.config.loader import ConfigError
 from cohortcast.config.models import (
-    ConditionerConfig, DenoiserConfig, ForecasterConfig, SchedulerConfig, TemporalConfig, VAEConfig,
+    ConditionerConfig,
+    DenoiserConfig,
+    ForecasterConfig,
+    SchedulerConfig,
+    TemporalConfig,
+    VAEConfig,
 )
 
 
 def sd15_vae(sample_size: int = 64, **kw) -> VAEConfig:
-    return VAEConfig(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
-                     latent_channels=4, sample_size=sample_size, **kw)
+    return VAEConfig(
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        norm_num_groups=32,
+        latent_channels=4,
+        sample_size=sample_size,
+        **kw,
+    )
 
 
 def sd15_denoiser(**kw) -> DenoiserConfig:
-    return DenoiserConfig(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, attention_head_dim=8,
-                          norm_num_groups=32, cross_attention_dim=768, **kw)
+    return DenoiserConfig(
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        cross_attention_dim=768,
+        **kw,
+    )
 
 
 def sd15_forecaster(crop_size: int = 64, llm_path: str | None = None) -> ForecasterConfig:
     return ForecasterConfig(
-        vae=sd15_vae(sample_size=crop_size), conditioner=ConditionerConfig(llm_path=llm_path, dtype="bfloat16"),
+        vae=sd15_vae(sample_size=crop_size),
+        conditioner=ConditionerConfig(llm_path=llm_path, dtype="bfloat16"),
         temporal=TemporalConfig(d_model=768, date_dim=128, num_layers=4, num_heads=8),
-        denoiser=sd15_denoiser(), scheduler=SchedulerConfig())
+        denoiser=sd15_denoiser(),
+        scheduler=SchedulerConfig(),
+    )
 
 
 FLAVORS: dict[str, Callable[[], ForecasterConfig]] = {

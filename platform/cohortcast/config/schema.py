@@ -10,9 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cohortcast.config.evaluation import EvaluationConfig
 from cohortcast.config.loader import require as _require
 from cohortcast.config.models import ForecasterConfig
-from cohortcast.config.evaluation import EvaluationConfig
 from cohortcast.config.serving import ServeConfig
 from cohortcast.config.training import ForecastJobConfig, MLflowConfig, TrainingConfig
 from cohortcast.config.tuning import TuneConfig

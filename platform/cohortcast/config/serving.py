@@ -20,9 +20,13 @@ class AutoscalingConfig:
     downscale_delay_s: float = 120.0
 
     def serve_options(self) -> dict:
-        return {"min_replicas": self.min_replicas, "max_replicas": self.max_replicas,
-                "target_ongoing_requests": self.target_ongoing_requests,
-                "upscale_delay_s": self.upscale_delay_s, "downscale_delay_s": self.downscale_delay_s}
+        return {
+            "min_replicas": self.min_replicas,
+            "max_replicas": self.max_replicas,
+            "target_ongoing_requests": self.target_ongoing_requests,
+            "upscale_delay_s": self.upscale_delay_s,
+            "downscale_delay_s": self.downscale_delay_s,
+        }
 
 
 @dataclass
@@ -78,17 +82,33 @@ class ServeConfig:
     def validate(self) -> None:
         _require(1 <= self.default_samples <= self.max_samples, "default_samples", "must be in 1..max_samples")
         _require(1 <= self.default_steps <= self.max_steps, "default_steps", "must be in 1..max_steps")
-        _require(self.max_batch_size >= 1 and self.batch_wait_timeout_s >= 0, "max_batch_size",
-                 "max_batch_size must be >= 1 and batch_wait_timeout_s >= 0")
-        _require(self.max_ongoing_requests >= 1 and self.max_queued_requests >= 0, "max_queued_requests",
-                 "max_ongoing_requests must be >= 1, max_queued_requests >= 0")
-        _require(self.max_upload_mb > 0 and self.max_uncompressed_mb > 0, "max_uncompressed_mb",
-                 "max_upload_mb and max_uncompressed_mb must be > 0")
-        _require(self.max_voxels >= 1 and self.max_study_files >= 1, "max_voxels",
-                 "max_voxels and max_study_files must be >= 1")
+        _require(
+            self.max_batch_size >= 1 and self.batch_wait_timeout_s >= 0,
+            "max_batch_size",
+            "max_batch_size must be >= 1 and batch_wait_timeout_s >= 0",
+        )
+        _require(
+            self.max_ongoing_requests >= 1 and self.max_queued_requests >= 0,
+            "max_queued_requests",
+            "max_ongoing_requests must be >= 1, max_queued_requests >= 0",
+        )
+        _require(
+            self.max_upload_mb > 0 and self.max_uncompressed_mb > 0,
+            "max_uncompressed_mb",
+            "max_upload_mb and max_uncompressed_mb must be > 0",
+        )
+        _require(
+            self.max_voxels >= 1 and self.max_study_files >= 1,
+            "max_voxels",
+            "max_voxels and max_study_files must be >= 1",
+        )
         _require(self.max_horizon_days > 0, "max_horizon_days", "must be > 0")
         _require(self.micro_batch is None or self.micro_batch >= 1, "micro_batch", "must be >= 1 (or unset)")
         scale = self.autoscaling
-        _require(0 <= scale.min_replicas <= scale.max_replicas and scale.max_replicas >= 1
-                 and scale.target_ongoing_requests > 0, "autoscaling",
-                 "needs 0 <= min_replicas <= max_replicas, max_replicas >= 1, target_ongoing_requests > 0")
+        _require(
+            0 <= scale.min_replicas <= scale.max_replicas
+            and scale.max_replicas >= 1
+            and scale.target_ongoing_requests > 0,
+            "autoscaling",
+            "needs 0 <= min_replicas <= max_replicas, max_replicas >= 1, target_ongoing_requests > 0",
+        )

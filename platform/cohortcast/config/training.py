@@ -145,8 +145,11 @@ class MLflowConfig:
     registry_alias: str | None = None
 
     def validate(self) -> None:
-        _require(self.registry_alias is None or bool(self.registry_name), "registry_alias",
-                 "needs mlflow.registry_name (an alias names a registered model's version)")
+        _require(
+            self.registry_alias is None or bool(self.registry_name),
+            "registry_alias",
+            "needs mlflow.registry_name (an alias names a registered model's version)",
+        )
 
 
 @dataclass

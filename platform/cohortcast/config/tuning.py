@@ -11,9 +11,11 @@ from cohortcast.config.loader import require as _require
 
 def _default_grid() -> dict[str, list[Any]]:
     # CLDM Sec. 3's lambda grid and NAMD Eq. 2's alignment temperatures.
-    return {"training.task_weight": [0.1, 0.5, 1.0, 2.0],
-            "model.vae.loss.tau_f": [0.5, 1.0],
-            "model.vae.loss.tau_z": [0.5, 1.0]}
+    return {
+        "training.task_weight": [0.1, 0.5, 1.0, 2.0],
+        "model.vae.loss.tau_f": [0.5, 1.0],
+        "model.vae.loss.tau_z": [0.5, 1.0],
+    }
 
 
 @dataclass
@@ -46,9 +48,18 @@ class TuneConfig:
     max_concurrent_trials: int | None = None
 
     def validate(self) -> None:
-        _require(bool(self.grid) and all(isinstance(v, list) and v for v in self.grid.values()), "grid",
-                 "needs at least one key with a non-empty list of values")
-        _require(self.max_concurrent_trials is None or self.max_concurrent_trials >= 1, "max_concurrent_trials",
-                 "must be >= 1 (or unset)")
-        _require(self.asha.grace_period >= 1 and self.asha.reduction_factor > 1, "asha",
-                 "needs grace_period >= 1 and reduction_factor > 1")
+        _require(
+            bool(self.grid) and all(isinstance(v, list) and v for v in self.grid.values()),
+            "grid",
+            "needs at least one key with a non-empty list of values",
+        )
+        _require(
+            self.max_concurrent_trials is None or self.max_concurrent_trials >= 1,
+            "max_concurrent_trials",
+            "must be >= 1 (or unset)",
+        )
+        _require(
+            self.asha.grace_period >= 1 and self.asha.reduction_factor > 1,
+            "asha",
+            "needs grace_period >= 1 and reduction_factor > 1",
+        )

@@ -108,13 +108,21 @@ def _parse_header(ds: pydicom.Dataset, path: Path, in_series: bool) -> _Header:
         raise CorruptFileError(path, f"header lacks {', '.join(missing)}: the file is truncated or not an image")
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
     return _Header(
-        path=path, ds=ds, series_uid=str(ds.get("SeriesInstanceUID", "")), sop_uid=str(ds.get("SOPInstanceUID", "")),
-        modality=str(ds.get("Modality", "") or "").strip().upper(), rows=int(ds.Rows), columns=int(ds.Columns),
-        frames=int(ds.get("NumberOfFrames", 1) or 1), samples=int(ds.get("SamplesPerPixel", 1) or 1),
+        path=path,
+        ds=ds,
+        series_uid=str(ds.get("SeriesInstanceUID", "")),
+        sop_uid=str(ds.get("SOPInstanceUID", "")),
+        modality=str(ds.get("Modality", "") or "").strip().upper(),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        samples=int(ds.get("SamplesPerPixel", 1) or 1),
         bits=int(ds.get("BitsAllocated", 16) or 16),
-        position=_floats(ds.get("ImagePositionPatient"), 3), orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
         spacing=tuple(float(v) for v in spacing) if spacing is not None else None,
-        thickness=float(ds.get("SliceThickness", 1.0) or 1.0))
+        thickness=float(ds.get("SliceThickness", 1.0) or 1.0),
+    )
 
 
 def _read_header(path: Path, limits: ReadLimits, in_series: bool) -> _Header:
@@ -127,8 +135,9 @@ def _read_header(path: Path, limits: ReadLimits, in_series: bool) -> _Header:
     try:
         ds = pydicom.dcmread(path, defer_size=_DEFER_BYTES)
     except InvalidDicomError:
-        raise NotDicomError(path, f"is not a DICOM file ({size} bytes, no 'DICM' marker after the 128-byte "
-                                  "preamble)") from None
+        raise NotDicomError(
+            path, f"is not a DICOM file ({size} bytes, no 'DICM' marker after the 128-byte preamble)"
+        ) from None
     except OSError as exc:
         raise from_os_error(path, exc) from None
     except Exception as exc:  # damaged headers make pydicom raise many types
@@ -148,8 +157,9 @@ def _check_modality(header: _Header, expected: str | None) -> None:
     if expected in _UNCHECKED_MODALITIES:
         return
     if _MODALITY_GROUPS.get(header.modality, header.modality) != _MODALITY_GROUPS.get(expected, expected):
-        raise ModalityMismatchError(header.path, f"DICOM Modality is {header.modality} but the study is listed "
-                                                 f"as {expected}")
+        raise ModalityMismatchError(
+            header.path, f"DICOM Modality is {header.modality} but the study is listed as {expected}"
+        )
 
 
 def _check_pixel_length(ds: pydicom.Dataset, header: _Header) -> None:
@@ -163,11 +173,17 @@ def _check_pixel_length(ds: pydicom.Dataset, header: _Header) -> None:
         return
     have, want = len(ds.PixelData), header.nbytes
     if have < want:
-        raise CorruptFileError(header.path, f"pixel data is truncated: {have} of the {want} bytes that "
-                                            f"{header.rows} x {header.columns} x {header.bits} bits declare")
+        raise CorruptFileError(
+            header.path,
+            f"pixel data is truncated: {have} of the {want} bytes that "
+            f"{header.rows} x {header.columns} x {header.bits} bits declare",
+        )
     if have > want + 1:  # + 1: odd lengths are padded to even
-        raise CorruptFileError(header.path, f"header/pixel size mismatch: pixel data holds {have} bytes, "
-                                            f"{header.rows} x {header.columns} x {header.bits} bits declare {want}")
+        raise CorruptFileError(
+            header.path,
+            f"header/pixel size mismatch: pixel data holds {have} bytes, "
+            f"{header.rows} x {header.columns} x {header.bits} bits declare {want}",
+        )
 
 
 def _pixels_hu(header: _Header) -> np.ndarray:
@@ -190,8 +206,10 @@ def _pixels_hu(header: _Header) -> np.ndarray:
     finally:
         header.ds = None  # drop the pixel data with the dataset once decoded
     if pixels.shape != (header.rows, header.columns):
-        raise SliceGeometryError(path, f"expected a 2D monochrome {header.rows} x {header.columns} image, "
-                                       f"got pixel array shape {pixels.shape}")
+        raise SliceGeometryError(
+            path,
+            f"expected a 2D monochrome {header.rows} x {header.columns} image, got pixel array shape {pixels.shape}",
+        )
     return pixels
 
 
@@ -206,8 +224,10 @@ def _spacing(header: _Header) -> tuple[float, float]:
 
 def _check_single_frame(header: _Header) -> None:
     if header.frames > 1:
-        raise SliceGeometryError(header.path, f"multi-frame images ({header.frames} frames) are not supported; "
-                                              "export the series as single-frame files")
+        raise SliceGeometryError(
+            header.path,
+            f"multi-frame images ({header.frames} frames) are not supported; export the series as single-frame files",
+        )
     if header.rows < 1 or header.columns < 1:
         raise SliceGeometryError(header.path, f"empty image ({header.rows} x {header.columns})")
 
@@ -253,13 +273,18 @@ def _check_series_identity(folder: Path, headers: list[_Header]) -> None:
     if len(series_uids) > 1:
         majority = series_uids.most_common(1)[0][0]
         odd = next(h.path.name for h in headers if h.series_uid != majority)
-        raise MixedSeriesError(folder, f"{len(series_uids)} different SeriesInstanceUIDs in one folder "
-                                       f"(e.g. {odd}); put each series in its own folder")
+        raise MixedSeriesError(
+            folder,
+            f"{len(series_uids)} different SeriesInstanceUIDs in one folder "
+            f"(e.g. {odd}); put each series in its own folder",
+        )
     seen: dict[str, Path] = {}
     for h in headers:
         if h.sop_uid in seen:
-            raise DuplicateInstanceError(folder, f"{seen[h.sop_uid].name} and {h.path.name} have the same "
-                                                 "SOPInstanceUID: one image is there twice")
+            raise DuplicateInstanceError(
+                folder,
+                f"{seen[h.sop_uid].name} and {h.path.name} have the same SOPInstanceUID: one image is there twice",
+            )
         seen[h.sop_uid] = h.path
 
 
@@ -273,8 +298,9 @@ def _check_slices_agree(headers: list[_Header]) -> tuple[np.ndarray, tuple[float
     for h in headers:
         _check_single_frame(h)
         if (h.rows, h.columns) != (first.rows, first.columns):
-            raise SliceGeometryError(h.path, f"slice size {(h.rows, h.columns)} differs from "
-                                             f"{(first.rows, first.columns)}")
+            raise SliceGeometryError(
+                h.path, f"slice size {(h.rows, h.columns)} differs from {(first.rows, first.columns)}"
+            )
         if h.position is None:
             raise SliceGeometryError(h.path, "no ImagePositionPatient: cannot order slices")
         orientation = h.orientation if h.orientation is not None else first.orientation
@@ -297,16 +323,24 @@ def _slice_order(folder: Path, headers: list[_Header], normal: np.ndarray) -> np
         raise SliceGeometryError(folder, "slice positions are not finite")
     if median <= 0 or np.any(steps < _DUPLICATE_TOL * max(median, 1e-6)):
         dup = int(np.argmin(steps))
-        raise SliceGeometryError(folder, f"duplicated slice position {along[dup]:.3f} mm "
-                                         f"({headers[order[dup]].path.name} and {headers[order[dup + 1]].path.name})")
+        raise SliceGeometryError(
+            folder,
+            f"duplicated slice position {along[dup]:.3f} mm "
+            f"({headers[order[dup]].path.name} and {headers[order[dup + 1]].path.name})",
+        )
     if np.any(np.abs(steps - median) > _UNIFORM_TOL * median):
         worst = int(np.argmax(np.abs(steps - median)))
         ratio = steps[worst] / median
         if abs(ratio - round(ratio)) < _UNIFORM_TOL and round(ratio) >= 2:
-            raise SliceGeometryError(folder, f"{int(round(ratio)) - 1} missing slice(s) after position "
-                                             f"{along[worst]:.3f} mm (gap {steps[worst]:.3f} mm, step {median:.3f} mm)")
-        raise SliceGeometryError(folder, f"non-uniform slice spacing: {steps[worst]:.3f} mm after "
-                                         f"{along[worst]:.3f} mm vs median {median:.3f} mm")
+            raise SliceGeometryError(
+                folder,
+                f"{int(round(ratio)) - 1} missing slice(s) after position "
+                f"{along[worst]:.3f} mm (gap {steps[worst]:.3f} mm, step {median:.3f} mm)",
+            )
+        raise SliceGeometryError(
+            folder,
+            f"non-uniform slice spacing: {steps[worst]:.3f} mm after {along[worst]:.3f} mm vs median {median:.3f} mm",
+        )
     return order
 
 
@@ -323,8 +357,9 @@ def read_dicom_series(folder: str | Path, modality: str | None = None, limits: R
         _check_modality(h, modality)
     if len(headers) == 1:
         return _read_single(headers[0], limits)
-    limits.check(folder, sum(h.voxels for h in headers), sum(h.nbytes for h in headers),
-                 f"{len(headers)} slice headers declare")
+    limits.check(
+        folder, sum(h.voxels for h in headers), sum(h.nbytes for h in headers), f"{len(headers)} slice headers declare"
+    )
     _check_series_identity(folder, headers)
     orientation, (row_sp, col_sp) = _check_slices_agree(headers)
     normal = np.cross(orientation[:3], orientation[3:])
@@ -337,5 +372,6 @@ def read_dicom_series(folder: str | Path, modality: str | None = None, limits: R
     # Slice step as a vector: handles gantry tilt (positions not along the normal).
     step = (positions[-1] - positions[0]) / (len(positions) - 1)
     affine = affine_from_dicom(positions[0], orientation, row_sp, col_sp, step)
-    return Volume(pixels, affine, modality=headers[0].modality or "OT",
-                  metadata={"source": "dicom", "slices": len(files)})
+    return Volume(
+        pixels, affine, modality=headers[0].modality or "OT", metadata={"source": "dicom", "slices": len(files)}
+    )

@@ -26,8 +26,9 @@ import logging
 import os
 import time
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -45,8 +46,16 @@ from cohortcast.io.atomic import atomic_folder, clear_stale_temps, write_text_at
 log = logging.getLogger(__name__)
 
 CARD = "card.json"
-QUARANTINE_SCHEMA = pa.schema([("patient", pa.string()), ("study", pa.string()), ("nodule_id", pa.string()),
-                               ("path", pa.string()), ("reason", pa.string()), ("message", pa.string())])
+QUARANTINE_SCHEMA = pa.schema(
+    [
+        ("patient", pa.string()),
+        ("study", pa.string()),
+        ("nodule_id", pa.string()),
+        ("path", pa.string()),
+        ("reason", pa.string()),
+        ("message", pa.string()),
+    ]
+)
 # Config fields that do not change what is written.
 _BLOCKS_PER_CPU = 4
 _NON_CONTENT_FIELDS = {"manifest", "output", "overwrite", "num_cpus_per_task", "rows_per_file"}
@@ -60,14 +69,16 @@ def build_tasks(manifest: Manifest, pseudo: Pseudonymizer, cfg: IngestConfig) ->
     """One JSON-friendly task per study, already pseudonymised: the only thing that
     leaves the driver for the workers (besides file paths)."""
     patients = manifest.patients.set_index("patient_id")
-    labels = {(p, n): int(m) for p, n, m in manifest.labels[["patient_id", "nodule_id", "malignant"]].itertuples(
-        index=False)}
+    labels = {
+        (p, n): int(m) for p, n, m in manifest.labels[["patient_id", "nodule_id", "malignant"]].itertuples(index=False)
+    }
     findings_by_study: dict[str, list[dict]] = {}
     for row in manifest.findings.to_dict("records"):
         findings_by_study.setdefault(row["study_id"], []).append(row)
     tasks = []
     for patient_id, studies in manifest.studies.sort_values(["patient_id", "study_date"]).groupby(
-            "patient_id", sort=True):
+        "patient_id", sort=True
+    ):
         subject = pseudo(patient_id)
         split = assign_split(subject, cfg.split)
         ehr_patient = {k: _clean(patients.loc[patient_id, k]) for k in PATIENT_EHR}
@@ -75,18 +86,35 @@ def build_tasks(manifest: Manifest, pseudo: Pseudonymizer, cfg: IngestConfig) ->
         for exam_index, study in enumerate(studies.to_dict("records")):
             findings = []
             for f in findings_by_study.get(study["study_id"], []):
-                findings.append({
-                    "nodule_id": str(f["nodule_id"]), "malignant": labels.get((patient_id, f["nodule_id"]), -1),
-                    "center_x_mm": f["center_x_mm"], "center_y_mm": f["center_y_mm"], "center_z_mm": f["center_z_mm"],
-                    **{k: _clean(f[k]) for k in NODULE_EHR}, **ehr_patient})
-            tasks.append({
-                "patient": subject, "study": pseudo(study["study_id"], kind="study"), "split": split,
-                "study_date": study["study_date"].isoformat(), "exam_index": exam_index, "num_exams": len(studies),
-                "days_since_baseline": (study["study_date"] - baseline).days, "modality": study["modality"],
-                "path": str(manifest.resolve(study["path"])), "rel_path": study["path"],
-                "mask_path": str(manifest.resolve(study["mask_path"])) if study.get("mask_path") else "",
-                "mask_path_rel": study.get("mask_path") or "", "report_text": study.get("report_text") or "",
-                "findings_json": json.dumps(findings)})
+                findings.append(
+                    {
+                        "nodule_id": str(f["nodule_id"]),
+                        "malignant": labels.get((patient_id, f["nodule_id"]), -1),
+                        "center_x_mm": f["center_x_mm"],
+                        "center_y_mm": f["center_y_mm"],
+                        "center_z_mm": f["center_z_mm"],
+                        **{k: _clean(f[k]) for k in NODULE_EHR},
+                        **ehr_patient,
+                    }
+                )
+            tasks.append(
+                {
+                    "patient": subject,
+                    "study": pseudo(study["study_id"], kind="study"),
+                    "split": split,
+                    "study_date": study["study_date"].isoformat(),
+                    "exam_index": exam_index,
+                    "num_exams": len(studies),
+                    "days_since_baseline": (study["study_date"] - baseline).days,
+                    "modality": study["modality"],
+                    "path": str(manifest.resolve(study["path"])),
+                    "rel_path": study["path"],
+                    "mask_path": str(manifest.resolve(study["mask_path"])) if study.get("mask_path") else "",
+                    "mask_path_rel": study.get("mask_path") or "",
+                    "report_text": study.get("report_text") or "",
+                    "findings_json": json.dumps(findings),
+                }
+            )
     return tasks
 
 
@@ -114,19 +142,45 @@ def explode_nodules(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
         return
     usable = [f for f in json.loads(result["findings_json"]) if f["status"] == OK]
     for f, crop, patch in zip(usable, result["crops"], result["patches"]):
-        row = {"patient": result["patient"], "study": result["study"], "split": result["split"],
-               "nodule_id": f["nodule_id"], "study_date": result["study_date"],
-               "days_since_baseline": int(result["days_since_baseline"]), "exam_index": int(result["exam_index"]),
-               "num_exams": int(result["num_exams"]), "modality": result["modality"], "malignant": int(f["malignant"]),
-               **{k: f[k] for k in EHR_FEATURES},
-               "center_x_mm": f["center_x_mm"], "center_y_mm": f["center_y_mm"], "center_z_mm": f["center_z_mm"],
-               "crop": crop, "patch": patch}
+        row = {
+            "patient": result["patient"],
+            "study": result["study"],
+            "split": result["split"],
+            "nodule_id": f["nodule_id"],
+            "study_date": result["study_date"],
+            "days_since_baseline": int(result["days_since_baseline"]),
+            "exam_index": int(result["exam_index"]),
+            "num_exams": int(result["num_exams"]),
+            "modality": result["modality"],
+            "malignant": int(f["malignant"]),
+            **{k: f[k] for k in EHR_FEATURES},
+            "center_x_mm": f["center_x_mm"],
+            "center_y_mm": f["center_y_mm"],
+            "center_z_mm": f["center_z_mm"],
+            "crop": crop,
+            "patch": patch,
+        }
         yield require_finite_row(row, ("crop", "patch"))
 
 
 def study_row(result: dict[str, Any]) -> dict[str, Any]:
-    keep = ("patient", "study", "split", "study_date", "days_since_baseline", "exam_index", "num_exams", "modality",
-            "report_text", "has_mask", "volume", "mask", "source_shape", "source_affine", "volume_affine")
+    keep = (
+        "patient",
+        "study",
+        "split",
+        "study_date",
+        "days_since_baseline",
+        "exam_index",
+        "num_exams",
+        "modality",
+        "report_text",
+        "has_mask",
+        "volume",
+        "mask",
+        "source_shape",
+        "source_affine",
+        "volume_affine",
+    )
     return require_finite_row({k: result[k] for k in keep}, ("volume", "mask", "source_affine", "volume_affine"))
 
 
@@ -134,8 +188,11 @@ def quarantine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     base = {"patient": result["patient"], "study": result["study"], "path": result["rel_path"]}
     if result["status"] == QUARANTINED:
         return [{**base, "nodule_id": None, "reason": result["reason"], "message": result["message"]}]
-    return [{**base, "nodule_id": f["nodule_id"], "reason": f["reason"], "message": f["message"]}
-            for f in json.loads(result["findings_json"]) if f["status"] == QUARANTINED]
+    return [
+        {**base, "nodule_id": f["nodule_id"], "reason": f["reason"], "message": f["message"]}
+        for f in json.loads(result["findings_json"])
+        if f["status"] == QUARANTINED
+    ]
 
 
 def scrub_root(row: dict[str, Any], root: Path) -> dict[str, Any]:
@@ -163,8 +220,12 @@ def _split_counts(summaries: list[dict[str, Any]]) -> tuple[dict[str, int], dict
     return {s: nodules[s] for s in SPLITS}, {s: studies[s] for s in SPLITS}
 
 
-def run_ingest(cfg: IngestConfig, privacy: PrivacyConfig | None = None, ray_cfg: RayConfig | None = None,
-               manifest: Manifest | None = None) -> dict[str, Any]:
+def run_ingest(
+    cfg: IngestConfig,
+    privacy: PrivacyConfig | None = None,
+    ray_cfg: RayConfig | None = None,
+    manifest: Manifest | None = None,
+) -> dict[str, Any]:
     """Ingest `cfg.manifest` into `cfg.output`; returns the dataset card."""
     import ray
 
@@ -190,44 +251,66 @@ def run_ingest(cfg: IngestConfig, privacy: PrivacyConfig | None = None, ray_cfg:
     # slower end to end), a single block per CPU balances badly when studies differ.
     blocks = max(1, min(len(tasks), _BLOCKS_PER_CPU * int(ray.cluster_resources().get("CPU", 1))))
     started = time.perf_counter()
-    log.info("ingest: reading %d studies of %d patients into %s (%d Ray Data blocks)", len(tasks),
-             len({t["patient"] for t in tasks}), out, blocks)
-    results = (ray.data.from_items(tasks, override_num_blocks=blocks)
-               .map(process_study, fn_kwargs={"cfg": cfg}, num_cpus=cfg.num_cpus_per_task)
-               .materialize())
+    log.info(
+        "ingest: reading %d studies of %d patients into %s (%d Ray Data blocks)",
+        len(tasks),
+        len({t["patient"] for t in tasks}),
+        out,
+        blocks,
+    )
+    results = (
+        ray.data.from_items(tasks, override_num_blocks=blocks)
+        .map(process_study, fn_kwargs={"cfg": cfg}, num_cpus=cfg.num_cpus_per_task)
+        .materialize()
+    )
     # Light columns only: the driver never holds image tensors.
-    summaries = list(results.select_columns(
-        ["patient", "study", "split", "rel_path", "status", "reason", "message", "findings_json"]).iter_rows())
+    summaries = list(
+        results.select_columns(
+            ["patient", "study", "split", "rel_path", "status", "reason", "message", "findings_json"]
+        ).iter_rows()
+    )
     quarantine = [scrub_root(row, manifest.root) for r in summaries for row in quarantine_rows(r)]
     for row in quarantine:
-        log.warning("quarantined %s%s: %s", row["study"], f" nodule {row['nodule_id']}" if row["nodule_id"] else "",
-                    row["message"])
+        log.warning(
+            "quarantined %s%s: %s",
+            row["study"],
+            f" nodule {row['nodule_id']}" if row["nodule_id"] else "",
+            row["message"],
+        )
     nodule_counts, study_counts = _split_counts(summaries)
     seconds = time.perf_counter() - started
-    log.info("ingest: read %d studies in %s (%s studies/s): %d nodule crops, %d quarantined; writing the tables",
-             len(summaries), format_duration(seconds), format_rate(len(summaries) / max(seconds, 1e-9)),
-             sum(nodule_counts.values()), len(quarantine))
+    log.info(
+        "ingest: read %d studies in %s (%s studies/s): %d nodule crops, %d quarantined; writing the tables",
+        len(summaries),
+        format_duration(seconds),
+        format_rate(len(summaries) / max(seconds, 1e-9)),
+        sum(nodule_counts.values()),
+        len(quarantine),
+    )
 
     with atomic_folder(out, overwrite=True) as tmp:
         _write_table(results.flat_map(explode_nodules), tmp / "nodules", cfg, sum(nodule_counts.values()))
-        _write_table(results.filter(expr=f"status == '{OK}'").map(study_row), tmp / "studies", cfg,
-                     sum(study_counts.values()))
+        _write_table(
+            results.filter(expr=f"status == '{OK}'").map(study_row), tmp / "studies", cfg, sum(study_counts.values())
+        )
         pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), tmp / "quarantine.parquet")
         card = _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts)
         write_text_atomic(tmp / CARD, json.dumps(card, indent=2))
     return {**card, "reused": False}
 
 
-def finding_counts(tasks: list[dict[str, Any]], quarantine: list[dict[str, Any]],
-                   nodule_counts: dict[str, int]) -> dict[str, int]:
+def finding_counts(
+    tasks: list[dict[str, Any]], quarantine: list[dict[str, Any]], nodule_counts: dict[str, int]
+) -> dict[str, int]:
     """Every manifest finding lands in exactly one bucket: cropped (a nodule row),
     quarantined with its study, or quarantined itself (e.g. outside the image)."""
     bad_studies = {q["study"] for q in quarantine if q["nodule_id"] is None}
     return {
         "findings": sum(len(json.loads(t["findings_json"])) for t in tasks),
         "findings_cropped": sum(nodule_counts.values()),
-        "findings_with_quarantined_study": sum(len(json.loads(t["findings_json"])) for t in tasks
-                                               if t["study"] in bad_studies),
+        "findings_with_quarantined_study": sum(
+            len(json.loads(t["findings_json"])) for t in tasks if t["study"] in bad_studies
+        ),
         "findings_quarantined": sum(1 for q in quarantine if q["nodule_id"] is not None),
     }
 
@@ -235,8 +318,9 @@ def finding_counts(tasks: list[dict[str, Any]], quarantine: list[dict[str, Any]]
 def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts) -> dict[str, Any]:
     bad_studies = sum(1 for q in quarantine if q["nodule_id"] is None)
     findings = finding_counts(tasks, quarantine, nodule_counts)
-    if findings["findings"] != (findings["findings_cropped"] + findings["findings_with_quarantined_study"]
-                                + findings["findings_quarantined"]):
+    if findings["findings"] != (
+        findings["findings_cropped"] + findings["findings_with_quarantined_study"] + findings["findings_quarantined"]
+    ):
         log.error("finding counts do not add up (a bug; the tables are right, the card is not): %s", findings)
     return {
         "cohortcast_version": __version__,
@@ -254,8 +338,12 @@ def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_co
         },
         "quarantine_reasons": dict(Counter(q["reason"] for q in quarantine)),
         "tables": {
-            "nodules": {"crop": [cfg.crop_size, cfg.crop_size], "patch": [cfg.patch_size] * 3,
-                        "crop_spacing_mm": cfg.crop_spacing_mm, "patch_spacing_mm": cfg.patch_spacing_mm},
+            "nodules": {
+                "crop": [cfg.crop_size, cfg.crop_size],
+                "patch": [cfg.patch_size] * 3,
+                "crop_spacing_mm": cfg.crop_spacing_mm,
+                "patch_spacing_mm": cfg.patch_spacing_mm,
+            },
             "studies": {"volume": list(cfg.volume_shape), "mask": list(cfg.volume_shape)},
             "intensity": {"hu_window": list(cfg.hu_window), "normalise": cfg.normalise},
         },

@@ -30,11 +30,15 @@ class ReadLimits:
         """Raise TooLargeError when `what` (e.g. "header declares") exceeds a limit;
         `nbytes` is the uncompressed size (pixel data, or a file read whole)."""
         if voxels > self.max_voxels:
-            raise TooLargeError(where, f"{what} {voxels} voxels, more than the limit of {self.max_voxels} "
-                                       f"({self._key('max_voxels')})")
+            raise TooLargeError(
+                where, f"{what} {voxels} voxels, more than the limit of {self.max_voxels} ({self._key('max_voxels')})"
+            )
         if nbytes > self.max_uncompressed_bytes:
-            raise TooLargeError(where, f"{what} {format_size(nbytes)}, more than the limit of "
-                                       f"{format_size(self.max_uncompressed_bytes)} ({self._key('max_uncompressed_mb')})")
+            raise TooLargeError(
+                where,
+                f"{what} {format_size(nbytes)}, more than the limit of "
+                f"{format_size(self.max_uncompressed_bytes)} ({self._key('max_uncompressed_mb')})",
+            )
 
 
 def format_size(nbytes: int) -> str:

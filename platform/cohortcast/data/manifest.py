@@ -18,9 +18,10 @@ written. Validation collects every problem and names table, row and field.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -31,8 +32,7 @@ from cohortcast.io.atomic import atomic_folder
 YES_NO = ("Yes", "No")
 ATTENUATIONS = ("Soft Tissue", "Ground Glass", "Part Solid")
 MARGINS = ("Smooth", "Poorly Defined", "Spiculated")
-LOBES = ("Right Upper Lobe", "Right Middle Lobe", "Right Lower Lobe", "Left Upper Lobe",
-         "Left Lower Lobe", "Lingula")
+LOBES = ("Right Upper Lobe", "Right Middle Lobe", "Right Lower Lobe", "Left Upper Lobe", "Left Lower Lobe", "Lingula")
 MODALITIES = ("CT", "CR", "DX", "MR")
 PATIENT_EHR = ("age", "diagemph", "gender", "famfather", "fammother", "fambrother", "famsister", "famchild")
 NODULE_EHR = ("SCT_PRE_ATT", "SCT_EPI_LOC", "SCT_LONG_DIA", "SCT_PERP_DIA", "SCT_MARGINS")
@@ -64,8 +64,10 @@ SCHEMA: dict[str, dict[str, Column]] = {
         "patient_id": Column("str"),
         "age": Column("float", required=False, check=lambda v: 0 <= v <= 120, check_text="in 0..120 years"),
         "gender": Column("str", required=False, choices=("Male", "Female")),
-        **{name: Column("str", required=False, choices=YES_NO)
-           for name in ("diagemph", "famfather", "fammother", "fambrother", "famsister", "famchild")},
+        **{
+            name: Column("str", required=False, choices=YES_NO)
+            for name in ("diagemph", "famfather", "fammother", "fambrother", "famsister", "famchild")
+        },
     },
     "studies": {
         "study_id": Column("str"),
@@ -94,8 +96,12 @@ SCHEMA: dict[str, dict[str, Column]] = {
         "malignant": Column("int01"),
     },
 }
-KEYS = {"patients": ("patient_id",), "studies": ("study_id",), "findings": ("study_id", "nodule_id"),
-        "labels": ("patient_id", "nodule_id")}
+KEYS = {
+    "patients": ("patient_id",),
+    "studies": ("study_id",),
+    "findings": ("study_id", "nodule_id"),
+    "labels": ("patient_id", "nodule_id"),
+}
 
 
 @dataclass
@@ -132,8 +138,12 @@ def plain_value(value: Any) -> Any:
 
 
 def _missing(value: Any) -> bool:
-    return value is None or (isinstance(value, float) and np.isnan(value)) or value is pd.NaT or (
-        isinstance(value, str) and value.strip() == "")
+    return (
+        value is None
+        or (isinstance(value, float) and np.isnan(value))
+        or value is pd.NaT
+        or (isinstance(value, str) and value.strip() == "")
+    )
 
 
 def _convert(value: Any, col: Column) -> Any:
@@ -189,8 +199,10 @@ def _validate_table(name: str, frame: pd.DataFrame, problems: list[str]) -> pd.D
         out[col_name] = converted
     # Explicit dtypes: pandas >= 3 would turn str/None lists into a string dtype with
     # NaN for missing values; downstream code expects None for a missing string.
-    result = pd.DataFrame({c: pd.Series(v, dtype="float64" if schema[c].kind == "float" else object)
-                           for c, v in out.items()}, columns=list(schema))
+    result = pd.DataFrame(
+        {c: pd.Series(v, dtype="float64" if schema[c].kind == "float" else object) for c, v in out.items()},
+        columns=list(schema),
+    )
     dup = result.duplicated(subset=list(KEYS[name]), keep=False)
     for row in np.flatnonzero(dup.to_numpy()):
         keys = {k: result[k].iloc[row] for k in KEYS[name]}
@@ -203,20 +215,25 @@ def _check_references(m: Manifest, problems: list[str]) -> None:
     studies = dict(zip(m.studies["study_id"], m.studies["patient_id"]))
     for row, pid in enumerate(m.studies["patient_id"]):
         if pid is not None and pid not in patients:
-            problems.append(f"studies row {row} (study_id={m.studies['study_id'].iloc[row]}): "
-                            f"patient_id: {pid!r} is not in patients")
+            problems.append(
+                f"studies row {row} (study_id={m.studies['study_id'].iloc[row]}): "
+                f"patient_id: {pid!r} is not in patients"
+            )
     for row, sid in enumerate(m.findings["study_id"]):
         if sid is not None and sid not in studies:
             problems.append(f"findings row {row} (study_id={sid}): study_id: not in studies")
     for row, (long_d, perp_d) in enumerate(zip(m.findings["SCT_LONG_DIA"], m.findings["SCT_PERP_DIA"])):
         if long_d is not None and perp_d is not None and perp_d > long_d + 1e-6:
-            problems.append(f"findings row {row} (study_id={m.findings['study_id'].iloc[row]}): SCT_PERP_DIA: "
-                            f"{perp_d} exceeds SCT_LONG_DIA {long_d}")
+            problems.append(
+                f"findings row {row} (study_id={m.findings['study_id'].iloc[row]}): SCT_PERP_DIA: "
+                f"{perp_d} exceeds SCT_LONG_DIA {long_d}"
+            )
     nodules = {(studies.get(s), n) for s, n in zip(m.findings["study_id"], m.findings["nodule_id"])}
     for row, key in enumerate(zip(m.labels["patient_id"], m.labels["nodule_id"])):
         if None not in key and key not in nodules:
-            problems.append(f"labels row {row} (patient_id={key[0]}): nodule_id: {key[1]!r} has no finding "
-                            "for this patient")
+            problems.append(
+                f"labels row {row} (patient_id={key[0]}): nodule_id: {key[1]!r} has no finding for this patient"
+            )
     for pid in sorted(patients - set(studies.values()), key=str):
         problems.append(f"patients (patient_id={pid}): has no studies")
 

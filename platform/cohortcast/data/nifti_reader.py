@@ -120,8 +120,9 @@ def _spatial_shape(shape: tuple[int, ...], path: Path) -> tuple[int, int, int]:
     while len(dims) > 3 and dims[-1] == 1:
         dims.pop()
     if len(dims) not in (2, 3):
-        raise SliceGeometryError(path, f"expected a 2D or 3D image, got shape {shape} "
-                                       "(split 4D series into one file per volume)")
+        raise SliceGeometryError(
+            path, f"expected a 2D or 3D image, got shape {shape} (split 4D series into one file per volume)"
+        )
     return tuple(dims + [1] * (3 - len(dims)))  # type: ignore[return-value]
 
 
@@ -130,9 +131,12 @@ def _read_data(path: Path, gz: bool, need: int) -> bytes:
     if len(raw) < need:
         raise CorruptFileError(path, f"truncated: holds {len(raw)} of the {need} bytes its header declares")
     if len(raw) > need + _GZIP_SLACK:
-        raise TooLargeError(path, f"gzip stream decompresses to more than the {format_size(need)} its header "
-                                  f"declares (stopped reading at {format_size(len(raw))}): a decompression bomb or "
-                                  "not the image the header describes")
+        raise TooLargeError(
+            path,
+            f"gzip stream decompresses to more than the {format_size(need)} its header "
+            f"declares (stopped reading at {format_size(len(raw))}): a decompression bomb or "
+            "not the image the header describes",
+        )
     return raw
 
 

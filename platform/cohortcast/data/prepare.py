@@ -20,13 +20,19 @@ def prepare_cohort(cfg: CohortcastConfig) -> dict[str, Any]:
     manifest = Path(cfg.ingest.manifest)
     if not manifest.exists():
         if not cfg.synthesize_if_missing:
-            raise MissingInputError(f"manifest folder {manifest} does not exist (set synthesize_if_missing "
-                                    "to generate a synthetic cohort there)")
+            raise MissingInputError(
+                f"manifest folder {manifest} does not exist (set synthesize_if_missing "
+                "to generate a synthetic cohort there)"
+            )
         # One process per CPU the job may use (the output does not depend on it): 1000
         # patients took 312 s in one process on 2 cores.
         workers = max(1, min(cfg.ray.num_cpus or os.cpu_count() or 1, cfg.synth.patients))
-        log.info("no manifest at %s: generating a synthetic cohort of %d patients (%d processes)", manifest,
-                 cfg.synth.patients, workers)
+        log.info(
+            "no manifest at %s: generating a synthetic cohort of %d patients (%d processes)",
+            manifest,
+            cfg.synth.patients,
+            workers,
+        )
         generate_cohort(cfg.synth, manifest, workers=workers)
     return run_ingest(cfg.ingest, cfg.privacy, cfg.ray)
 
@@ -36,9 +42,11 @@ def _findings_line(c: dict[str, Any]) -> str:
     Cards written before these counts existed lack the first two: say so, do not guess."""
     if "findings_cropped" not in c:
         return f"  findings {c['findings']}: {c['findings_quarantined']} quarantined (older card: no breakdown)"
-    return (f"  findings {c['findings']}: {c['findings_cropped']} cropped, "
-            f"{c['findings_with_quarantined_study']} with their quarantined study, "
-            f"{c['findings_quarantined']} quarantined themselves")
+    return (
+        f"  findings {c['findings']}: {c['findings_cropped']} cropped, "
+        f"{c['findings_with_quarantined_study']} with their quarantined study, "
+        f"{c['findings_quarantined']} quarantined themselves"
+    )
 
 
 def format_summary(card: dict[str, Any]) -> str:

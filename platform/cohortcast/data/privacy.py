@@ -32,10 +32,13 @@ def resolve_secret(cfg: PrivacyConfig) -> str:
     if secret:
         return secret
     if cfg.require_secret:
-        raise MissingSecretError(f"privacy.require_secret is set but neither ${cfg.secret_env} nor "
-                                 "privacy.secret is given")
-    log.warning("No pseudonym secret (set $%s): using the development secret; do not use it for "
-                "real patient data", cfg.secret_env)
+        raise MissingSecretError(
+            f"privacy.require_secret is set but neither ${cfg.secret_env} nor privacy.secret is given"
+        )
+    log.warning(
+        "No pseudonym secret (set $%s): using the development secret; do not use it for real patient data",
+        cfg.secret_env,
+    )
     return DEVELOPMENT_SECRET
 
 
@@ -48,7 +51,7 @@ class Pseudonymizer:
         self.prefix = prefix
 
     @classmethod
-    def from_config(cls, cfg: PrivacyConfig) -> "Pseudonymizer":
+    def from_config(cls, cfg: PrivacyConfig) -> Pseudonymizer:
         return cls(resolve_secret(cfg), cfg.pseudonym_length)
 
     def __call__(self, identifier: str, kind: str = "patient") -> str:

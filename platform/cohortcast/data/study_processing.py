@@ -21,14 +21,32 @@ OK, QUARANTINED = "ok", "quarantined"
 
 def _empty_result(task: dict, cfg: IngestConfig) -> dict[str, Any]:
     return {
-        **{k: task[k] for k in ("patient", "study", "split", "study_date", "days_since_baseline", "exam_index",
-                                "num_exams", "modality", "report_text", "rel_path")},
-        "status": OK, "reason": "", "message": "", "findings_json": "[]", "has_mask": False,
+        **{
+            k: task[k]
+            for k in (
+                "patient",
+                "study",
+                "split",
+                "study_date",
+                "days_since_baseline",
+                "exam_index",
+                "num_exams",
+                "modality",
+                "report_text",
+                "rel_path",
+            )
+        },
+        "status": OK,
+        "reason": "",
+        "message": "",
+        "findings_json": "[]",
+        "has_mask": False,
         "crops": np.zeros((0, cfg.crop_size, cfg.crop_size), np.float32),
         "patches": np.zeros((0,) + (cfg.patch_size,) * 3, np.float32),
         "volume": np.zeros(cfg.volume_shape, np.float32),
         "mask": np.zeros(cfg.volume_shape, np.uint8),
-        "source_shape": np.zeros(3, np.int64), "source_affine": np.zeros(16, np.float64),
+        "source_shape": np.zeros(3, np.int64),
+        "source_affine": np.zeros(16, np.float64),
         "volume_affine": np.zeros(16, np.float64),
     }
 
@@ -53,8 +71,9 @@ def _quarantine(result: dict, exc: StudyError, task: dict) -> dict:
 
 
 def read_limits(cfg: IngestConfig) -> ReadLimits:
-    return ReadLimits(max_voxels=cfg.max_voxels, max_uncompressed_bytes=cfg.max_uncompressed_mb * MB,
-                      config_section="ingest")
+    return ReadLimits(
+        max_voxels=cfg.max_voxels, max_uncompressed_bytes=cfg.max_uncompressed_mb * MB, config_section="ingest"
+    )
 
 
 def non_finite_columns(result: dict) -> list[str]:
@@ -81,8 +100,9 @@ def process_study(task: dict, cfg: IngestConfig) -> dict[str, Any]:
         try:
             check_inside(volume, centre, f"{task['rel_path']} nodule {finding['nodule_id']}")
         except StudyError as exc:
-            findings.append({**finding, "status": QUARANTINED, "reason": exc.reason,
-                             "message": relative_message(str(exc), task)})
+            findings.append(
+                {**finding, "status": QUARANTINED, "reason": exc.reason, "message": relative_message(str(exc), task)}
+            )
             continue
         crops.append(window(axial_crop(volume, centre, cfg.crop_size, cfg.crop_spacing_mm), lo, hi, cfg.normalise))
         patches.append(window(patch_3d(volume, centre, cfg.patch_size, cfg.patch_spacing_mm), lo, hi, cfg.normalise))
@@ -99,8 +119,9 @@ def process_study(task: dict, cfg: IngestConfig) -> dict[str, Any]:
             try:
                 mask = read_study(task["mask_path"], modality="SEG", limits=limits)
                 if mask.shape != volume.shape or not np.allclose(mask.affine, volume.affine, atol=1e-3):
-                    raise SliceGeometryError(task["mask_path_rel"], f"mask grid {mask.shape} does not match the "
-                                                                    f"image grid {volume.shape}")
+                    raise SliceGeometryError(
+                        task["mask_path_rel"], f"mask grid {mask.shape} does not match the image grid {volume.shape}"
+                    )
             except StudyError as exc:
                 return _quarantine(result, exc, task)
             result["mask"] = (resample_to_shape(mask, cfg.volume_shape, order=0, cval=0).array > 0.5).astype(np.uint8)
@@ -113,6 +134,7 @@ def _guard_finite(result: dict, task: dict) -> dict:
     this fires only if a transform makes one; the study is quarantined, not written."""
     bad = non_finite_columns(result)
     if bad:
-        return _quarantine(result, NonFiniteVoxelsError(task["rel_path"], f"non-finite values in the computed "
-                                                                          f"{', '.join(bad)}"), task)
+        return _quarantine(
+            result, NonFiniteVoxelsError(task["rel_path"], f"non-finite values in the computed {', '.join(bad)}"), task
+        )
     return result

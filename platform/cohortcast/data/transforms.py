@@ -34,8 +34,11 @@ def check_inside(volume: Volume, centre_lps: np.ndarray, where: str) -> None:
     if volume.shape[0] == 1:
         ijk[2], limits[2] = 0.0, 1.0
     if np.any(ijk < -0.5) or np.any(ijk > limits - 0.5):
-        raise FindingOutsideImageError(where, f"centre {np.round(centre_lps, 1).tolist()} mm maps to voxel "
-                                              f"{np.round(ijk, 1).tolist()}, outside image of size {limits.astype(int).tolist()}")
+        raise FindingOutsideImageError(
+            where,
+            f"centre {np.round(centre_lps, 1).tolist()} mm maps to voxel "
+            f"{np.round(ijk, 1).tolist()}, outside image of size {limits.astype(int).tolist()}",
+        )
 
 
 def _plane_axes(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
@@ -50,8 +53,7 @@ def axial_crop(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: fl
     """(size, size) crop centred on the finding, rows along +y (posterior), columns +x."""
     offsets = (np.arange(size) - (size - 1) / 2.0) * spacing_mm
     col_axis, row_axis = _plane_axes(volume)
-    pts = (np.asarray(centre_lps)[None, None, :] + offsets[None, :, None] * col_axis
-           + offsets[:, None, None] * row_axis)
+    pts = np.asarray(centre_lps)[None, None, :] + offsets[None, :, None] * col_axis + offsets[:, None, None] * row_axis
     return _sample(volume, pts, order=1, cval=AIR_HU)
 
 
@@ -63,8 +65,7 @@ def patch_3d(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: floa
     return _sample(volume, pts, order=1, cval=AIR_HU)
 
 
-def resample_to_shape(volume: Volume, shape: tuple[int, int, int], order: int = 1,
-                      cval: float = AIR_HU) -> Volume:
+def resample_to_shape(volume: Volume, shape: tuple[int, int, int], order: int = 1, cval: float = AIR_HU) -> Volume:
     """Resample the whole image onto a (Z, Y, X) grid spanning the same physical
     extent and orientation; the returned affine describes the new grid."""
     old = np.array(volume.shape, dtype=float)

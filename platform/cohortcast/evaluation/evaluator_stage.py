@@ -21,8 +21,10 @@ def followup_labels(folder: str | Path) -> dict[str, float]:
     by_nodule = t.groupby(["patient", "nodule_id"])
     first, label = by_nodule["days_since_baseline"].transform("min"), by_nodule["malignant"].transform("max")
     keep = (t["days_since_baseline"] > first) & (label >= 0)
-    return {_row_key(p, n, d): float(y) for p, n, d, y in
-            zip(t["patient"][keep], t["nodule_id"][keep], t["days_since_baseline"][keep], label[keep])}
+    return {
+        _row_key(p, n, d): float(y)
+        for p, n, d, y in zip(t["patient"][keep], t["nodule_id"][keep], t["days_since_baseline"][keep], label[keep])
+    }
 
 
 def _row_key(patient, nodule, days) -> str:
@@ -60,9 +62,11 @@ def followup_dataset(ingested: str | Path, split: str, augment: bool = False):
     labels = followup_labels(folder)
     if not labels:
         return None
-    return (ray.data.read_parquet(str(folder), columns=["patient", "nodule_id", "days_since_baseline", "crop"])
-            .map_batches(select_followups, fn_kwargs={"labels": labels, "augment": augment}, batch_format="numpy")
-            .materialize())
+    return (
+        ray.data.read_parquet(str(folder), columns=["patient", "nodule_id", "days_since_baseline", "crop"])
+        .map_batches(select_followups, fn_kwargs={"labels": labels, "augment": augment}, batch_format="numpy")
+        .materialize()
+    )
 
 
 def validate_evaluator(engine, batches) -> tuple[dict[str, float], dict]:
@@ -100,6 +104,9 @@ def evaluator_worker_loop(config: dict) -> None:
         logits = engine(batch["image"])
         return {"total": F.binary_cross_entropy_with_logits(logits.float(), batch["label"].float())}
 
-    hooks = StageHooks(validate=validate_evaluator, tracking=config.get("tracking"),
-                       validate_every_epochs=model_cfg.validate_every_epochs)
+    hooks = StageHooks(
+        validate=validate_evaluator,
+        tracking=config.get("tracking"),
+        validate_every_epochs=model_cfg.validate_every_epochs,
+    )
     run_stage_loop(config["stage"], lambda: MalignancyEvaluator.build(model_cfg, config["image_size"]), loss_fn, hooks)

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], images: np.ndarray, batc
     out = []
     with torch.no_grad():
         for start in range(0, len(images), batch_size):
-            chunk = torch.tensor(np.asarray(images[start:start + batch_size], np.float32))[:, None]
+            chunk = torch.tensor(np.asarray(images[start : start + batch_size], np.float32))[:, None]
             out.append(fn(chunk).float().cpu().numpy())
     return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
@@ -59,7 +59,7 @@ def lpips_distances(vgg_path: str | Path, lpips_path: str | Path, batch_size: in
         out = []
         with torch.no_grad():
             for start in range(0, len(pairs), batch_size):
-                chunk = torch.from_numpy(pairs[start:start + batch_size])
+                chunk = torch.from_numpy(pairs[start : start + batch_size])
                 out.append(net(chunk[:, :1], chunk[:, 1:]).numpy())
         return np.concatenate(out)
 

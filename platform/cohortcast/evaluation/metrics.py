@@ -8,8 +8,8 @@ Inception FID and a distance in another network's features are never mixed up.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -41,8 +41,10 @@ def over_seeds(per_seed: list[dict[str, float]]) -> dict[str, MeanStd]:
     if not per_seed:
         raise ValueError("no seeds to summarise")
     keys = per_seed[0].keys()
-    return {k: MeanStd(float(np.mean([m[k] for m in per_seed])), float(np.std([m[k] for m in per_seed])),
-                       len(per_seed)) for k in keys}
+    return {
+        k: MeanStd(float(np.mean([m[k] for m in per_seed])), float(np.std([m[k] for m in per_seed])), len(per_seed))
+        for k in keys
+    }
 
 
 def mean_auroc(labels, scores) -> float:
@@ -77,8 +79,13 @@ class Interval:
         return f"[{self.low:.3f}, {self.high:.3f}]"
 
 
-def patient_bootstrap(patients: Sequence[str], statistic: Callable[[np.ndarray], float], n_boot: int = 1000,
-                      seed: int = 0, level: float = 0.95) -> Interval:
+def patient_bootstrap(
+    patients: Sequence[str],
+    statistic: Callable[[np.ndarray], float],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
     """Percentile CI of statistic(case_indices) under a cluster bootstrap over patients.
 
     A patient's nodules are correlated, so patients, not cases, are the independent
@@ -106,8 +113,10 @@ def patient_bootstrap(patients: Sequence[str], statistic: Callable[[np.ndarray],
         except ValueError:
             continue
     if 2 * len(values) < n_boot:
-        raise ValueError(f"only {len(values)} of {n_boot} patient bootstrap resamples gave a value "
-                         "(e.g. a single class); too few patients for a confidence interval")
+        raise ValueError(
+            f"only {len(values)} of {n_boot} patient bootstrap resamples gave a value "
+            "(e.g. a single class); too few patients for a confidence interval"
+        )
     tail = 100 * (1 - level) / 2
     low, high = np.percentile(values, [tail, 100 - tail])
     return Interval(float(low), float(high), len(values))
@@ -121,8 +130,9 @@ class FrechetDistance:
     n_generated: int
 
 
-def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray,
-                     eps: float = 1e-6) -> float:
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2))."""
     from scipy import linalg
 
@@ -147,8 +157,9 @@ def frechet_distance_of_features(real: np.ndarray, generated: np.ndarray, featur
     real, generated = np.asarray(real, np.float64), np.asarray(generated, np.float64)
     if min(len(real), len(generated)) < 2:
         raise ValueError("the Frechet distance needs at least 2 feature vectors on each side")
-    value = frechet_distance(real.mean(0), np.cov(real, rowvar=False), generated.mean(0),
-                             np.cov(generated, rowvar=False))
+    value = frechet_distance(
+        real.mean(0), np.cov(real, rowvar=False), generated.mean(0), np.cov(generated, rowvar=False)
+    )
     return FrechetDistance(value, feature_space, len(real), len(generated))
 
 

@@ -70,6 +70,7 @@ def task_loss_note(cfg: CohortcastConfig, ablation: CohortcastConfig) -> str:
 
     return f"L_task: NAMD {describe(cfg.training)}, ablation {describe(ablation.training)}"
 
+
 def _tensor(table, name: str) -> np.ndarray:
     return np.asarray(table.column(name).combine_chunks().to_numpy_ndarray(), np.float32)
 
@@ -82,10 +83,16 @@ def load_cases(output: str | Path) -> dict[str, Any]:
     if table is None:
         raise MissingInputError(f"{output}: no finished forecasts")
     table = table.sort_by("case_id")
-    out = {"case_id": table.column("case_id").to_pylist(), "patient": table.column("patient").to_pylist(),
-           "label": np.asarray(table.column("malignant").to_pylist()), "baseline": _tensor(table, "baseline"),
-           "target": _tensor(table, "target"), "mean": _tensor(table, "mean"),
-           "variance": _tensor(table, "variance"), "samples": _tensor(table, "samples")}
+    out = {
+        "case_id": table.column("case_id").to_pylist(),
+        "patient": table.column("patient").to_pylist(),
+        "label": np.asarray(table.column("malignant").to_pylist()),
+        "baseline": _tensor(table, "baseline"),
+        "target": _tensor(table, "target"),
+        "mean": _tensor(table, "mean"),
+        "variance": _tensor(table, "variance"),
+        "samples": _tensor(table, "samples"),
+    }
     for name in ("mean_latent", "baseline_latent", "target_latent", "target_reconstruction"):
         out[name] = _tensor(table, name)
     out["target_diameter_mm"] = np.asarray(table.column("target_diameter_mm").to_pylist(), np.float32)
@@ -138,9 +145,17 @@ class EvaluationJob:
             return {"train": train, "val": followup_dataset(ingested, "val")}
 
         runner = StageRunner(self.cfg.training.output, scaling)
-        folder = runner.train(runs, "evaluator", key, evaluator_worker_loop,
-                              {"stage": ev.train, "model": ev, "image_size": image_size}, datasets, export,
-                              flatten(ev, "evaluation.evaluator"), folder=Path(self.e.evaluator_output))
+        folder = runner.train(
+            runs,
+            "evaluator",
+            key,
+            evaluator_worker_loop,
+            {"stage": ev.train, "model": ev, "image_size": image_size},
+            datasets,
+            export,
+            flatten(ev, "evaluation.evaluator"),
+            folder=Path(self.e.evaluator_output),
+        )
         metrics = (outputs.read_marker(folder) or {}).get("metrics", {})
         return folder, {k[4:]: v for k, v in metrics.items() if k.startswith("val/")}
 
@@ -217,21 +232,31 @@ def score(cfg: CohortcastConfig, evaluator_folder: Path):
     """Evaluator probabilities and image metrics for every method -> Table 1 + claims."""
     import torch
 
-    from cohortcast.evaluation.feature_networks import (EVALUATOR_SPACE, INCEPTION_SPACE, batched,
-                                                         inception_features, lpips_distances)
+    from cohortcast.evaluation.feature_networks import (
+        EVALUATOR_SPACE,
+        INCEPTION_SPACE,
+        batched,
+        inception_features,
+        lpips_distances,
+    )
     from cohortcast.evaluation.table import compute_table, difference_claims, error_claims, paper_claims
     from cohortcast.models.evaluator import MalignancyEvaluator
 
     e = cfg.evaluation
     evaluator = MalignancyEvaluator.load(evaluator_folder)
     cases = load_cases(cfg.forecast.output)
-    others = {ABLATION: load_cases(e.ablation.forecasts) if e.ablation.enabled else None,
-              REGRESSOR: load_cases(e.regressor.forecasts) if e.regressor.enabled else None}
+    others = {
+        ABLATION: load_cases(e.ablation.forecasts) if e.ablation.enabled else None,
+        REGRESSOR: load_cases(e.regressor.forecasts) if e.regressor.enabled else None,
+    }
     others = {k: v for k, v in others.items() if v is not None}
     shared = sorted(set(cases["case_id"]).intersection(*(set(o["case_id"]) for o in others.values())))
     if len(shared) < len(cases["case_id"]):
-        log.warning("the other methods' forecasts cover %d of %d cases: the table uses the shared ones", len(shared),
-                    len(cases["case_id"]))
+        log.warning(
+            "the other methods' forecasts cover %d of %d cases: the table uses the shared ones",
+            len(shared),
+            len(cases["case_id"]),
+        )
     keep = [c for c, y in zip(cases["case_id"], cases["label"]) if c in set(shared) and y >= 0]
     if len(keep) < len(shared):
         log.warning("%d cases without a malignancy label are left out", len(shared) - len(keep))
@@ -239,9 +264,11 @@ def score(cfg: CohortcastConfig, evaluator_folder: Path):
     others = {k: _select(v, keep) for k, v in others.items()}
     labels = cases["label"]
     if len(set(labels.tolist())) < 2:
-        raise EvaluationError(f"the {cfg.forecast.split!r} split has {len(labels)} labelled case(s), all of class "
-                              f"{sorted(set(labels.tolist()))}: AUROC needs benign and malignant cases; use a larger "
-                              "cohort or another forecast.split")
+        raise EvaluationError(
+            f"the {cfg.forecast.split!r} split has {len(labels)} labelled case(s), all of class "
+            f"{sorted(set(labels.tolist()))}: AUROC needs benign and malignant cases; use a larger "
+            "cohort or another forecast.split"
+        )
 
     def probabilities(images: np.ndarray) -> np.ndarray:
         return batched(lambda x: torch.sigmoid(evaluator(x)), images, e.batch_size)
@@ -257,38 +284,88 @@ def score(cfg: CohortcastConfig, evaluator_folder: Path):
     def forecast_method(name: str, forecasts: dict, same_vae: bool, note: str = "") -> Method:
         runs = [forecasts["samples"][:, k] for k in range(forecasts["samples"].shape[1])]
         # Latent errors are comparable only in one latent space: the ablation has its own VAE.
-        return Method(name, runs, generated=True, mean_image=forecasts["mean"],
-                      latent=forecasts["mean_latent"] if same_vae else None, note=note)
+        return Method(
+            name,
+            runs,
+            generated=True,
+            mean_image=forecasts["mean"],
+            latent=forecasts["mean_latent"] if same_vae else None,
+            note=note,
+        )
 
-    methods = [Method(REAL_BASELINE, [cases["baseline"]], generated=False),
-               Method(REAL_FOLLOW_UP, [cases["target"]], generated=False),
-               forecast_method(NAMD, cases, True)]
+    methods = [
+        Method(REAL_BASELINE, [cases["baseline"]], generated=False),
+        Method(REAL_FOLLOW_UP, [cases["target"]], generated=False),
+        forecast_method(NAMD, cases, True),
+    ]
     ablation_note = task_loss_note(cfg, ablation_config(cfg))
     if ABLATION in others:
-        methods.append(forecast_method(ABLATION, others[ABLATION], False,
-                                       note=f"{ablation_note}; latent error n/a: its own VAE's latent space"))
+        methods.append(
+            forecast_method(
+                ABLATION, others[ABLATION], False, note=f"{ablation_note}; latent error n/a: its own VAE's latent space"
+            )
+        )
     if REGRESSOR in others:
-        methods.append(forecast_method(REGRESSOR, others[REGRESSOR], True,
-                                       note="one deterministic prediction per case: its std over seeds is 0"))
-    methods.append(Method(COPY, [cases["baseline"]], generated=True, mean_image=cases["baseline"],
-                          latent=cases["baseline_latent"],
-                          note="forecasts the baseline unchanged: its AUROC/AUPRC equal the real baseline's"))
-    methods.append(Method(VAE_FLOOR, [cases["target_reconstruction"]], generated=True,
-                          mean_image=cases["target_reconstruction"], latent=cases["target_latent"],
-                          note="the best any latent forecast can do through this VAE's decoder"))
+        methods.append(
+            forecast_method(
+                REGRESSOR,
+                others[REGRESSOR],
+                True,
+                note="one deterministic prediction per case: its std over seeds is 0",
+            )
+        )
+    methods.append(
+        Method(
+            COPY,
+            [cases["baseline"]],
+            generated=True,
+            mean_image=cases["baseline"],
+            latent=cases["baseline_latent"],
+            note="forecasts the baseline unchanged: its AUROC/AUPRC equal the real baseline's",
+        )
+    )
+    methods.append(
+        Method(
+            VAE_FLOOR,
+            [cases["target_reconstruction"]],
+            generated=True,
+            mean_image=cases["target_reconstruction"],
+            latent=cases["target_latent"],
+            note="the best any latent forecast can do through this VAE's decoder",
+        )
+    )
     crop = cases["target"].shape[-1]
     masks = region_masks(cases["target_diameter_mm"], crop, float(card_spacing(cfg)), e.region_margin_mm)
     pairs = [(NAMD, REAL_BASELINE)] + [(NAMD, other) for other in (ABLATION, REGRESSOR) if other in others]
-    table = compute_table(methods, labels, cases["target"], probabilities, features, space, lpips, lpips_label,
-                          patients=cases["patient"], target_latents=cases["target_latent"], region_masks=masks,
-                          n_boot=e.bootstrap, boot_seed=cfg.forecast.seed, differences=pairs)
+    table = compute_table(
+        methods,
+        labels,
+        cases["target"],
+        probabilities,
+        features,
+        space,
+        lpips,
+        lpips_label,
+        patients=cases["patient"],
+        target_latents=cases["target_latent"],
+        region_masks=masks,
+        n_boot=e.bootstrap,
+        boot_seed=cfg.forecast.seed,
+        differences=pairs,
+    )
     claims = paper_claims(table, NAMD, ABLATION if ABLATION in others else None, REAL_BASELINE, REAL_FOLLOW_UP)
     claims += error_claims(table, NAMD, [COPY] + ([REGRESSOR] if REGRESSOR in others else []))
     claims += difference_claims(table)
-    cohort = {"split": cfg.forecast.split, "cases": len(labels), "malignant": int(labels.sum()),
-              "patients": len(set(cases["patient"])), "num_samples": int(cases["samples"].shape[1]),
-              "inference_steps": cfg.forecast.inference_steps, "seed": cfg.forecast.seed,
-              "task_loss": ablation_note}
+    cohort = {
+        "split": cfg.forecast.split,
+        "cases": len(labels),
+        "malignant": int(labels.sum()),
+        "patients": len(set(cases["patient"])),
+        "num_samples": int(cases["samples"].shape[1]),
+        "inference_steps": cfg.forecast.inference_steps,
+        "seed": cfg.forecast.seed,
+        "task_loss": ablation_note,
+    }
     return table, claims, cases, {"cohort": cohort, "ablation": others.get(ABLATION)}
 
 
@@ -303,8 +380,9 @@ def card_spacing(cfg: CohortcastConfig) -> float:
 def _log_to_mlflow(runs, table: Table1, report: Path) -> None:
     metrics = {}
     for row in table.rows:
-        slug = "".join(ch for ch in row.method.lower().replace(" ", "_").replace("+", "and")
-                       if ch.isalnum() or ch in "_-")
+        slug = "".join(
+            ch for ch in row.method.lower().replace(" ", "_").replace("+", "and") if ch.isalnum() or ch in "_-"
+        )
         for name in ("auroc", "auprc", "lpips", "frechet"):
             value = getattr(row, name)
             if value is not None:
@@ -321,11 +399,18 @@ def _log_to_mlflow(runs, table: Table1, report: Path) -> None:
 
 def format_result(result: EvaluationResult) -> str:
     c = result.cohort
-    lines = [f"NAMD evaluation on the {c['split']} split: {c['cases']} cases ({c['malignant']} malignant) from "
-             f"{c['patients']} patients; {c['num_samples']} samples per case, {c['inference_steps']} DDIM steps, "
-             f"seed {c['seed']}", "", result.table.markdown(), ""]
+    lines = [
+        f"NAMD evaluation on the {c['split']} split: {c['cases']} cases ({c['malignant']} malignant) from "
+        f"{c['patients']} patients; {c['num_samples']} samples per case, {c['inference_steps']} DDIM steps, "
+        f"seed {c['seed']}",
+        "",
+        result.table.markdown(),
+        "",
+    ]
     lines += [f"{'holds' if cl.holds else 'does NOT hold'}: {cl.text} ({cl.detail})" for cl in result.claims]
     if result.evaluator_val:
-        lines.append("evaluator validation: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.evaluator_val.items())))
+        lines.append(
+            "evaluator validation: " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(result.evaluator_val.items()))
+        )
     lines += [f"report: {result.report}", result.mlflow]
     return "\n".join(lines)

@@ -8,13 +8,20 @@ and the error of each method's mean forecast (whole crop, nodule region, latent)
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
 
 import numpy as np
 
-from cohortcast.evaluation.metrics import (Interval, MeanStd, classification_metrics, frechet_distance_of_features,
-                                           mean_auroc, over_seeds, patient_bootstrap)
+from cohortcast.evaluation.metrics import (
+    Interval,
+    MeanStd,
+    classification_metrics,
+    frechet_distance_of_features,
+    mean_auroc,
+    over_seeds,
+    patient_bootstrap,
+)
 
 Probabilities = Callable[[np.ndarray], np.ndarray]  # (n, H, W) -> (n,)
 Features = Callable[[np.ndarray], np.ndarray]  # (n, H, W) -> (n, d)
@@ -52,6 +59,7 @@ class Row:
 class PairedDifference:
     """Mean-over-runs AUROC of a minus that of b, with a CI from the same patient resamples
     for both, so the case mix shared by a and b cancels out of the interval."""
+
     a: str
     b: str
     mean: float
@@ -73,22 +81,31 @@ class Table1:
         return next(r for r in self.rows if r.method == method)
 
     def markdown(self) -> str:
-        head = (f"| Method | AUROC ↑ [95% CI] | AUPRC ↑ | MAE ↓ | nodule MAE ↓ | latent error ↓ | LPIPS ↓ "
-                f"| Fréchet distance ↓ ({self.frechet_space}) |")
+        head = (
+            f"| Method | AUROC ↑ [95% CI] | AUPRC ↑ | MAE ↓ | nodule MAE ↓ | latent error ↓ | LPIPS ↓ "
+            f"| Fréchet distance ↓ ({self.frechet_space}) |"
+        )
         lines = [head, "|---|---|---|---|---|---|---|---|"]
         for r in self.rows:
             auroc = str(r.auroc) + (f" [{r.auroc_ci.low:.2f}, {r.auroc_ci.high:.2f}]" if r.auroc_ci else "")
-            cells = [auroc, str(r.auprc), *(_cell(v, ".4f") for v in (r.mae, r.region_mae, r.latent_error)),
-                     str(r.lpips) if r.lpips else "–", str(r.frechet) if r.frechet else "–"]
+            cells = [
+                auroc,
+                str(r.auprc),
+                *(_cell(v, ".4f") for v in (r.mae, r.region_mae, r.latent_error)),
+                str(r.lpips) if r.lpips else "–",
+                str(r.frechet) if r.frechet else "–",
+            ]
             lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
         if self.differences:
             lines.append("")
         for d in self.differences:
             used = d.interval.n_boot_used
             resamples = f"{used} resamples" if used == self.n_boot else f"{used} of {self.n_boot} resamples usable"
-            lines.append(f"AUROC difference {d.a} − {d.b}: {_minus(f'{d.mean:+.3f}')} "
-                         f"[{_minus(f'{d.interval.low:.3f}')}, {_minus(f'{d.interval.high:.3f}')}] "
-                         f"(patient bootstrap, {resamples})")
+            lines.append(
+                f"AUROC difference {d.a} − {d.b}: {_minus(f'{d.mean:+.3f}')} "
+                f"[{_minus(f'{d.interval.low:.3f}')}, {_minus(f'{d.interval.high:.3f}')}] "
+                f"(patient bootstrap, {resamples})"
+            )
         return "\n".join(lines)
 
 
@@ -125,8 +142,9 @@ def _region_mae(prediction: np.ndarray, target: np.ndarray, masks: np.ndarray) -
     return float(np.mean(per_case)) if per_case else None
 
 
-def _forecast_errors(method: Method, follow_ups: np.ndarray, region_masks: np.ndarray | None,
-                     target_latents: np.ndarray | None) -> dict[str, float | None]:
+def _forecast_errors(
+    method: Method, follow_ups: np.ndarray, region_masks: np.ndarray | None, target_latents: np.ndarray | None
+) -> dict[str, float | None]:
     errors = {"mae": None, "region_mae": None, "latent_error": None}
     if method.mean_image is not None:
         mean_image = _check_shape(f"{method.name} mean_image", method.mean_image, follow_ups.shape)
@@ -134,13 +152,20 @@ def _forecast_errors(method: Method, follow_ups: np.ndarray, region_masks: np.nd
         if region_masks is not None:
             errors["region_mae"] = _region_mae(mean_image, follow_ups, region_masks)
     if method.latent is not None and target_latents is not None:
-        errors["latent_error"] = _mae(_check_shape(f"{method.name} latent", method.latent, target_latents.shape),
-                                      target_latents)
+        errors["latent_error"] = _mae(
+            _check_shape(f"{method.name} latent", method.latent, target_latents.shape), target_latents
+        )
     return errors
 
 
-def _bootstrap_rows(rows: list[Row], differences: Sequence[tuple[str, str]], labels: np.ndarray,
-                    patients: Sequence[str], n_boot: int, seed: int) -> list[PairedDifference]:
+def _bootstrap_rows(
+    rows: list[Row],
+    differences: Sequence[tuple[str, str]],
+    labels: np.ndarray,
+    patients: Sequence[str],
+    n_boot: int,
+    seed: int,
+) -> list[PairedDifference]:
     """Sets each row's auroc_ci and returns the paired differences. One seed for all, so
     every row and difference sees the identical sequence of patient resamples."""
     by_name = {r.method: r for r in rows}
@@ -159,11 +184,23 @@ def _bootstrap_rows(rows: list[Row], differences: Sequence[tuple[str, str]], lab
     return out
 
 
-def compute_table(methods: list[Method], labels: np.ndarray, follow_ups: np.ndarray, probabilities: Probabilities,
-                  features: Features, frechet_space: str, lpips: Distances | None, lpips_label: str, *,
-                  patients: Sequence[str] | None = None, target_latents: np.ndarray | None = None,
-                  region_masks: np.ndarray | None = None, n_boot: int = 1000, boot_seed: int = 0,
-                  differences: Sequence[tuple[str, str]] = ()) -> Table1:
+def compute_table(
+    methods: list[Method],
+    labels: np.ndarray,
+    follow_ups: np.ndarray,
+    probabilities: Probabilities,
+    features: Features,
+    frechet_space: str,
+    lpips: Distances | None,
+    lpips_label: str,
+    *,
+    patients: Sequence[str] | None = None,
+    target_latents: np.ndarray | None = None,
+    region_masks: np.ndarray | None = None,
+    n_boot: int = 1000,
+    boot_seed: int = 0,
+    differences: Sequence[tuple[str, str]] = (),
+) -> Table1:
     """patients (one id per case) switch on the patient-bootstrap AUROC CIs and the paired
     differences (method_a, method_b); target_latents and region_masks switch on the latent
     and nodule-region errors of methods that carry latent / mean_image."""
@@ -194,10 +231,24 @@ def compute_table(methods: list[Method], labels: np.ndarray, follow_ups: np.ndar
             if lpips is not None:
                 lp = _summary([float(np.mean(lpips(images, follow_ups))) for images in method.runs])
             if len(follow_ups) >= 2:
-                fd = _summary([frechet_distance_of_features(real_features, features(images), frechet_space).value
-                               for images in method.runs])
-        rows.append(Row(method.name, per_seed["auroc"], per_seed["auprc"], lp, fd, probs, method.note,
-                        **_forecast_errors(method, follow_ups, region_masks, target_latents)))
+                fd = _summary(
+                    [
+                        frechet_distance_of_features(real_features, features(images), frechet_space).value
+                        for images in method.runs
+                    ]
+                )
+        rows.append(
+            Row(
+                method.name,
+                per_seed["auroc"],
+                per_seed["auprc"],
+                lp,
+                fd,
+                probs,
+                method.note,
+                **_forecast_errors(method, follow_ups, region_masks, target_latents),
+            )
+        )
     table = Table1(rows, frechet_space, lpips_label, n, int(labels.sum()))
     if patients is not None:
         table.differences = _bootstrap_rows(rows, differences, labels, patients, n_boot, boot_seed)
@@ -216,8 +267,10 @@ def paper_claims(table: Table1, namd: str, ablation: str | None, baseline: str, 
     """NAMD's scientific claims on AUROC means: real baseline < NAMD <= real follow-up,
     and the ablation below full NAMD."""
     b, n, f = (table.row(m).auroc for m in (baseline, namd, follow_up))
-    claims = [Claim(f"{baseline} < {namd}", b.mean < n.mean, f"AUROC {b.mean:.3f} vs {n.mean:.3f}"),
-              Claim(f"{namd} <= {follow_up}", n.mean <= f.mean, f"AUROC {n.mean:.3f} vs {f.mean:.3f}")]
+    claims = [
+        Claim(f"{baseline} < {namd}", b.mean < n.mean, f"AUROC {b.mean:.3f} vs {n.mean:.3f}"),
+        Claim(f"{namd} <= {follow_up}", n.mean <= f.mean, f"AUROC {n.mean:.3f} vs {f.mean:.3f}"),
+    ]
     if ablation:
         a = table.row(ablation).auroc
         claims.append(Claim(f"{ablation} < {namd}", a.mean < n.mean, f"AUROC {a.mean:.3f} vs {n.mean:.3f}"))
@@ -243,5 +296,11 @@ def error_claims(table: Table1, forecast: str, references: Sequence[str]) -> lis
 
 def difference_claims(table: Table1) -> list[Claim]:
     """Each paired AUROC difference a − b is claimed positive: its CI lies above 0."""
-    return [Claim(f"{d.a} − {d.b} AUROC CI excludes 0", d.interval.low > 0,
-                  f"AUROC difference {_minus(f'{d.mean:+.3f}')} {_minus(str(d.interval))}") for d in table.differences]
+    return [
+        Claim(
+            f"{d.a} − {d.b} AUROC CI excludes 0",
+            d.interval.low > 0,
+            f"AUROC difference {_minus(f'{d.mean:+.3f}')} {_minus(str(d.interval))}",
+        )
+        for d in table.differences
+    ]

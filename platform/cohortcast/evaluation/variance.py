@@ -22,8 +22,10 @@ class CaseVariance:
     variance: np.ndarray  # (n,) unbiased variance of the probability over samples
 
     def rows(self) -> list[dict]:
-        return [{"case_id": c, "label": int(y), "mean_probability": float(p), "error": float(e), "variance": float(v)}
-                for c, y, p, e, v in zip(self.case_ids, self.labels, self.mean_probability, self.error, self.variance)]
+        return [
+            {"case_id": c, "label": int(y), "mean_probability": float(p), "error": float(e), "variance": float(v)}
+            for c, y, p, e, v in zip(self.case_ids, self.labels, self.mean_probability, self.error, self.variance)
+        ]
 
 
 def case_variance(case_ids: list[str], labels: np.ndarray, probabilities: np.ndarray) -> CaseVariance:
@@ -79,8 +81,15 @@ def plot_running_variance(probabilities: np.ndarray, cases: int, seed: int, path
     return path
 
 
-def plot_variance_maps(cv: CaseVariance, baseline: np.ndarray, mean: np.ndarray, pixel_variance: np.ndarray,
-                       follow_up: np.ndarray, cases: int, path: Path) -> Path:
+def plot_variance_maps(
+    cv: CaseVariance,
+    baseline: np.ndarray,
+    mean: np.ndarray,
+    pixel_variance: np.ndarray,
+    follow_up: np.ndarray,
+    cases: int,
+    path: Path,
+) -> Path:
     """Fig. 3 (right): for cases from confident to unsure (sorted by probability
     variance): baseline | mean forecast | pixel variance | |mean - follow-up| | follow-up."""
     plt = _pyplot()

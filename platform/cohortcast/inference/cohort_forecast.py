@@ -68,15 +68,19 @@ def cohort_preprocessing(forecaster: str, card: dict[str, Any]):
     cohort = CropPreprocessing.from_ingest(card["config"])
     model = read_preprocessing(forecaster)
     if model is None:
-        log.warning("Forecaster %s carries no crop preprocessing (saved before format 3): assuming the ingested "
-                    "cohort's (%s)", forecaster, cohort.to_dict())
+        log.warning(
+            "Forecaster %s carries no crop preprocessing (saved before format 3): assuming the ingested cohort's (%s)",
+            forecaster,
+            cohort.to_dict(),
+        )
         return cohort
     differences = model.differences(cohort)
     if differences:
         raise PreprocessingMismatch(
             f"the Forecaster's training crops and the ingested cohort {card['config'].get('output')} differ "
             f"(Forecaster vs cohort: {'; '.join(differences)}); ingest the cohort with the Forecaster's settings "
-            "(`cohortcast forecast` over a manifest does this) or forecast with a matching Forecaster")
+            "(`cohortcast forecast` over a manifest does this) or forecast with a matching Forecaster"
+        )
     return model
 
 
@@ -93,8 +97,9 @@ def ingest_for_forecaster(ingest, forecaster: str):
 
     differences = CropPreprocessing.from_ingest(ingest).differences(model)
     if differences:
-        log.info("ingesting with the Forecaster's crop preprocessing (config vs Forecaster: %s)",
-                 "; ".join(differences))
+        log.info(
+            "ingesting with the Forecaster's crop preprocessing (config vs Forecaster: %s)", "; ".join(differences)
+        )
     return model.applied_to(ingest)
 
 
@@ -104,10 +109,17 @@ def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str,
     from cohortcast.io.stage_outputs import read_marker
 
     marker = read_marker(job.forecaster) or {}
-    return {"case_format": CASE_FORMAT, "forecaster": str(job.forecaster), "forecaster_key": marker.get("key"),
-            "split": job.split,
-            "num_samples": job.num_samples, "inference_steps": job.inference_steps, "seed": job.seed,
-            "guidance_scale": job.guidance_scale, "ingest_fingerprint": card.get("fingerprint")}
+    return {
+        "case_format": CASE_FORMAT,
+        "forecaster": str(job.forecaster),
+        "forecaster_key": marker.get("key"),
+        "split": job.split,
+        "num_samples": job.num_samples,
+        "inference_steps": job.inference_steps,
+        "seed": job.seed,
+        "guidance_scale": job.guidance_scale,
+        "ingest_fingerprint": card.get("fingerprint"),
+    }
 
 
 def check_settings(output: Path, settings: dict[str, Any]) -> None:
@@ -119,8 +131,10 @@ def check_settings(output: Path, settings: dict[str, Any]) -> None:
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed and finished_cases(output):
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
-            raise ForecastSettingsMismatch(f"{output} holds forecasts made with other settings ({diff}); forecast "
-                                           "into another forecast.output or delete it")
+            raise ForecastSettingsMismatch(
+                f"{output} holds forecasts made with other settings ({diff}); forecast "
+                "into another forecast.output or delete it"
+            )
     write_text_atomic(path, json.dumps(settings, indent=2))
 
 
@@ -137,17 +151,21 @@ def make_case(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     case_id = f"{group['patient'][b]}/{group['nodule_id'][b]}"
     centre = [float(group[f"center_{a}_mm"][b]) for a in "xyz"]
     row = {
-        "case_id": np.asarray([case_id]), "patient": np.asarray([group["patient"][b]]),
+        "case_id": np.asarray([case_id]),
+        "patient": np.asarray([group["patient"][b]]),
         "nodule_id": np.asarray([group["nodule_id"][b]]),
-        "baseline_study": np.asarray([group["study"][b]]), "target_study": np.asarray([group["study"][t]]),
-        "baseline_date": np.asarray([str(group["study_date"][b])]), "target_date": np.asarray([str(group["study_date"][t])]),
+        "baseline_study": np.asarray([group["study"][b]]),
+        "target_study": np.asarray([group["study"][t]]),
+        "baseline_date": np.asarray([str(group["study_date"][b])]),
+        "target_date": np.asarray([str(group["study_date"][t])]),
         "horizon_days": np.asarray([float(group["days_since_baseline"][t] - group["days_since_baseline"][b])]),
         "malignant": np.asarray([int(np.max(group["malignant"]))]),
         "ehr_json": np.asarray([json.dumps({k: plain_value(group[k][b]) for k in EHR_FEATURES})]),
         "centre_lps": np.asarray([centre], np.float64),
         # the follow-up's nodule size: the evaluation's nodule-region MAE is measured on it
         "target_diameter_mm": np.asarray([float(group["SCT_LONG_DIA"][t] or 0.0)], np.float32),
-        "baseline": np.asarray(group["crop"], np.float32)[b][None], "target": np.asarray(group["crop"], np.float32)[t][None],
+        "baseline": np.asarray(group["crop"], np.float32)[b][None],
+        "target": np.asarray(group["crop"], np.float32)[t][None],
     }
     # A nodule seen once has nothing to forecast against: same columns, no row.
     return row if len(order) >= 2 else {k: v[:0] for k, v in row.items()}
@@ -182,22 +200,41 @@ class CaseForecaster:
         records = [json.loads(str(t)) for t in batch["ehr_json"]] if self.model.conditioner is not None else None
         forecast = self.model.forecast(
             torch.from_numpy(np.asarray(batch["baseline"], np.float32))[:, None],
-            torch.from_numpy(np.asarray(batch["horizon_days"], np.float32)), ids, ehr=records,
-            num_samples=self.job.num_samples, seed=self.job.seed, steps=self.job.inference_steps,
-            guidance_scale=self.job.guidance_scale)
+            torch.from_numpy(np.asarray(batch["horizon_days"], np.float32)),
+            ids,
+            ehr=records,
+            num_samples=self.job.num_samples,
+            seed=self.job.seed,
+            steps=self.job.inference_steps,
+            guidance_scale=self.job.guidance_scale,
+        )
         # For the evaluation's latent error and VAE floor: the real follow-up through the
         # same VAE (its latent, and that latent decoded).
         target = torch.from_numpy(np.asarray(batch["target"], np.float32))[:, None]
         target_latent = self.model.vae.encode_for_diffusion(target)
         floor = self.model.vae.decode_from_diffusion(target_latent)
-        latents = {"mean_latent": forecast.latents.mean(1).numpy(), "baseline_latent": forecast.baseline_latent.numpy(),
-                   "target_latent": target_latent.numpy(), "target_reconstruction": floor[:, 0].numpy()}
+        latents = {
+            "mean_latent": forecast.latents.mean(1).numpy(),
+            "baseline_latent": forecast.baseline_latent.numpy(),
+            "target_latent": target_latent.numpy(),
+            "target_reconstruction": floor[:, 0].numpy(),
+        }
         for i, case_id in enumerate(ids):
-            self._write(batch, i, case_id, forecast.mean[i, 0].numpy(), forecast.variance[i, 0].numpy(),
-                        forecast.samples[i, :, 0].numpy(), {k: v[i] for k, v in latents.items()})
+            self._write(
+                batch,
+                i,
+                case_id,
+                forecast.mean[i, 0].numpy(),
+                forecast.variance[i, 0].numpy(),
+                forecast.samples[i, :, 0].numpy(),
+                {k: v[i] for k, v in latents.items()},
+            )
         seconds = (time.perf_counter() - started) / len(ids)
-        return {"case_id": np.asarray(ids), "seconds": np.full(len(ids), seconds),
-                "torch_threads": np.full(len(ids), torch.get_num_threads())}
+        return {
+            "case_id": np.asarray(ids),
+            "seconds": np.full(len(ids), seconds),
+            "torch_threads": np.full(len(ids), torch.get_num_threads()),
+        }
 
     def _write(self, batch, i: int, case_id: str, mean, variance, samples, extra: dict[str, np.ndarray]) -> None:
         import pyarrow as pa
@@ -208,21 +245,48 @@ class CaseForecaster:
 
         key = case_key(case_id)
         with atomic_folder(self.cases / key, overwrite=True) as tmp:
-            scalars = {k: [batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]]
-                       for k in ("case_id", "patient", "nodule_id", "baseline_study", "target_study", "baseline_date",
-                                 "target_date", "horizon_days", "malignant", "target_diameter_mm")}
-            table = pa.table({**scalars, "seed": [self.job.seed], "num_samples": [self.job.num_samples],
-                              "inference_steps": [self.job.inference_steps],
-                              "baseline": _tensor_column(np.asarray(batch["baseline"][i:i + 1], np.float32)),
-                              "target": _tensor_column(np.asarray(batch["target"][i:i + 1], np.float32)),
-                              "mean": _tensor_column(mean[None]), "variance": _tensor_column(variance[None]),
-                              "samples": _tensor_column(samples[None]),
-                              **{k: _tensor_column(v[None]) for k, v in extra.items()}})
+            scalars = {
+                k: [batch[k][i].item() if hasattr(batch[k][i], "item") else batch[k][i]]
+                for k in (
+                    "case_id",
+                    "patient",
+                    "nodule_id",
+                    "baseline_study",
+                    "target_study",
+                    "baseline_date",
+                    "target_date",
+                    "horizon_days",
+                    "malignant",
+                    "target_diameter_mm",
+                )
+            }
+            table = pa.table(
+                {
+                    **scalars,
+                    "seed": [self.job.seed],
+                    "num_samples": [self.job.num_samples],
+                    "inference_steps": [self.job.inference_steps],
+                    "baseline": _tensor_column(np.asarray(batch["baseline"][i : i + 1], np.float32)),
+                    "target": _tensor_column(np.asarray(batch["target"][i : i + 1], np.float32)),
+                    "mean": _tensor_column(mean[None]),
+                    "variance": _tensor_column(variance[None]),
+                    "samples": _tensor_column(samples[None]),
+                    **{k: _tensor_column(v[None]) for k, v in extra.items()},
+                }
+            )
             pq.write_table(table, tmp / CASE_FILE)
-            write_case_images(tmp, to_hu(mean, self.hu_window, self.normalise), variance,
-                              to_hu(samples, self.hu_window, self.normalise), batch["centre_lps"][i], self.spacing,
-                              str(batch["patient"][i]), key, dt.date.fromisoformat(str(batch["target_date"][i])[:10]),
-                              dicom=self.job.write_dicom)
+            write_case_images(
+                tmp,
+                to_hu(mean, self.hu_window, self.normalise),
+                variance,
+                to_hu(samples, self.hu_window, self.normalise),
+                batch["centre_lps"][i],
+                self.spacing,
+                str(batch["patient"][i]),
+                key,
+                dt.date.fromisoformat(str(batch["target_date"][i])[:10]),
+                dicom=self.job.write_dicom,
+            )
 
 
 def finished_cases(output: str | Path) -> set[str]:
@@ -265,33 +329,53 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
         todo = todo.limit(job.max_cases)
     pending = todo.materialize()
     n_pending = pending.count()
-    log.info("%d cases in split %r: %d already forecast, %d to do", total, job.split, len(done & _keys(cases)),
-             n_pending)
+    log.info(
+        "%d cases in split %r: %d already forecast, %d to do", total, job.split, len(done & _keys(cases)), n_pending
+    )
     started = time.perf_counter()
     seconds, threads = [], []
     if n_pending:
         cpus = float(ray.cluster_resources().get("CPU", 1))
         results = pending.map_batches(
-            CaseForecaster, fn_constructor_args=(job.forecaster, job, card, llm_path), batch_size=job.cases_per_batch,
-            compute=ray.data.ActorPoolStrategy(size=job.actors), batch_format="numpy",
+            CaseForecaster,
+            fn_constructor_args=(job.forecaster, job, card, llm_path),
+            batch_size=job.cases_per_batch,
+            compute=ray.data.ActorPoolStrategy(size=job.actors),
+            batch_format="numpy",
             # leave a CPU for the read/filter tasks feeding the actors (see latent_cache)
-            num_cpus=max(0.1, min(1.0, (cpus - 1.0) / job.actors)))
+            num_cpus=max(0.1, min(1.0, (cpus - 1.0) / job.actors)),
+        )
         results = results.to_pandas()
         seconds, threads = [float(s) for s in results["seconds"]], sorted(set(results["torch_threads"].tolist()))
     wall = time.perf_counter() - started
     finished = finished_cases(output)
-    summary = {"split": job.split, "cases": total, "forecast_this_run": len(seconds),
-               "finished": len(finished & _keys(cases)), "num_samples": job.num_samples,
-               "inference_steps": job.inference_steps, "seed": job.seed, "wall_seconds": wall,
-               "cases_per_s": len(seconds) / wall if seconds else 0.0,
-               "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0,
-               # time inside the actors (model + writes) per case: against wall * actors / cases
-               # it tells a slow model from a starved pipeline
-               "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0, "actor_torch_threads": threads}
+    summary = {
+        "split": job.split,
+        "cases": total,
+        "forecast_this_run": len(seconds),
+        "finished": len(finished & _keys(cases)),
+        "num_samples": job.num_samples,
+        "inference_steps": job.inference_steps,
+        "seed": job.seed,
+        "wall_seconds": wall,
+        "cases_per_s": len(seconds) / wall if seconds else 0.0,
+        "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0,
+        # time inside the actors (model + writes) per case: against wall * actors / cases
+        # it tells a slow model from a starved pipeline
+        "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0,
+        "actor_torch_threads": threads,
+    }
     write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
-    log.info("forecast: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s", len(seconds),
-             format_duration(wall), format_rate(summary["cases_per_s"]), format_rate(summary["samples_per_s"]),
-             summary["finished"], total, output)
+    log.info(
+        "forecast: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s",
+        len(seconds),
+        format_duration(wall),
+        format_rate(summary["cases_per_s"]),
+        format_rate(summary["samples_per_s"]),
+        summary["finished"],
+        total,
+        output,
+    )
     return summary
 
 

@@ -43,9 +43,18 @@ def forecast_volume(images: np.ndarray, centre_lps, spacing_mm: float) -> Volume
     return Volume(array, crop_affine(centre_lps, array.shape[-1], spacing_mm))
 
 
-def write_case_images(folder: Path, mean_hu: np.ndarray, variance: np.ndarray, samples_hu: np.ndarray,
-                      centre_lps, spacing_mm: float, subject: str, case_key: str, target_date: dt.date,
-                      dicom: bool = True) -> None:
+def write_case_images(
+    folder: Path,
+    mean_hu: np.ndarray,
+    variance: np.ndarray,
+    samples_hu: np.ndarray,
+    centre_lps,
+    spacing_mm: float,
+    subject: str,
+    case_key: str,
+    target_date: dt.date,
+    dicom: bool = True,
+) -> None:
     """mean.nii.gz (HU), variance.nii.gz (normalised units^2), samples.nii.gz (4D, one
     sample per volume) and, if asked, dicom/ (the mean as a derived CT series)."""
     import nibabel as nib
@@ -62,8 +71,17 @@ def write_case_images(folder: Path, mean_hu: np.ndarray, variance: np.ndarray, s
     if dicom:
         from cohortcast.io.dicom import DicomIdentity, write_ct_series
 
-        identity = DicomIdentity(patient_name=subject, patient_id=subject, birth_date=None, sex="O", accession="",
-                                 institution="", study_date=target_date, uid_seed=f"cohortcast-forecast:{case_key}",
-                                 series_description="cohortcast forecast (mean of samples)",
-                                 image_type=("DERIVED", "SECONDARY", "AXIAL"), manufacturer="cohortcast")
+        identity = DicomIdentity(
+            patient_name=subject,
+            patient_id=subject,
+            birth_date=None,
+            sex="O",
+            accession="",
+            institution="",
+            study_date=target_date,
+            uid_seed=f"cohortcast-forecast:{case_key}",
+            series_description="cohortcast forecast (mean of samples)",
+            image_type=("DERIVED", "SECONDARY", "AXIAL"),
+            manufacturer="cohortcast",
+        )
         write_ct_series(grid, folder / "dicom", identity)

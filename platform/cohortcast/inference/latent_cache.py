@@ -31,8 +31,10 @@ def cache_key(vae_folder: str | Path, ingested: str | Path) -> str:
     from cohortcast.models.vae import VAE_CONFIG_FILE, VAE_WEIGHTS_FILE
 
     ingest_card = json.loads((Path(ingested) / CARD).read_text())
-    blob = (f"{CACHE_FORMAT}:{_file_sha256(Path(vae_folder) / VAE_WEIGHTS_FILE)}:"
-            f"{_file_sha256(Path(vae_folder) / VAE_CONFIG_FILE)}:{ingest_card['fingerprint']}")
+    blob = (
+        f"{CACHE_FORMAT}:{_file_sha256(Path(vae_folder) / VAE_WEIGHTS_FILE)}:"
+        f"{_file_sha256(Path(vae_folder) / VAE_CONFIG_FILE)}:{ingest_card['fingerprint']}"
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -67,8 +69,14 @@ class LatentEncoder:
         return batch
 
 
-def build_latent_cache(ingested: str | Path, vae_folder: str | Path, cache_root: str | Path,
-                       actors: int = 2, batch_size: int = 64, use_gpu: bool = False) -> dict[str, Any]:
+def build_latent_cache(
+    ingested: str | Path,
+    vae_folder: str | Path,
+    cache_root: str | Path,
+    actors: int = 2,
+    batch_size: int = 64,
+    use_gpu: bool = False,
+) -> dict[str, Any]:
     """Returns the cache card (with "path" and "reused")."""
     import ray.data
 
@@ -82,9 +90,15 @@ def build_latent_cache(ingested: str | Path, vae_folder: str | Path, cache_root:
     # holding more starve them and the pipeline never finishes (seen on a 2-CPU machine).
     cpus = float(ray.cluster_resources().get("CPU", 1))
     actor_cpus = 0 if use_gpu else max(0.1, min(1.0, (cpus - 1.0) / actors))
-    encoded = ds.map_batches(LatentEncoder, fn_constructor_args=(str(vae_folder), "cuda" if use_gpu else "cpu"),
-                             batch_size=batch_size, compute=ray.data.ActorPoolStrategy(size=actors),
-                             num_cpus=actor_cpus, num_gpus=1 if use_gpu else 0, batch_format="numpy")
+    encoded = ds.map_batches(
+        LatentEncoder,
+        fn_constructor_args=(str(vae_folder), "cuda" if use_gpu else "cpu"),
+        batch_size=batch_size,
+        compute=ray.data.ActorPoolStrategy(size=actors),
+        num_cpus=actor_cpus,
+        num_gpus=1 if use_gpu else 0,
+        batch_format="numpy",
+    )
     with atomic_folder(target, overwrite=True) as tmp:
         encoded.write_parquet(str(tmp / "nodules"), partition_cols=["split"])
         rows = ray.data.read_parquet(str(tmp / "nodules")).count()

@@ -21,8 +21,9 @@ MARKER = "stage.json"
 
 
 def stage_key(*parts: Any) -> str:
-    blob = json.dumps([to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts],
-                      sort_keys=True, default=str)
+    blob = json.dumps(
+        [to_dict(p) if hasattr(p, "__dataclass_fields__") else p for p in parts], sort_keys=True, default=str
+    )
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

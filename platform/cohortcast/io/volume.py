@@ -65,8 +65,9 @@ class Volume:
         return RAS_TO_LPS @ self.affine
 
 
-def affine_from_dicom(position: np.ndarray, orientation: np.ndarray, row_spacing: float,
-                      col_spacing: float, slice_step: np.ndarray) -> np.ndarray:
+def affine_from_dicom(
+    position: np.ndarray, orientation: np.ndarray, row_spacing: float, col_spacing: float, slice_step: np.ndarray
+) -> np.ndarray:
     """Affine from DICOM geometry. ImageOrientationPatient holds the direction of
     increasing column index (first 3) then of increasing row index (last 3);
     PixelSpacing is (row spacing, column spacing); `slice_step` is the LPS vector

@@ -9,7 +9,8 @@ agree, whatever their absolute scales (absorbed by the temperatures).
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -48,8 +49,10 @@ def nodule_features(rows: Sequence[Mapping[str, Any]], diameter_scale_mm: float 
     missing). Distances in this space are what the latent space is aligned to."""
     out = []
     for row in rows:
-        vec = [float(row.get("SCT_LONG_DIA") or 0.0) / diameter_scale_mm,
-               float(row.get("SCT_PERP_DIA") or 0.0) / diameter_scale_mm]
+        vec = [
+            float(row.get("SCT_LONG_DIA") or 0.0) / diameter_scale_mm,
+            float(row.get("SCT_PERP_DIA") or 0.0) / diameter_scale_mm,
+        ]
         for key, values in (("SCT_PRE_ATT", ATTENUATIONS), ("SCT_MARGINS", MARGINS), ("SCT_EPI_LOC", LOBES)):
             vec.extend(float(row.get(key) == v) for v in values)
         out.append(vec)

@@ -70,8 +70,9 @@ class SoftPromptConditioner(nn.Module):
         """texts -> (B, hidden_size) pooled context embeddings."""
         device = self.soft_prompts.device
         padding = "max_length" if self.cfg.pad_to_max_length else True
-        enc = self.tokenizer(list(texts), padding=padding, truncation=True, max_length=self.cfg.max_length,
-                             return_tensors="pt")
+        enc = self.tokenizer(
+            list(texts), padding=padding, truncation=True, max_length=self.cfg.max_length, return_tensors="pt"
+        )
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device).bool()
         # Real tokens first, padding last, order kept (stable sort on "is padding").
         order = torch.sort((~mask).int(), dim=1, stable=True).indices

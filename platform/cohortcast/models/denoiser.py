@@ -42,7 +42,9 @@ def load_pretrained_unet(path: str | Path, latent_channels: int) -> UNet2DCondit
     path = local_model_folder(path, "model.denoiser.pretrained_path")
     unet = UNet2DConditionModel.from_pretrained(str(path), local_files_only=True)
     if unet.config.out_channels != latent_channels:
-        raise ValueError(f"{path}: U-Net predicts {unet.config.out_channels} channels, VAE latents have {latent_channels}")
+        raise ValueError(
+            f"{path}: U-Net predicts {unet.config.out_channels} channels, VAE latents have {latent_channels}"
+        )
     return widen_conv_in(unet, 2 * latent_channels)
 
 
@@ -51,12 +53,17 @@ def build_unet(cfg: DenoiserConfig, latent_channels: int, sample_size: int) -> U
         return load_pretrained_unet(cfg.pretrained_path, latent_channels)
     levels = len(cfg.block_out_channels)
     unet = UNet2DConditionModel(
-        sample_size=sample_size, in_channels=2 * latent_channels, out_channels=latent_channels,
+        sample_size=sample_size,
+        in_channels=2 * latent_channels,
+        out_channels=latent_channels,
         down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        attention_head_dim=cfg.attention_head_dim, norm_num_groups=cfg.norm_num_groups,
-        cross_attention_dim=cfg.cross_attention_dim)
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        attention_head_dim=cfg.attention_head_dim,
+        norm_num_groups=cfg.norm_num_groups,
+        cross_attention_dim=cfg.cross_attention_dim,
+    )
     # The baseline half of conv_in starts at zero, as for a widened pretrained U-Net:
     # unconditional pre-training feeds a zero baseline, so these weights get no gradient
     # there and would otherwise reach the conditional stage as random noise.
@@ -65,8 +72,7 @@ def build_unet(cfg: DenoiserConfig, latent_channels: int, sample_size: int) -> U
     return unet
 
 
-def condition_dropout_mask(batch: int, p: float, generator: torch.Generator | None = None,
-                           device=None) -> torch.Tensor:
+def condition_dropout_mask(batch: int, p: float, generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """(B,) bool: which rows train on the null context this step (classifier-free guidance)."""
     return torch.rand(batch, generator=generator, device=device) < p
 
@@ -83,8 +89,9 @@ class ConditionalDenoiser(nn.Module):
     def null(self, batch: int) -> torch.Tensor:
         return self.null_context.unsqueeze(0).expand(batch, -1, -1)
 
-    def build_context(self, ehr: torch.Tensor | None, temporal: torch.Tensor, target: torch.Tensor,
-                      drop: torch.Tensor | None = None) -> torch.Tensor:
+    def build_context(
+        self, ehr: torch.Tensor | None, temporal: torch.Tensor, target: torch.Tensor, drop: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """(B, 3, D) context; rows where `drop` is True (and the EHR slot when there is no
         EHR embedding) get the null tokens."""
         batch = temporal.shape[0]
@@ -95,7 +102,8 @@ class ConditionalDenoiser(nn.Module):
             context = torch.where(drop.view(-1, 1, 1), null, context)
         return context
 
-    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, baseline: torch.Tensor,
-                context: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, baseline: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor:
         """noisy, baseline (B, c, h, w); timesteps (B,) or scalar; context (B, T, D) -> eps."""
         return self.unet(torch.cat([noisy, baseline], dim=1), timesteps, encoder_hidden_states=context).sample

@@ -8,11 +8,17 @@ difference between "no family history" and "unknown".
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _MISSING = "not recorded"
-_RELATIVES = (("famfather", "father"), ("fammother", "mother"), ("fambrother", "brother"),
-              ("famsister", "sister"), ("famchild", "child"))
+_RELATIVES = (
+    ("famfather", "father"),
+    ("fammother", "mother"),
+    ("fambrother", "brother"),
+    ("famsister", "sister"),
+    ("famchild", "child"),
+)
 _ATTENUATION = {"Soft Tissue": "solid", "Ground Glass": "ground-glass", "Part Solid": "part-solid"}
 
 

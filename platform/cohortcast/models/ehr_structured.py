@@ -14,7 +14,8 @@ so a missing value is never confused with a real zero.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -23,8 +24,12 @@ from cohortcast.config.models import ConditionerConfig
 from cohortcast.data.manifest import ATTENUATIONS, LOBES, MARGINS
 
 _YES_NO_FIELDS = ("diagemph", "famfather", "fammother", "fambrother", "famsister", "famchild")
-_CATEGORICAL = (("gender", ("Male", "Female")), ("SCT_PRE_ATT", ATTENUATIONS), ("SCT_MARGINS", MARGINS),
-                ("SCT_EPI_LOC", LOBES))
+_CATEGORICAL = (
+    ("gender", ("Male", "Female")),
+    ("SCT_PRE_ATT", ATTENUATIONS),
+    ("SCT_MARGINS", MARGINS),
+    ("SCT_EPI_LOC", LOBES),
+)
 _NUMERIC = (("age", 10.0), ("SCT_LONG_DIA", 10.0), ("SCT_PERP_DIA", 10.0))  # (field, unit)
 
 
@@ -57,8 +62,11 @@ class StructuredEHREncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.hidden_size = cfg.structured_hidden
-        self.mlp = nn.Sequential(nn.Linear(EHR_VECTOR_SIZE, cfg.structured_hidden), nn.GELU(),
-                                 nn.Linear(cfg.structured_hidden, cfg.structured_hidden))
+        self.mlp = nn.Sequential(
+            nn.Linear(EHR_VECTOR_SIZE, cfg.structured_hidden),
+            nn.GELU(),
+            nn.Linear(cfg.structured_hidden, cfg.structured_hidden),
+        )
 
     def encode_records(self, records: Sequence[Mapping[str, Any]]) -> torch.Tensor:
         device = self.mlp[0].weight.device

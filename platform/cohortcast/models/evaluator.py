@@ -18,7 +18,7 @@ class MalignancyEvaluator(nn.Module):
         self.vit = vit  # transformers ViTForImageClassification, num_labels=1
 
     @classmethod
-    def build(cls, cfg: EvaluatorConfig, image_size: int) -> "MalignancyEvaluator":
+    def build(cls, cfg: EvaluatorConfig, image_size: int) -> MalignancyEvaluator:
         from transformers import ViTConfig, ViTForImageClassification
 
         if cfg.pretrained_path:
@@ -29,10 +29,18 @@ class MalignancyEvaluator(nn.Module):
             # grey crops are repeated to 3 channels in `_pixels`).
             vit = ViTForImageClassification.from_pretrained(folder, num_labels=1, ignore_mismatched_sizes=True)
             return cls(vit)
-        config = ViTConfig(image_size=image_size, patch_size=cfg.patch_size, num_channels=1,
-                           hidden_size=cfg.hidden_size, num_hidden_layers=cfg.num_layers,
-                           num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
-                           hidden_dropout_prob=cfg.dropout, attention_probs_dropout_prob=cfg.dropout, num_labels=1)
+        config = ViTConfig(
+            image_size=image_size,
+            patch_size=cfg.patch_size,
+            num_channels=1,
+            hidden_size=cfg.hidden_size,
+            num_hidden_layers=cfg.num_layers,
+            num_attention_heads=cfg.num_heads,
+            intermediate_size=cfg.intermediate_size,
+            hidden_dropout_prob=cfg.dropout,
+            attention_probs_dropout_prob=cfg.dropout,
+            num_labels=1,
+        )
         return cls(ViTForImageClassification(config))
 
     @property
@@ -67,7 +75,7 @@ class MalignancyEvaluator(nn.Module):
             self.vit.save_pretrained(tmp)
 
     @classmethod
-    def load(cls, folder: str | Path) -> "MalignancyEvaluator":
+    def load(cls, folder: str | Path) -> MalignancyEvaluator:
         from transformers import ViTForImageClassification
 
         return cls(ViTForImageClassification.from_pretrained(Path(folder))).eval()

@@ -12,6 +12,8 @@ def local_model_folder(path: str | Path, setting: str) -> Path:
     FileNotFoundError that names the config setting to fix."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
-        raise MissingInputError(f"{folder}: not a model folder (no config.json); the model hub is not used, "
-                                f"point {setting} at local weights")
+        raise MissingInputError(
+            f"{folder}: not a model folder (no config.json); the model hub is not used, "
+            f"point {setting} at local weights"
+        )
     return folder

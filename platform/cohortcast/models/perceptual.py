@@ -55,10 +55,10 @@ class LPIPS(nn.Module):
         self.eval()
 
     @classmethod
-    def from_files(cls, vgg_path: str | Path, lpips_path: str | Path) -> "LPIPS":
+    def from_files(cls, vgg_path: str | Path, lpips_path: str | Path) -> LPIPS:
         model = cls()
         vgg = torch.load(vgg_path, map_location="cpu", weights_only=True)
-        features = {k[len("features."):]: v for k, v in vgg.items() if k.startswith("features.")}
+        features = {k[len("features.") :]: v for k, v in vgg.items() if k.startswith("features.")}
         missing = set(model.features.state_dict()) - set(features)
         if missing:
             raise ValueError(f"{vgg_path}: not a torchvision vgg16 state dict (missing features.{sorted(missing)[0]})")

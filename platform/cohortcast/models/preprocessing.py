@@ -13,9 +13,10 @@ The field names are IngestConfig's: code that crops with an IngestConfig
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 FIELDS = ("crop_size", "crop_spacing_mm", "hu_window", "normalise")
 
@@ -28,21 +29,22 @@ class CropPreprocessing:
     normalise: str  # ...then scaled: "minus_one_one" or "zero_one" (transforms.window)
 
     @classmethod
-    def from_ingest(cls, ingest: Any) -> "CropPreprocessing":
+    def from_ingest(cls, ingest: Any) -> CropPreprocessing:
         """From an IngestConfig, or its dict form (an ingested cohort's card["config"])."""
         get = ingest.get if isinstance(ingest, Mapping) else (lambda name: getattr(ingest, name))
         low, high = get("hu_window")
-        return cls(int(get("crop_size")), float(get("crop_spacing_mm")), (float(low), float(high)),
-                   str(get("normalise")))
+        return cls(
+            int(get("crop_size")), float(get("crop_spacing_mm")), (float(low), float(high)), str(get("normalise"))
+        )
 
     @classmethod
-    def from_ingested(cls, folder: str | Path) -> "CropPreprocessing":
+    def from_ingested(cls, folder: str | Path) -> CropPreprocessing:
         """From an ingested cohort folder (its card.json)."""
         card = json.loads((Path(folder) / "card.json").read_text())
         return cls.from_ingest(card["config"])
 
     @classmethod
-    def from_dict(cls, values: Mapping[str, Any]) -> "CropPreprocessing":
+    def from_dict(cls, values: Mapping[str, Any]) -> CropPreprocessing:
         return cls.from_ingest(values)
 
     def to_dict(self) -> dict[str, Any]:
@@ -50,10 +52,13 @@ class CropPreprocessing:
         values["hu_window"] = list(self.hu_window)
         return values
 
-    def differences(self, other: "CropPreprocessing") -> list[str]:
+    def differences(self, other: CropPreprocessing) -> list[str]:
         """'field: mine vs other' for every field that differs (empty: same crops)."""
-        return [f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}" for name in FIELDS
-                if getattr(self, name) != getattr(other, name)]
+        return [
+            f"{name}: {getattr(self, name)!r} vs {getattr(other, name)!r}"
+            for name in FIELDS
+            if getattr(self, name) != getattr(other, name)
+        ]
 
     def applied_to(self, ingest: Any) -> Any:
         """A copy of an IngestConfig with these crop settings (the rest kept)."""

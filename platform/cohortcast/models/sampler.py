@@ -33,7 +33,7 @@ def run_fixed_chunks(fn, tensors: list[torch.Tensor], chunk: int) -> torch.Tenso
         # One memory layout for every chunk: sampled latents came back channels-last, and a
         # padded (torch.cat) chunk would be contiguous while an unpadded slice is not; CPU
         # convolutions pick other kernels (other bits) for the two layouts.
-        part = [t[start:start + chunk].contiguous() for t in tensors]
+        part = [t[start : start + chunk].contiguous() for t in tensors]
         real = part[0].shape[0]
         if real < chunk:
             part = [torch.cat([p, p[-1:].expand(chunk - real, *p.shape[1:])]) for p in part]
@@ -48,9 +48,17 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device, dtype) -> tor
 
 
 @torch.no_grad()
-def ddim_loop(denoiser: ConditionalDenoiser, scheduler: DDIMScheduler, noise: torch.Tensor, baseline: torch.Tensor,
-              context: torch.Tensor, steps: int, guidance_scale: float = 1.0, eta: float = 0.0,
-              generators: list[torch.Generator] | None = None) -> torch.Tensor:
+def ddim_loop(
+    denoiser: ConditionalDenoiser,
+    scheduler: DDIMScheduler,
+    noise: torch.Tensor,
+    baseline: torch.Tensor,
+    context: torch.Tensor,
+    steps: int,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    generators: list[torch.Generator] | None = None,
+) -> torch.Tensor:
     """The DDIM reverse process for a batch; classifier-free guidance when scale != 1."""
     scheduler.set_timesteps(steps, device=noise.device)
     x = noise * scheduler.init_noise_sigma
@@ -58,8 +66,9 @@ def ddim_loop(denoiser: ConditionalDenoiser, scheduler: DDIMScheduler, noise: to
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(x, t)
         if guidance_scale != 1.0:
-            eps_uncond, eps_cond = denoiser(torch.cat([model_in, model_in]), t, torch.cat([baseline, baseline]),
-                                            torch.cat([null, context])).chunk(2)
+            eps_uncond, eps_cond = denoiser(
+                torch.cat([model_in, model_in]), t, torch.cat([baseline, baseline]), torch.cat([null, context])
+            ).chunk(2)
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         else:
             eps = denoiser(model_in, t, baseline, context)
@@ -74,10 +83,19 @@ class LatentForecast:
     variance: torch.Tensor  # (B, c, h, w), pixel-wise over the N samples (unbiased when N > 1)
 
 
-def forecast_latents(denoiser: ConditionalDenoiser, scheduler: DDIMScheduler, baseline: torch.Tensor,
-                     context: torch.Tensor, case_ids: list[str], num_samples: int, base_seed: int | Sequence[int],
-                     steps: int, guidance_scale: float = 1.0, eta: float = 0.0,
-                     micro_batch: int | None = None) -> LatentForecast:
+def forecast_latents(
+    denoiser: ConditionalDenoiser,
+    scheduler: DDIMScheduler,
+    baseline: torch.Tensor,
+    context: torch.Tensor,
+    case_ids: list[str],
+    num_samples: int,
+    base_seed: int | Sequence[int],
+    steps: int,
+    guidance_scale: float = 1.0,
+    eta: float = 0.0,
+    micro_batch: int | None = None,
+) -> LatentForecast:
     """baseline (B, c, h, w) and context (B, T, D) for B cases -> N samples each.
     `base_seed`: one for all cases, or one per case (the service batches requests with
     different seeds). Pass a fixed `micro_batch` for batch-independent results (None:

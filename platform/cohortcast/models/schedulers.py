@@ -11,9 +11,14 @@ from cohortcast.config.models import SchedulerConfig
 
 def train_scheduler(cfg: SchedulerConfig) -> DDPMScheduler:
     # clip_sample off: latents are not confined to [-1, 1] like pixels.
-    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_start=cfg.beta_start,
-                         beta_end=cfg.beta_end, beta_schedule=cfg.beta_schedule,
-                         prediction_type=cfg.prediction_type, clip_sample=False)
+    return DDPMScheduler(
+        num_train_timesteps=cfg.num_train_timesteps,
+        beta_start=cfg.beta_start,
+        beta_end=cfg.beta_end,
+        beta_schedule=cfg.beta_schedule,
+        prediction_type=cfg.prediction_type,
+        clip_sample=False,
+    )
 
 
 def inference_scheduler(cfg: SchedulerConfig) -> DDIMScheduler:
@@ -25,8 +30,9 @@ def expand_like(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.device).view(-1, *([1] * (like.dim() - 1)))
 
 
-def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor,
-                    t: torch.Tensor) -> torch.Tensor:
+def training_target(
+    scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
     """What the network regresses for the scheduler's prediction type."""
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -38,8 +44,9 @@ def training_target(scheduler: DDPMScheduler, clean: torch.Tensor, noise: torch.
     raise ValueError(f"unknown prediction_type {kind!r}")
 
 
-def predicted_clean(alphas_cumprod: torch.Tensor, noisy: torch.Tensor, prediction: torch.Tensor,
-                    t: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def predicted_clean(
+    alphas_cumprod: torch.Tensor, noisy: torch.Tensor, prediction: torch.Tensor, t: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """x0 implied by a network output, in fp32 (DDPM Eq. 15 for epsilon; x0 = sqrt(a) x_t -
     sqrt(1 - a) v for v-prediction)."""
     a = expand_like(alphas_cumprod[t.to(alphas_cumprod.device)], noisy).float()

@@ -41,13 +41,19 @@ class TemporalContextEncoder(nn.Module):
         self.exam_date = DateEmbedding(cfg.date_dim, cfg.time_scale_days)
         self.target_date = DateEmbedding(out_dim, cfg.time_scale_days)
         self.cls = nn.Parameter(torch.randn(1, 1, cfg.d_model) * 0.02)
-        layer = nn.TransformerEncoderLayer(cfg.d_model, cfg.num_heads, dim_feedforward=4 * cfg.d_model,
-                                           dropout=0.0, batch_first=True, norm_first=True)
+        layer = nn.TransformerEncoderLayer(
+            cfg.d_model, cfg.num_heads, dim_feedforward=4 * cfg.d_model, dropout=0.0, batch_first=True, norm_first=True
+        )
         self.encoder = nn.TransformerEncoder(layer, cfg.num_layers, enable_nested_tensor=False)
         self.out = nn.Linear(cfg.d_model, out_dim)
 
-    def forward(self, latents: torch.Tensor, days_before_target: torch.Tensor, exam_mask: torch.Tensor,
-                horizon_days: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self,
+        latents: torch.Tensor,
+        days_before_target: torch.Tensor,
+        exam_mask: torch.Tensor,
+        horizon_days: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """latents (B, K, c, h, w); days_before_target (B, K); exam_mask (B, K) True = real
         exam; horizon_days (B,). Returns ([CLS] summary (B, out_dim), target (B, out_dim))."""
         batch, k = exam_mask.shape

@@ -5,14 +5,15 @@ config load it through exactly the code path production uses for MedGemma."""
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable
 
 import torch
 
 
-def write_tiny_gemma3(folder: str | Path, corpus: Iterable[str], hidden_size: int = 32, layers: int = 2,
-                      seed: int = 0) -> Path:
+def write_tiny_gemma3(
+    folder: str | Path, corpus: Iterable[str], hidden_size: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig, PreTrainedTokenizerFast
 
@@ -24,12 +25,23 @@ def write_tiny_gemma3(folder: str | Path, corpus: Iterable[str], hidden_size: in
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>",
-                                        bos_token="<bos>", unk_token="<unk>")
-    config = Gemma3TextConfig(vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                              num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                              head_dim=hidden_size // 2, max_position_embeddings=512, sliding_window=64,
-                              pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>"
+    )
+    config = Gemma3TextConfig(
+        vocab_size=len(vocab),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden_size // 2,
+        max_position_embeddings=512,
+        sliding_window=64,
+        pad_token_id=0,
+        eos_token_id=1,
+        bos_token_id=2,
+    )
     torch.manual_seed(seed)
     Gemma3ForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)

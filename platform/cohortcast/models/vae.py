@@ -29,11 +29,17 @@ log = logging.getLogger(__name__)
 def build_autoencoder(cfg: VAEConfig) -> AutoencoderKL:
     levels = len(cfg.block_out_channels)
     model = AutoencoderKL(
-        in_channels=cfg.in_channels, out_channels=cfg.in_channels,
-        down_block_types=("DownEncoderBlock2D",) * levels, up_block_types=("UpDecoderBlock2D",) * levels,
-        block_out_channels=tuple(cfg.block_out_channels), layers_per_block=cfg.layers_per_block,
-        latent_channels=cfg.latent_channels, norm_num_groups=cfg.norm_num_groups, sample_size=cfg.sample_size,
-        scaling_factor=cfg.scaling_factor or 1.0)
+        in_channels=cfg.in_channels,
+        out_channels=cfg.in_channels,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(cfg.block_out_channels),
+        layers_per_block=cfg.layers_per_block,
+        latent_channels=cfg.latent_channels,
+        norm_num_groups=cfg.norm_num_groups,
+        sample_size=cfg.sample_size,
+        scaling_factor=cfg.scaling_factor or 1.0,
+    )
     if cfg.posterior_logvar_init is not None:
         init_posterior_logvar(model, cfg.posterior_logvar_init)
     return model
@@ -92,15 +98,20 @@ class NoduleVAE(nn.Module):
     def __init__(self, cfg: VAEConfig, autoencoder: AutoencoderKL | None = None):
         super().__init__()
         self.cfg = cfg
-        self.autoencoder = autoencoder or (load_pretrained_autoencoder(cfg.pretrained_path, cfg.in_channels)
-                                           if cfg.pretrained_path else build_autoencoder(cfg))
+        self.autoencoder = autoencoder or (
+            load_pretrained_autoencoder(cfg.pretrained_path, cfg.in_channels)
+            if cfg.pretrained_path
+            else build_autoencoder(cfg)
+        )
         self.probe = nn.Linear(cfg.latent_numel, 1)
 
     @property
     def scaling_factor(self) -> float:
         if self.cfg.scaling_factor is None:
-            raise ValueError("this VAE has no scaling factor yet: it is computed after VAE training "
-                             "(set_scaling_factor / the VAE stage's export) or given as model.vae.scaling_factor")
+            raise ValueError(
+                "this VAE has no scaling factor yet: it is computed after VAE training "
+                "(set_scaling_factor / the VAE stage's export) or given as model.vae.scaling_factor"
+            )
         return float(self.cfg.scaling_factor)
 
     def set_scaling_factor(self, value: float) -> None:
@@ -151,7 +162,7 @@ def posterior_mean_scaling_factor(vae: NoduleVAE, batches) -> float:
     variance = total_sq / count - (total / count) ** 2
     if not variance > 0:
         raise ValueError("the VAE maps every training image to the same latent: cannot scale it")
-    return 1.0 / variance ** 0.5
+    return 1.0 / variance**0.5
 
 
 VAE_CONFIG_FILE, VAE_WEIGHTS_FILE = "vae.json", "vae.safetensors"

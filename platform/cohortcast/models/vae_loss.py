@@ -21,8 +21,10 @@ def build_perceptual(cfg: VAELossConfig) -> LPIPS | None:
     if cfg.perceptual == 0:
         return None
     if not (cfg.perceptual_vgg_path and cfg.perceptual_lpips_path):
-        log.warning("perceptual loss is off: vae.loss.perceptual_vgg_path / perceptual_lpips_path not set "
-                    "(no model hub here; point them at local VGG16 and LPIPS weight files)")
+        log.warning(
+            "perceptual loss is off: vae.loss.perceptual_vgg_path / perceptual_lpips_path not set "
+            "(no model hub here; point them at local VGG16 and LPIPS weight files)"
+        )
         return None
     return LPIPS.from_files(cfg.perceptual_vgg_path, cfg.perceptual_lpips_path)
 
@@ -32,8 +34,14 @@ def kl_to_standard_normal(mean: torch.Tensor, logvar: torch.Tensor) -> torch.Ten
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
 
 
-def vae_loss(out: VAEOutput, images: torch.Tensor, features: torch.Tensor, labels: torch.Tensor | None,
-             cfg: VAELossConfig, perceptual: LPIPS | None = None) -> dict[str, torch.Tensor]:
+def vae_loss(
+    out: VAEOutput,
+    images: torch.Tensor,
+    features: torch.Tensor,
+    labels: torch.Tensor | None,
+    cfg: VAELossConfig,
+    perceptual: LPIPS | None = None,
+) -> dict[str, torch.Tensor]:
     """`labels`: (B,) in {0, 1}, or -1 for unlabelled rows (excluded from the probe)."""
     terms = {
         "reconstruction": F.l1_loss(out.reconstruction, images),

@@ -66,15 +66,21 @@ class NAMDJob:
             vae.load_state_dict(consolidated_state_dict(checkpoint))
             if m.vae.scaling_factor is None:  # unit-variance diffusion latents (VAEConfig)
                 vae.set_scaling_factor(scaling_factor_from_crops(vae, ingested))
-                log.info("VAE latent scaling factor %.4f (1 / std of the train split's posterior means)",
-                         vae.scaling_factor)
+                log.info(
+                    "VAE latent scaling factor %.4f (1 / std of the train split's posterior means)", vae.scaling_factor
+                )
             save_vae(vae, folder)
 
-        return self.runner.train(runs, "vae", key, vae_worker_loop,
-                                 {"stage": t.vae, "model": m.vae, "validation": t.validation},
-                                 lambda: {split: vae_dataset(ingested, split, m.vae.loss.diameter_scale_mm)
-                                          for split in ("train", "val")},
-                                 export, flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"))
+        return self.runner.train(
+            runs,
+            "vae",
+            key,
+            vae_worker_loop,
+            {"stage": t.vae, "model": m.vae, "validation": t.validation},
+            lambda: {split: vae_dataset(ingested, split, m.vae.loss.diameter_scale_mm) for split in ("train", "val")},
+            export,
+            flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"),
+        )
 
     def stage_latents(self, runs, card: dict, vae_folder: Path) -> dict:
         from cohortcast.inference.latent_cache import build_latent_cache
@@ -82,20 +88,35 @@ class NAMDJob:
         c = self.cfg.training.latent_cache
         run_id = runs.start_child("latents", flatten(c, "training.latent_cache"))
         started = time.perf_counter()
-        cache = build_latent_cache(card["config"]["output"], vae_folder, c.root, actors=c.actors,
-                                   batch_size=c.batch_size, use_gpu=self.cfg.training.scaling.use_gpu)
+        cache = build_latent_cache(
+            card["config"]["output"],
+            vae_folder,
+            c.root,
+            actors=c.actors,
+            batch_size=c.batch_size,
+            use_gpu=self.cfg.training.scaling.use_gpu,
+        )
         runs.log_dict(run_id, {k: v for k, v in cache.items() if k != "reused"}, "latent_card.json")
-        self.runner.report(runs, run_id, StageReport("latents", "up to date" if cache["reused"] else "built",
-                                                     cache["path"], time.perf_counter() - started,
-                                                     metrics={"rows": cache["rows"]}))
+        self.runner.report(
+            runs,
+            run_id,
+            StageReport(
+                "latents",
+                "up to date" if cache["reused"] else "built",
+                cache["path"],
+                time.perf_counter() - started,
+                metrics={"rows": cache["rows"]},
+            ),
+        )
         return cache
 
     def stage_ldm_uncond(self, runs, cache: dict) -> Path:
         from cohortcast.training.ldm_stage import DENOISER_FILE, latent_dataset, ldm_unconditional_worker_loop
 
         t, m = self.cfg.training, self.cfg.model
-        key = outputs.stage_key("ldm_uncond", t.ldm_uncond, m.vae, m.denoiser, m.scheduler, cache["key"],
-                                t.scaling.num_workers)
+        key = outputs.stage_key(
+            "ldm_uncond", t.ldm_uncond, m.vae, m.denoiser, m.scheduler, cache["key"], t.scaling.num_workers
+        )
 
         def export(checkpoint, folder: Path) -> None:
             from safetensors.torch import save_file
@@ -107,13 +128,16 @@ class NAMDJob:
             with atomic_folder(folder, overwrite=True) as tmp:
                 save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / DENOISER_FILE))
 
-        return self.runner.train(runs, "ldm_uncond", key, ldm_unconditional_worker_loop,
-                                 {"stage": t.ldm_uncond, "model": m,
-                                  "validation": t.validation},
-                                 lambda: {"train": latent_dataset(cache["path"], "train"),
-                                          "val": latent_dataset(cache["path"], "val")},
-                                 export,
-                                 flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"))
+        return self.runner.train(
+            runs,
+            "ldm_uncond",
+            key,
+            ldm_unconditional_worker_loop,
+            {"stage": t.ldm_uncond, "model": m, "validation": t.validation},
+            lambda: {"train": latent_dataset(cache["path"], "train"), "val": latent_dataset(cache["path"], "val")},
+            export,
+            flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"),
+        )
 
     def training_preprocessing(self, cache: dict):
         """The crop preprocessing of the cohort the latent cache was encoded from: its
@@ -123,8 +147,11 @@ class NAMDJob:
         ingested = cache.get("ingested")
         if ingested and (Path(ingested) / "card.json").is_file():
             return CropPreprocessing.from_ingested(ingested)
-        log.warning("latent cache %s names no ingested cohort card: recording the Forecaster's crop preprocessing "
-                    "from the config's ingest section", cache.get("path"))
+        log.warning(
+            "latent cache %s names no ingested cohort card: recording the Forecaster's crop preprocessing "
+            "from the config's ingest section",
+            cache.get("path"),
+        )
         return CropPreprocessing.from_ingest(self.cfg.ingest)
 
     def ldm_cond_key(self, cache: dict, denoiser_folder: Path, name: str = "ldm_cond") -> str:
@@ -132,17 +159,24 @@ class NAMDJob:
         uncond_key = outputs.read_marker(denoiser_folder)["key"]
         stage = t.regressor if name == "regressor" else t.ldm_cond
         # validation is in the key: it picks which weights are exported (best latent error)
-        return outputs.stage_key(name, stage, m, t.task_loss, t.task_weight, t.validation, cache["key"], uncond_key,
-                                 t.scaling.num_workers)
+        return outputs.stage_key(
+            name, stage, m, t.task_loss, t.task_weight, t.validation, cache["key"], uncond_key, t.scaling.num_workers
+        )
 
-    def stage_ldm_cond(self, runs, cache: dict, vae_folder: Path, denoiser_folder: Path,
-                       datasets: dict | None = None, name: str = "ldm_cond") -> Path:
+    def stage_ldm_cond(
+        self,
+        runs,
+        cache: dict,
+        vae_folder: Path,
+        denoiser_folder: Path,
+        datasets: dict | None = None,
+        name: str = "ldm_cond",
+    ) -> Path:
         """`datasets`: prebuilt {"train", "val"} trajectory datasets (a sweep builds them
         once for all its trials); None = built here from the cache. `name` "regressor"
         trains the no-diffusion baseline (ForecasterConfig.kind "regression") the same way,
         from the same stage-c weights and data, with `training.regressor`'s settings."""
-        from cohortcast.training.ldm_conditional_stage import (build_conditional_forecaster,
-                                                               ldm_conditional_worker_loop)
+        from cohortcast.training.ldm_conditional_stage import build_conditional_forecaster, ldm_conditional_worker_loop
 
         t, m = self.cfg.training, self.cfg.model
         key = self.ldm_cond_key(cache, denoiser_folder, name)
@@ -171,15 +205,28 @@ class NAMDJob:
             forecaster.preprocessing = self.training_preprocessing(cache)
             forecaster.save(folder)
 
-        loop_config = {"stage": stage, "model": model, "vae_folder": str(vae_folder),
-                       "denoiser_folder": str(denoiser_folder), "task_loss": t.task_loss,
-                       "task_weight": t.task_weight, "validation": t.validation,
-                       "best_path": str(Path(t.scaling.storage_path).resolve() / f"{name}-{key}" / BEST_WEIGHTS)}
+        loop_config = {
+            "stage": stage,
+            "model": model,
+            "vae_folder": str(vae_folder),
+            "denoiser_folder": str(denoiser_folder),
+            "task_loss": t.task_loss,
+            "task_weight": t.task_weight,
+            "validation": t.validation,
+            "best_path": str(Path(t.scaling.storage_path).resolve() / f"{name}-{key}" / BEST_WEIGHTS),
+        }
         return self.runner.train(
-            runs, name, key, ldm_conditional_worker_loop, loop_config, data, export,
-            flatten(stage, f"training.{name}") | {"training.task_loss": t.task_loss,
-                                                  "training.task_weight": t.task_weight},
-            best=loop_config["best_path"])
+            runs,
+            name,
+            key,
+            ldm_conditional_worker_loop,
+            loop_config,
+            data,
+            export,
+            flatten(stage, f"training.{name}")
+            | {"training.task_loss": t.task_loss, "training.task_weight": t.task_weight},
+            best=loop_config["best_path"],
+        )
 
 
 BEST_WEIGHTS = "best_validation.safetensors"
@@ -194,7 +241,7 @@ def change_scale(trajectories) -> float:
     for batch in trajectories.iter_batches(batch_size=256, batch_format="numpy"):
         latents, n = np.asarray(batch["latents"], np.float64), np.asarray(batch["num_exams"])
         for row, exams in zip(latents, n):
-            change = row[1:exams] - row[:exams - 1]
+            change = row[1:exams] - row[: exams - 1]
             count += change.size
             total += change.sum()
             total_sq += (change * change).sum()
@@ -203,7 +250,7 @@ def change_scale(trajectories) -> float:
     variance = total_sq / count - (total / count) ** 2
     if not variance > 0:
         raise ValueError("every training change is the same: cannot scale it")
-    return float(1.0 / variance ** 0.5)
+    return float(1.0 / variance**0.5)
 
 
 def trajectory_datasets(cache: dict, max_exams: int) -> dict:
@@ -246,10 +293,12 @@ def run_namd(cfg: CohortcastConfig) -> NAMDReport:
 
 
 def format_report(report: NAMDReport) -> str:
-    lines = ["NAMD job summary",
-             f"{'stage':<11} {'status':<11} {'time':>7}  loss, mean of first -> last quarter of steps"]
+    lines = [
+        "NAMD job summary",
+        f"{'stage':<11} {'status':<11} {'time':>7}  loss, mean of first -> last quarter of steps",
+    ]
     for s in report.stages:
-        loss = (f"{s.first_loss:.4f} -> {s.last_loss:.4f}" if s.first_loss is not None else "-")
+        loss = f"{s.first_loss:.4f} -> {s.last_loss:.4f}" if s.first_loss is not None else "-"
         lines.append(f"{s.name:<11} {s.status:<11} {s.seconds:>6.0f}s  {loss}")
         val = {k: v for k, v in s.metrics.items() if k.startswith("val/")}
         if val:

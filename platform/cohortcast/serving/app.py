@@ -39,18 +39,27 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cohortcast import __version__
 from cohortcast.config.serving import ServeConfig
 from cohortcast.errors import CohortcastError
-from cohortcast.serving.cohort_jobs import (CohortJob, CohortRequest, CohortStatus, cohort_status, job_client,
-                                            submit_cohort)
+from cohortcast.serving.cohort_jobs import (
+    CohortJob,
+    CohortRequest,
+    CohortStatus,
+    cohort_status,
+    job_client,
+    submit_cohort,
+)
 from cohortcast.serving.model_source import study_preprocessing
-from cohortcast.serving.requests import (ErrorBody, ForecastRequest, RequestError, forecast_answer, prepare,
-                                         prepare_crop)
+from cohortcast.serving.requests import ErrorBody, ForecastRequest, RequestError, forecast_answer, prepare, prepare_crop
 from cohortcast.serving.studies import StudyForecastRequest, StudyLimits, Upload, nifti_zip, study_crop
 
 log = logging.getLogger(__name__)
 
 # redirect_slashes off: a wrong path is a 404 here, not a redirect to another route.
-app = FastAPI(title="cohortcast forecasting", version=__version__, redirect_slashes=False,
-              description="Seeded multi-sample DDIM forecasts of a nodule crop at a future date (NAMD).")
+app = FastAPI(
+    title="cohortcast forecasting",
+    version=__version__,
+    redirect_slashes=False,
+    description="Seeded multi-sample DDIM forecasts of a nodule crop at a future date (NAMD).",
+)
 
 
 class ForecastAnswer(BaseModel):
@@ -74,10 +83,15 @@ class StudyForecastAnswer(ForecastAnswer):
 
 def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI entries for the error answers a route gives (all ErrorBody JSON)."""
-    what = {400: "a field is invalid", 401: "missing or wrong bearer token (when the service has one)",
-            403: "not allowed on this service", 404: "no such job", 413: "the upload or what it unpacks to is "
-            "over a limit", 422: "the request does not match the schema", 503: "a dependency (the model, "
-            "Ray's job server) is unavailable, or the service is overloaded"}
+    what = {
+        400: "a field is invalid",
+        401: "missing or wrong bearer token (when the service has one)",
+        403: "not allowed on this service",
+        404: "no such job",
+        413: "the upload or what it unpacks to is over a limit",
+        422: "the request does not match the schema",
+        503: "a dependency (the model, Ray's job server) is unavailable, or the service is overloaded",
+    }
     return {code: {"model": ErrorBody, "description": what[code]} for code in codes}
 
 
@@ -116,8 +130,11 @@ async def _on_cohortcast_error(request, exc: CohortcastError) -> JSONResponse:
 async def _on_http_error(request, exc: StarletteHTTPException) -> JSONResponse:
     # Unknown paths (404), wrong methods (405), unparseable multipart bodies (400): the
     # same ErrorBody as every other refusal, so clients need one error shape.
-    return JSONResponse(status_code=exc.status_code, content={"error": str(exc.detail), "field": None},
-                        headers=getattr(exc, "headers", None))
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"error": str(exc.detail), "field": None},
+        headers=getattr(exc, "headers", None),
+    )
 
 
 async def _on_unexpected(request, exc: Exception) -> JSONResponse:
@@ -133,13 +150,23 @@ app.add_exception_handler(CohortcastError, _on_cohortcast_error)
 app.add_exception_handler(StarletteHTTPException, _on_http_error)
 app.add_exception_handler(Exception, _on_unexpected)
 
+
 def _unavailable(exc: Exception) -> bool:
     """Errors that mean the model deployment is not there (or full), not a bug."""
     from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
-    return isinstance(exc, (RayActorError, BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError,
-                            ConnectionError, TimeoutError))
+    return isinstance(
+        exc,
+        (
+            RayActorError,
+            BackPressureError,
+            DeploymentUnavailableError,
+            ReplicaUnavailableError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    )
 
 
 async def _read_bounded(files: list[UploadFile], limit: int) -> list[Upload]:
@@ -151,8 +178,9 @@ async def _read_bounded(files: list[UploadFile], limit: int) -> list[Upload]:
         while chunk := await upload.read(1 << 20):
             total += len(chunk)
             if total > limit:
-                raise RequestError("study", f"uploads exceed the limit of serve.max_upload_mb "
-                                            f"({limit / 2**20:.0f} MiB)", status=413)
+                raise RequestError(
+                    "study", f"uploads exceed the limit of serve.max_upload_mb ({limit / 2**20:.0f} MiB)", status=413
+                )
             chunks.append(chunk)
         uploads.append(Upload(upload.filename or "", b"".join(chunks)))
     return uploads
@@ -191,8 +219,18 @@ def _study_settings(text: str) -> StudyForecastRequest:
 
 
 # Service limits a Serve `user_config` may change on live replicas (reconfigure).
-LIVE_SETTINGS = ("default_samples", "max_samples", "default_steps", "max_steps", "max_horizon_days",
-                 "max_upload_mb", "max_uncompressed_mb", "max_voxels", "max_study_files", "cohort_roots")
+LIVE_SETTINGS = (
+    "default_samples",
+    "max_samples",
+    "default_steps",
+    "max_steps",
+    "max_horizon_days",
+    "max_upload_mb",
+    "max_uncompressed_mb",
+    "max_voxels",
+    "max_study_files",
+    "cohort_roots",
+)
 
 
 @serve.ingress(app)
@@ -241,29 +279,52 @@ class ForecastAPI:
 
     @app.get("/v1/model", responses=_errors(401, 422, 503), dependencies=AUTHORIZED)
     async def model_info(self) -> dict[str, Any]:
-        limits = {name: getattr(self.cfg, name) for name in ("max_samples", "max_steps", "max_horizon_days",
-                                                             "max_upload_mb", "max_uncompressed_mb", "max_voxels")}
+        limits = {
+            name: getattr(self.cfg, name)
+            for name in (
+                "max_samples",
+                "max_steps",
+                "max_horizon_days",
+                "max_upload_mb",
+                "max_uncompressed_mb",
+                "max_voxels",
+            )
+        }
         return {**await self.info(), "cohortcast_version": __version__, "limits": limits}
 
-    @app.post("/v1/forecast", responses={200: {"model": ForecastAnswer}, **_errors(400, 401, 422, 503)},
-              dependencies=AUTHORIZED)
+    @app.post(
+        "/v1/forecast",
+        responses={200: {"model": ForecastAnswer}, **_errors(400, 401, 422, 503)},
+        dependencies=AUTHORIZED,
+    )
     async def forecast(self, request: ForecastRequest):
         info = await self.info()
         item = await run_in_threadpool(prepare, request, tuple(info["crop_shape"]), self.cfg, info["uses_ehr"])
         result = await self._model_call("forecast", item)
         return await run_in_threadpool(forecast_answer, item, result)
 
-    @app.post("/v1/forecast/study", responses={
-        200: {"model": StudyForecastAnswer, "content": {"application/zip": {}}}, **_errors(400, 401, 413, 422, 503)},
-        dependencies=AUTHORIZED)
+    @app.post(
+        "/v1/forecast/study",
+        responses={
+            200: {"model": StudyForecastAnswer, "content": {"application/zip": {}}},
+            **_errors(400, 401, 413, 422, 503),
+        },
+        dependencies=AUTHORIZED,
+    )
     async def forecast_study(
-            self, study: list[UploadFile] = File(description="one NIfTI file, or the DICOM files of one series "
-                                                             "(files or .zip archives)"),
-            request: str = Form(description="JSON: StudyForecastRequest (centre, horizon_days, ehr, num_samples, "
-                                            "steps, seed)"),
-            output_format: Literal["json", "nifti"] = Query(
-                "json", alias="format", description="nifti: a .zip of mean/variance/samples .nii.gz (HU) on the "
-                                                    "study's grid")):
+        self,
+        study: list[UploadFile] = File(
+            description="one NIfTI file, or the DICOM files of one series (files or .zip archives)"
+        ),
+        request: str = Form(
+            description="JSON: StudyForecastRequest (centre, horizon_days, ehr, num_samples, steps, seed)"
+        ),
+        output_format: Literal["json", "nifti"] = Query(
+            "json",
+            alias="format",
+            description="nifti: a .zip of mean/variance/samples .nii.gz (HU) on the study's grid",
+        ),
+    ):
         settings = _study_settings(request)
         info = await self.info()
         # Crop geometry and intensity scaling: the model's own (ingest only for old bundles).
@@ -273,27 +334,41 @@ class ForecastAPI:
         limit = int(self.cfg.max_upload_mb * 2**20)
         uploads = await _read_bounded(study, limit)
         # File IO, decompression and resampling block: off the event loop.
-        cut = await run_in_threadpool(study_crop, uploads, settings, geometry, limit,
-                                      StudyLimits.from_config(self.cfg))
-        item = await run_in_threadpool(prepare_crop, cut.crop, settings, tuple(info["crop_shape"]), self.cfg,
-                                       info["uses_ehr"], "study")
+        cut = await run_in_threadpool(study_crop, uploads, settings, geometry, limit, StudyLimits.from_config(self.cfg))
+        item = await run_in_threadpool(
+            prepare_crop, cut.crop, settings, tuple(info["crop_shape"]), self.cfg, info["uses_ehr"], "study"
+        )
         result = await self._model_call("forecast", item)
         if output_format == "nifti":
-            payload = await run_in_threadpool(nifti_zip, result["mean"], result["variance"], result["samples"],
-                                              cut.center_lps_mm, geometry)
-            return Response(payload, media_type="application/zip", headers={
-                "Content-Disposition": f'attachment; filename="forecast-{item.case_id}.zip"'})
+            payload = await run_in_threadpool(
+                nifti_zip, result["mean"], result["variance"], result["samples"], cut.center_lps_mm, geometry
+            )
+            return Response(
+                payload,
+                media_type="application/zip",
+                headers={"Content-Disposition": f'attachment; filename="forecast-{item.case_id}.zip"'},
+            )
         answer = await run_in_threadpool(forecast_answer, item, result)
-        return {**answer, "center_lps_mm": [float(v) for v in cut.center_lps_mm],
-                "crop_spacing_mm": geometry.crop_spacing_mm}
+        return {
+            **answer,
+            "center_lps_mm": [float(v) for v in cut.center_lps_mm],
+            "crop_spacing_mm": geometry.crop_spacing_mm,
+        }
 
-    @app.post("/v1/cohorts", status_code=202, responses={202: {"model": CohortJob}, **_errors(400, 401, 403, 422, 503)},
-              dependencies=AUTHORIZED)
+    @app.post(
+        "/v1/cohorts",
+        status_code=202,
+        responses={202: {"model": CohortJob}, **_errors(400, 401, 403, 422, 503)},
+        dependencies=AUTHORIZED,
+    )
     async def submit(self, request: CohortRequest):
         return await run_in_threadpool(submit_cohort, self.jobs, request, self.cfg, self.llm_path)
 
-    @app.get("/v1/cohorts/{job_id}", responses={200: {"model": CohortStatus}, **_errors(401, 404, 422, 503)},
-              dependencies=AUTHORIZED)
+    @app.get(
+        "/v1/cohorts/{job_id}",
+        responses={200: {"model": CohortStatus}, **_errors(401, 404, 422, 503)},
+        dependencies=AUTHORIZED,
+    )
     async def status(self, job_id: str):
         answer = await run_in_threadpool(cohort_status, self.jobs, job_id, self.cfg)
         if answer is None:
@@ -308,13 +383,23 @@ def build_app(cfg: ServeConfig, llm_path: str | None = None, token: str | None =
     from cohortcast.config import IngestConfig
     from cohortcast.serving.forecast_model import ForecastModel
 
-    scaling = ({"autoscaling_config": cfg.autoscaling.serve_options()} if cfg.autoscaling.enabled
-               else {"num_replicas": cfg.num_replicas})
-    model = serve.deployment(ForecastModel, name="ForecastModel").options(
-        ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-        max_ongoing_requests=max(cfg.max_batch_size * 2, cfg.max_ongoing_requests), **scaling,
-    ).bind(cfg.forecaster, llm_path, cfg)
+    scaling = (
+        {"autoscaling_config": cfg.autoscaling.serve_options()}
+        if cfg.autoscaling.enabled
+        else {"num_replicas": cfg.num_replicas}
+    )
+    model = (
+        serve.deployment(ForecastModel, name="ForecastModel")
+        .options(
+            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+            max_ongoing_requests=max(cfg.max_batch_size * 2, cfg.max_ongoing_requests),
+            **scaling,
+        )
+        .bind(cfg.forecaster, llm_path, cfg)
+    )
     front = serve.deployment(ForecastAPI, name="ForecastAPI").options(
-        ray_actor_options={"num_cpus": 0}, max_ongoing_requests=cfg.max_ongoing_requests,
-        max_queued_requests=cfg.max_queued_requests)
+        ray_actor_options={"num_cpus": 0},
+        max_ongoing_requests=cfg.max_ongoing_requests,
+        max_queued_requests=cfg.max_queued_requests,
+    )
     return front.bind(model, cfg, token, llm_path, ingest or IngestConfig())

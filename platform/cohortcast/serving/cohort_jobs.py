@@ -24,14 +24,16 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from cohortcast.config.serving import ServeConfig
-from cohortcast.serving.requests import SEED_MAX, RequestError, shown, sampling_limits
+from cohortcast.serving.requests import SEED_MAX, RequestError, sampling_limits, shown
 
 JOB_ID = re.compile(r"cohort-[0-9a-f]{12}")  # what submit_cohort issues; anything else is no cohort job
 
 
 class CohortRequest(BaseModel):
-    ingested: str = Field(description="an ingested cohort folder (holds card.json) at or under one of the service's "
-                                      "serve.cohort_roots: absolute, or relative to a root")
+    ingested: str = Field(
+        description="an ingested cohort folder (holds card.json) at or under one of the service's "
+        "serve.cohort_roots: absolute, or relative to a root"
+    )
     split: Literal["train", "val", "test"] = "test"
     num_samples: int | None = Field(default=None, description="samples per case (default: the service's)")
     steps: int | None = Field(default=None, description="DDIM steps (default: the service's)")
@@ -52,9 +54,13 @@ class CohortStatus(CohortJob):
 def jobs_unavailable(reason: str | None = None) -> RequestError:
     if reason:  # the job server answered, but refused (e.g. "No available agent to submit job")
         return RequestError(None, f"cohort jobs are unavailable: Ray's job server refused: {reason}", status=503)
-    return RequestError(None, "cohort jobs are unavailable: this service cannot reach Ray's job server (the Ray "
-                              "dashboard); start Ray with its dashboard (`cohortcast serve` does) or set "
-                              "serve.jobs_address", status=503)
+    return RequestError(
+        None,
+        "cohort jobs are unavailable: this service cannot reach Ray's job server (the Ray "
+        "dashboard); start Ray with its dashboard (`cohortcast serve` does) or set "
+        "serve.jobs_address",
+        status=503,
+    )
 
 
 def job_client(address: str | None):
@@ -72,8 +78,9 @@ def confined_cohort(ingested: str, roots: list[str]) -> Path:
     """The requested folder, resolved, if it lies at or under a configured root; 403
     otherwise (before any existence check, so refused paths reveal nothing)."""
     if not roots:
-        raise RequestError("ingested", "cohort submission is disabled on this service (serve.cohort_roots is empty)",
-                           status=403)
+        raise RequestError(
+            "ingested", "cohort submission is disabled on this service (serve.cohort_roots is empty)", status=403
+        )
     try:
         for root in roots:
             base = Path(root).resolve()
@@ -86,17 +93,24 @@ def confined_cohort(ingested: str, roots: list[str]) -> Path:
         raise
     except (OSError, ValueError):  # embedded NUL, names too long, loops
         raise RequestError("ingested", f"{shown(ingested, 300)} is not a usable path") from None
-    raise RequestError("ingested", f"{shown(ingested, 300)} is not under a folder this service allows "
-                                   "(serve.cohort_roots)", status=403)
+    raise RequestError(
+        "ingested", f"{shown(ingested, 300)} is not under a folder this service allows (serve.cohort_roots)", status=403
+    )
 
 
 def cohort_command(request: CohortRequest, cfg: ServeConfig, llm_path: str | None, output: Path) -> str:
     """The job's entrypoint: the batch forecasting command with everything set explicitly."""
     samples, steps = sampling_limits(request.num_samples, request.steps, cfg)
     ingested = confined_cohort(request.ingested, cfg.cohort_roots)
-    settings = {"forecast.forecaster": cfg.forecaster, "forecast.ingested": str(ingested),
-                "forecast.split": request.split, "forecast.output": str(output), "forecast.num_samples": samples,
-                "forecast.inference_steps": steps, "forecast.seed": request.seed}
+    settings = {
+        "forecast.forecaster": cfg.forecaster,
+        "forecast.ingested": str(ingested),
+        "forecast.split": request.split,
+        "forecast.output": str(output),
+        "forecast.num_samples": samples,
+        "forecast.inference_steps": steps,
+        "forecast.seed": request.seed,
+    }
     if llm_path:
         settings["model.conditioner.llm_path"] = llm_path
     # The replica's own interpreter: the job driver then imports the same cohortcast.
@@ -150,5 +164,10 @@ def cohort_status(client_factory, job_id: str, cfg: ServeConfig) -> dict[str, An
     except Exception:  # connection lost mid-way
         raise jobs_unavailable() from None
     status = info.status.value if hasattr(info.status, "value") else info.status
-    return {"job_id": job_id, "status": str(status), "output": job_id, "message": _first_line(info.message),
-            "summary": _summary(Path(cfg.cohort_output) / job_id)}
+    return {
+        "job_id": job_id,
+        "status": str(status),
+        "output": job_id,
+        "message": _first_line(info.message),
+        "summary": _summary(Path(cfg.cohort_output) / job_id),
+    }

@@ -43,8 +43,10 @@ def check_before_start(cfg) -> None:
     serve = resolve_paths(cfg).serve
     _token(serve)
     if not _is_uri(serve.forecaster) and not Path(serve.forecaster).is_dir():
-        raise ConfigError(f"serve.forecaster: {serve.forecaster} is neither a Forecaster folder nor an MLflow "
-                          "model URI (models:/name/version, runs:/id/forecaster)")
+        raise ConfigError(
+            f"serve.forecaster: {serve.forecaster} is neither a Forecaster folder nor an MLflow "
+            "model URI (models:/name/version, runs:/id/forecaster)"
+        )
     if serve.evaluator and not Path(serve.evaluator).is_dir():
         raise ConfigError(f"serve.evaluator: {serve.evaluator} is not an evaluator folder")
     for i, root in enumerate(serve.cohort_roots):

@@ -36,13 +36,21 @@ def run_batch(model, items: list[PreparedRequest]) -> list[dict[str, Any]]:
     for (samples, steps), unique in groups.items():
         cases = list(unique.values())  # seeds may differ: each case's noise comes from its own seed
         records = [c.ehr for c in cases] if model.conditioner is not None else None
-        forecast = model.forecast(torch.from_numpy(np.stack([c.crop for c in cases]))[:, None],
-                                  torch.tensor([c.horizon_days for c in cases]), [c.case_id for c in cases],
-                                  ehr=records, num_samples=samples, seed=[c.seed for c in cases], steps=steps)
+        forecast = model.forecast(
+            torch.from_numpy(np.stack([c.crop for c in cases]))[:, None],
+            torch.tensor([c.horizon_days for c in cases]),
+            [c.case_id for c in cases],
+            ehr=records,
+            num_samples=samples,
+            seed=[c.seed for c in cases],
+            steps=steps,
+        )
         for i, case in enumerate(cases):
             answers[(samples, steps, case.case_id, case.seed)] = {
-                "mean": forecast.mean[i, 0].numpy(), "variance": forecast.variance[i, 0].numpy(),
-                "samples": forecast.samples[i, :, 0].numpy()}
+                "mean": forecast.mean[i, 0].numpy(),
+                "variance": forecast.variance[i, 0].numpy(),
+                "samples": forecast.samples[i, :, 0].numpy(),
+            }
     return [answers[(i.num_samples, i.steps, i.case_id, i.seed)] for i in items]
 
 
@@ -58,7 +66,7 @@ def score_samples(evaluator, answers: list[dict[str, Any]], micro_batch: int = 6
     start = 0
     for answer in answers:
         count = len(answer["samples"])
-        answer["malignancy_probability"] = probabilities[start:start + count].astype(float).tolist()
+        answer["malignancy_probability"] = probabilities[start : start + count].astype(float).tolist()
         start += count
 
 
@@ -72,12 +80,16 @@ class ServiceMetrics:
         self.samples = metrics.Counter("cohortcast_samples_generated", description="forecast samples generated")
         self.requests = metrics.Counter("cohortcast_forecast_requests", description="forecast requests answered")
         self.step_latency = metrics.Histogram(
-            "cohortcast_ddim_step_seconds", description="wall time of one DDIM step of a whole batch",
-            boundaries=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0])
-        self.batch_size = metrics.Histogram("cohortcast_batch_requests", description="requests per model batch",
-                                            boundaries=[1, 2, 4, 8, 16, 32, 64])
-        self.in_flight = metrics.Gauge("cohortcast_requests_in_flight",
-                                       description="requests inside the model deployment (queued + batched)")
+            "cohortcast_ddim_step_seconds",
+            description="wall time of one DDIM step of a whole batch",
+            boundaries=[0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0],
+        )
+        self.batch_size = metrics.Histogram(
+            "cohortcast_batch_requests", description="requests per model batch", boundaries=[1, 2, 4, 8, 16, 32, 64]
+        )
+        self.in_flight = metrics.Gauge(
+            "cohortcast_requests_in_flight", description="requests inside the model deployment (queued + batched)"
+        )
 
 
 BATCH_SETTINGS = ("max_batch_size", "batch_wait_timeout_s", "micro_batch")
@@ -97,7 +109,7 @@ class ForecastModel:
         self._setup(Forecaster.load(source.folder, llm_path=llm_path), source, evaluator, cfg)
 
     @classmethod
-    def from_loaded(cls, model, source, cfg: ServeConfig, evaluator=None) -> "ForecastModel":
+    def from_loaded(cls, model, source, cfg: ServeConfig, evaluator=None) -> ForecastModel:
         """A replica around an already loaded Forecaster (in-process use: tests, load smoke runs)."""
         self = cls.__new__(cls)
         self._setup(model, source, evaluator, cfg)
@@ -131,9 +143,13 @@ class ForecastModel:
     def info(self) -> dict[str, Any]:
         side = self.model.cfg.vae.sample_size
         preprocessing = self.model.preprocessing
-        return {**self.source.info(), "crop_shape": [side, side], "uses_ehr": self.model.conditioner is not None,
-                "evaluator": self.evaluator is not None,
-                "preprocessing": preprocessing.to_dict() if preprocessing is not None else None}
+        return {
+            **self.source.info(),
+            "crop_shape": [side, side],
+            "uses_ehr": self.model.conditioner is not None,
+            "evaluator": self.evaluator is not None,
+            "preprocessing": preprocessing.to_dict() if preprocessing is not None else None,
+        }
 
     async def forecast(self, item: PreparedRequest) -> dict[str, Any]:
         self._in_flight += 1

@@ -18,6 +18,7 @@ class _LocalMethod:
 
     def remote(self, *args, **kwargs):
         """Like a DeploymentHandle call: an awaitable of the method's result."""
+
         async def call():
             result = self._method(*args, **kwargs)
             return await result if inspect.isawaitable(result) else result
@@ -71,8 +72,9 @@ def local_app(model: Any, cfg, token: str | None = None, llm_path: str | None = 
     # need a Serve replica.
     routes_class = next(c for c in ForecastAPI.__mro__ if "healthz" in c.__dict__)
     instance = routes_class(handle, cfg, token, llm_path, ingest or IngestConfig())
-    local = FastAPI(title=app.title, version=app.version, description=app.description,
-                    redirect_slashes=app.router.redirect_slashes)
+    local = FastAPI(
+        title=app.title, version=app.version, description=app.description, redirect_slashes=app.router.redirect_slashes
+    )
     routers = _class_routers(app)
     for router in routers:
         local.include_router(router)

@@ -28,8 +28,12 @@ class ForecasterSource:
         # A registry URI is what the operator configured; a local folder is named, not
         # located (server paths are not echoed to clients).
         shown = self.location if _is_uri(self.location) else Path(self.location).name
-        return {"forecaster": shown, "model_version": (read_marker(self.folder) or {}).get("key"),
-                "mlflow_run_id": self.mlflow_run_id, "registered_model": self.registered or None}
+        return {
+            "forecaster": shown,
+            "model_version": (read_marker(self.folder) or {}).get("key"),
+            "mlflow_run_id": self.mlflow_run_id,
+            "registered_model": self.registered or None,
+        }
 
 
 def _is_uri(location: str) -> bool:
@@ -42,7 +46,7 @@ def _registered(uri: str) -> dict[str, Any]:
 
     if not uri.startswith("models:/"):
         return {}
-    ref = uri[len("models:/"):].strip("/")
+    ref = uri[len("models:/") :].strip("/")
     client = MlflowClient()
     if "@" in ref:
         name, alias = ref.split("@", 1)
@@ -68,14 +72,18 @@ def resolve_forecaster(location: str, download_root: str | Path | None = None) -
 
     from cohortcast.tracking.forecaster_pyfunc import ARTIFACT
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=location,
-                                                      dst_path=str(download_root) if download_root else None))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=str(download_root) if download_root else None
+        )
+    )
     model = Model.load(str(local / "MLmodel"))
     artifacts = model.flavors.get("python_function", {}).get("artifacts", {})
     if ARTIFACT not in artifacts:
         raise ValueError(f"{location} is an MLflow model without a {ARTIFACT!r} artifact: not a cohortcast Forecaster")
-    return ForecasterSource(location, local / artifacts[ARTIFACT]["path"], mlflow_run_id=model.run_id,
-                            registered=_registered(location))
+    return ForecasterSource(
+        location, local / artifacts[ARTIFACT]["path"], mlflow_run_id=model.run_id, registered=_registered(location)
+    )
 
 
 _warned_fallback: set[str] = set()
@@ -91,10 +99,15 @@ def study_preprocessing(info: dict[str, Any], ingest) -> tuple[Any, str | None]:
     if info.get("preprocessing"):
         return CropPreprocessing.from_dict(info["preprocessing"]), None
     if [ingest.crop_size] * 2 != list(info["crop_shape"]):
-        return None, (f"service misconfigured: the Forecaster was saved without its crop preprocessing and "
-                      f"ingest.crop_size {ingest.crop_size} does not fit its {info['crop_shape']} crops")
+        return None, (
+            f"service misconfigured: the Forecaster was saved without its crop preprocessing and "
+            f"ingest.crop_size {ingest.crop_size} does not fit its {info['crop_shape']} crops"
+        )
     if info.get("forecaster") not in _warned_fallback:
         _warned_fallback.add(info.get("forecaster"))
-        log.warning("Forecaster %s carries no crop preprocessing (saved before format 3): study uploads are cut "
-                    "with the service's ingest settings, which must be the training ones", info.get("forecaster"))
+        log.warning(
+            "Forecaster %s carries no crop preprocessing (saved before format 3): study uploads are cut "
+            "with the service's ingest settings, which must be the training ones",
+            info.get("forecaster"),
+        )
     return CropPreprocessing.from_ingest(ingest), None

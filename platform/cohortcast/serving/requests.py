@@ -25,27 +25,34 @@ MAX_NPY_ELEMENTS = 2**26  # any array a request may carry (a 512 x 512 crop is 2
 class ForecastSettings(BaseModel):
     """What every forecast request carries besides its image."""
 
-    horizon_days: float = Field(description="days from the baseline to the forecast date (finite, > 0, at most "
-                                "the service's max_horizon_days)", gt=0, allow_inf_nan=False)
-    ehr: dict[str, Any] = Field(default_factory=dict, description="NAMD EHR features by manifest name, e.g. "
-                                "{'age': 63, 'SCT_LONG_DIA': 9.5}")
-    num_samples: int | None = Field(default=None, description="seeded DDIM samples (default: the service's; "
-                                    "1..max_samples, see GET /v1/model)")
+    horizon_days: float = Field(
+        description="days from the baseline to the forecast date (finite, > 0, at most the service's max_horizon_days)",
+        gt=0,
+        allow_inf_nan=False,
+    )
+    ehr: dict[str, Any] = Field(
+        default_factory=dict, description="NAMD EHR features by manifest name, e.g. {'age': 63, 'SCT_LONG_DIA': 9.5}"
+    )
+    num_samples: int | None = Field(
+        default=None, description="seeded DDIM samples (default: the service's; 1..max_samples, see GET /v1/model)"
+    )
     steps: int | None = Field(default=None, description="DDIM steps (default: the service's; 1..max_steps)")
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="same request + seed = bit-identical answer")
 
 
 class ForecastRequest(ForecastSettings):
-    crop_npy_b64: str = Field(description="baseline crop: base64 of a .npy file, (H, W) real float, finite values "
-                              "in [-1, 1]")
+    crop_npy_b64: str = Field(
+        description="baseline crop: base64 of a .npy file, (H, W) real float, finite values in [-1, 1]"
+    )
 
 
 class ErrorBody(BaseModel):
     """Every 4xx/5xx answer of the service's own routes."""
 
     error: str = Field(description="what is wrong")
-    field: str | None = Field(description="the request field at fault (e.g. horizon_days, ehr.age, study, "
-                              "Authorization), or null")
+    field: str | None = Field(
+        description="the request field at fault (e.g. horizon_days, ehr.age, study, Authorization), or null"
+    )
 
 
 class RequestError(CohortcastError, ValueError):
@@ -151,13 +158,19 @@ def forecast_answer(item: PreparedRequest, result: dict[str, Any]) -> dict[str, 
     PNG previews, per-sample malignancy probabilities when an evaluator is served."""
     variance = result["variance"]
     probabilities = result.get("malignancy_probability")
-    return {"case_id": item.case_id, "seed": item.seed, "num_samples": item.num_samples, "steps": item.steps,
-            "mean_npy_b64": encode_npy(result["mean"]), "variance_npy_b64": encode_npy(variance),
-            "samples_npy_b64": encode_npy(result["samples"]),
-            "mean_png_b64": encode_png(result["mean"], -1.0, 1.0),
-            "variance_png_b64": encode_png(variance, 0.0, float(variance.max())),
-            "malignancy_probability": probabilities,
-            "malignancy_probability_mean": float(np.mean(probabilities)) if probabilities else None}
+    return {
+        "case_id": item.case_id,
+        "seed": item.seed,
+        "num_samples": item.num_samples,
+        "steps": item.steps,
+        "mean_npy_b64": encode_npy(result["mean"]),
+        "variance_npy_b64": encode_npy(variance),
+        "samples_npy_b64": encode_npy(result["samples"]),
+        "mean_png_b64": encode_png(result["mean"], -1.0, 1.0),
+        "variance_png_b64": encode_png(variance, 0.0, float(variance.max())),
+        "malignancy_probability": probabilities,
+        "malignancy_probability_mean": float(np.mean(probabilities)) if probabilities else None,
+    }
 
 
 def _finite_number(value: Any) -> float | None:
@@ -208,14 +221,22 @@ def _count(value: Any, default: int, limit: int, field: str) -> int:
 
 def sampling_limits(num_samples: int | None, steps: int | None, cfg) -> tuple[int, int]:
     """(samples, steps) with the service's defaults filled in, within its limits."""
-    return (_count(num_samples, cfg.default_samples, cfg.max_samples, "num_samples"),
-            _count(steps, cfg.default_steps, cfg.max_steps, "steps"))
+    return (
+        _count(num_samples, cfg.default_samples, cfg.max_samples, "num_samples"),
+        _count(steps, cfg.default_steps, cfg.max_steps, "steps"),
+    )
 
 
 def prepare(request: ForecastRequest, crop_shape: tuple[int, int], cfg, uses_ehr: bool) -> PreparedRequest:
     """Validate against the model and the service limits; raises RequestError."""
-    return prepare_crop(decode_npy(request.crop_npy_b64, "crop_npy_b64", tuple(crop_shape)), request, crop_shape,
-                        cfg, uses_ehr, field="crop_npy_b64")
+    return prepare_crop(
+        decode_npy(request.crop_npy_b64, "crop_npy_b64", tuple(crop_shape)),
+        request,
+        crop_shape,
+        cfg,
+        uses_ehr,
+        field="crop_npy_b64",
+    )
 
 
 def check_horizon(horizon_days: Any, cfg) -> float:
@@ -229,14 +250,16 @@ def check_horizon(horizon_days: Any, cfg) -> float:
     return number
 
 
-def prepare_crop(crop: np.ndarray, request, crop_shape: tuple[int, int], cfg, uses_ehr: bool,
-                 field: str) -> PreparedRequest:
+def prepare_crop(
+    crop: np.ndarray, request, crop_shape: tuple[int, int], cfg, uses_ehr: bool, field: str
+) -> PreparedRequest:
     """A decoded crop + the request's horizon, EHR, samples, steps and seed (any object
     with those attributes) -> a PreparedRequest; `field` names the crop's source in errors."""
     check_array(crop, field, tuple(crop_shape))
     if crop.min() < -1.0001 or crop.max() > 1.0001:
-        raise RequestError(field, f"values in [{crop.min():.3g}, {crop.max():.3g}]; expected the ingestion "
-                                  "scale [-1, 1]")
+        raise RequestError(
+            field, f"values in [{crop.min():.3g}, {crop.max():.3g}]; expected the ingestion scale [-1, 1]"
+        )
     horizon = check_horizon(request.horizon_days, cfg)
     samples, steps = sampling_limits(request.num_samples, request.steps, cfg)
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= SEED_MAX:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from pydantic import FiniteFloat, Field, model_validator
+from pydantic import Field, FiniteFloat, model_validator
 
 from cohortcast.io.volume import Volume
 from cohortcast.serving.requests import ForecastSettings, RequestError
@@ -34,11 +34,21 @@ from cohortcast.serving.requests import ForecastSettings, RequestError
 class StudyForecastRequest(ForecastSettings):
     """The `request` form field (JSON) next to the uploaded study files."""
 
-    center_lps_mm: list[FiniteFloat] | None = Field(default=None, min_length=3, max_length=3, description=(
-        "nodule centre in patient coordinates (DICOM LPS, mm): the manifest's center_x/y/z_mm"))
-    center_voxel: list[FiniteFloat] | None = Field(default=None, min_length=3, max_length=3, description=(
-        "nodule centre as voxel indices (i, j, k) of the uploaded image: NIfTI array order, or (column, row, "
-        "slice) of the DICOM series sorted along its normal"))
+    center_lps_mm: list[FiniteFloat] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description=("nodule centre in patient coordinates (DICOM LPS, mm): the manifest's center_x/y/z_mm"),
+    )
+    center_voxel: list[FiniteFloat] | None = Field(
+        default=None,
+        min_length=3,
+        max_length=3,
+        description=(
+            "nodule centre as voxel indices (i, j, k) of the uploaded image: NIfTI array order, or (column, row, "
+            "slice) of the DICOM series sorted along its normal"
+        ),
+    )
 
     @model_validator(mode="after")
     def _one_centre(self):
@@ -69,7 +79,7 @@ class StudyLimits:
     max_files: int = 4096
 
     @classmethod
-    def from_config(cls, cfg) -> "StudyLimits":
+    def from_config(cls, cfg) -> StudyLimits:
         return cls(int(cfg.max_uncompressed_mb * 2**20), int(cfg.max_voxels), int(cfg.max_study_files))
 
     def read_limits(self):
@@ -78,8 +88,12 @@ class StudyLimits:
         return ReadLimits(max_voxels=self.max_voxels, max_uncompressed_bytes=self.max_uncompressed_bytes)
 
     def too_large(self) -> RequestError:
-        return RequestError("study", f"the upload unpacks to more than serve.max_uncompressed_mb "
-                                     f"({self.max_uncompressed_bytes / 2**20:.0f} MiB)", status=413)
+        return RequestError(
+            "study",
+            f"the upload unpacks to more than serve.max_uncompressed_mb "
+            f"({self.max_uncompressed_bytes / 2**20:.0f} MiB)",
+            status=413,
+        )
 
 
 class _Budget:
@@ -96,8 +110,7 @@ class _Budget:
     def add_files(self, count: int) -> None:
         self.files += count
         if self.files > self.limits.max_files:
-            raise RequestError("study", f"more than serve.max_study_files ({self.limits.max_files}) files",
-                               status=413)
+            raise RequestError("study", f"more than serve.max_study_files ({self.limits.max_files}) files", status=413)
 
 
 def _kind(name: str) -> str:
@@ -129,11 +142,21 @@ def _unzip(data: bytes, folder: Path, index: int, budget: _Budget) -> int:
                 _copy_member(archive, member, folder / f"z{index:03d}_{n:05d}.dcm", budget)
     except RequestError:
         raise
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, OSError,
-            ValueError, zlib.error, lzma.LZMAError) as exc:
+    except (
+        zipfile.BadZipFile,
+        zipfile.LargeZipFile,
+        NotImplementedError,
+        RuntimeError,
+        EOFError,
+        OSError,
+        ValueError,
+        zlib.error,
+        lzma.LZMAError,
+    ) as exc:
         # Corrupt, encrypted (RuntimeError) or exotic (NotImplementedError) archives.
-        raise RequestError("study", f"upload {index + 1} is not a readable .zip archive "
-                                    f"({type(exc).__name__})") from None
+        raise RequestError(
+            "study", f"upload {index + 1} is not a readable .zip archive ({type(exc).__name__})"
+        ) from None
     return len(members)
 
 
@@ -162,9 +185,13 @@ def _read(path: Path, workdir: Path, limits: StudyLimits) -> Volume:
     try:
         return read_study(path, limits=limits.read_limits())
     except TooLargeError as exc:
-        raise RequestError("study", f"too large: {_hide(exc, workdir)} (limits: serve.max_voxels "
-                                    f"{limits.max_voxels}, serve.max_uncompressed_mb "
-                                    f"{limits.max_uncompressed_bytes / 2**20:.0f})", status=413) from None
+        raise RequestError(
+            "study",
+            f"too large: {_hide(exc, workdir)} (limits: serve.max_voxels "
+            f"{limits.max_voxels}, serve.max_uncompressed_mb "
+            f"{limits.max_uncompressed_bytes / 2**20:.0f})",
+            status=413,
+        ) from None
     except StudyError as exc:
         raise RequestError("study", f"{exc.reason}: {_hide(exc, workdir)}") from None
     except MemoryError:
@@ -178,16 +205,18 @@ def _hide(exc: Exception, workdir: Path) -> str:
     return str(exc).replace(str(workdir), "<upload>")
 
 
-def read_uploaded_study(uploads: list[Upload], workdir: Path, max_bytes: int,
-                        limits: StudyLimits | None = None) -> Volume:
+def read_uploaded_study(
+    uploads: list[Upload], workdir: Path, max_bytes: int, limits: StudyLimits | None = None
+) -> Volume:
     """Uploads -> one Volume; RequestError("study", ...) for anything unreadable, 413
     past `max_bytes` sent or a `limits` bound unpacked."""
     limits = limits or StudyLimits()
     if not uploads:
         raise RequestError("study", "no file uploaded")
     if sum(len(u.data) for u in uploads) > max_bytes:
-        raise RequestError("study", f"uploads exceed the limit of serve.max_upload_mb ({max_bytes / 2**20:.0f} MiB)",
-                           status=413)
+        raise RequestError(
+            "study", f"uploads exceed the limit of serve.max_upload_mb ({max_bytes / 2**20:.0f} MiB)", status=413
+        )
     kinds = [_kind(u.name) for u in uploads]
     if "nifti" in kinds:
         if len(uploads) != 1:
@@ -220,24 +249,33 @@ def crop_study(volume: Volume, request: StudyForecastRequest, ingest) -> StudyCr
     return StudyCrop(window(crop, *ingest.hu_window, ingest.normalise), centre)
 
 
-def study_crop(uploads: list[Upload], request: StudyForecastRequest, ingest, max_bytes: int,
-               limits: StudyLimits | None = None) -> StudyCrop:
+def study_crop(
+    uploads: list[Upload], request: StudyForecastRequest, ingest, max_bytes: int, limits: StudyLimits | None = None
+) -> StudyCrop:
     """Blocking (file IO, resampling): the ingress runs it in a worker thread."""
     with tempfile.TemporaryDirectory(prefix="cohortcast-upload-") as tmp:
         return crop_study(read_uploaded_study(uploads, Path(tmp), max_bytes, limits), request, ingest)
 
 
-def nifti_zip(mean: np.ndarray, variance: np.ndarray, samples: np.ndarray, centre_lps_mm: np.ndarray,
-              ingest) -> bytes:
+def nifti_zip(mean: np.ndarray, variance: np.ndarray, samples: np.ndarray, centre_lps_mm: np.ndarray, ingest) -> bytes:
     """mean.nii.gz and samples.nii.gz in HU, variance.nii.gz, on the crop's patient-space
     grid (they overlay the uploaded study in a viewer), zipped."""
     from cohortcast.inference.forecast_outputs import to_hu, write_case_images
 
     with tempfile.TemporaryDirectory(prefix="cohortcast-nifti-") as tmp:
         folder = Path(tmp)
-        write_case_images(folder, to_hu(mean, ingest.hu_window, ingest.normalise), variance,
-                          to_hu(samples, ingest.hu_window, ingest.normalise), centre_lps_mm, ingest.crop_spacing_mm,
-                          subject="", case_key="", target_date=None, dicom=False)
+        write_case_images(
+            folder,
+            to_hu(mean, ingest.hu_window, ingest.normalise),
+            variance,
+            to_hu(samples, ingest.hu_window, ingest.normalise),
+            centre_lps_mm,
+            ingest.crop_spacing_mm,
+            subject="",
+            case_key="",
+            target_date=None,
+            dicom=False,
+        )
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:  # .nii.gz: already compressed
             for name in ("mean.nii.gz", "variance.nii.gz", "samples.nii.gz"):

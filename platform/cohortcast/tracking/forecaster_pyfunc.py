@@ -46,24 +46,36 @@ class ForecasterPyfunc(mlflow.pyfunc.PythonModel):
         baseline = torch.from_numpy(np.stack([_crop(b) for b in model_input["baseline"]]))[:, None]
         side = self.forecaster.cfg.vae.sample_size
         if tuple(baseline.shape[-2:]) != (side, side):
-            raise ValueError(f"`baseline` crops are {tuple(baseline.shape[-2:])}; this Forecaster takes {side} x "
-                             f"{side} crops cut as its metadata's preprocessing says")
+            raise ValueError(
+                f"`baseline` crops are {tuple(baseline.shape[-2:])}; this Forecaster takes {side} x "
+                f"{side} crops cut as its metadata's preprocessing says"
+            )
         if "ehr_text" in model_input.columns:
-            raise ValueError("the `ehr_text` column is no longer read: pass `ehr`, a JSON object of NAMD EHR "
-                             "features by manifest name, per row")
+            raise ValueError(
+                "the `ehr_text` column is no longer read: pass `ehr`, a JSON object of NAMD EHR "
+                "features by manifest name, per row"
+            )
         records = None
         if "ehr" in model_input.columns and self.forecaster.conditioner is not None:
             records = [_record(r) for r in model_input["ehr"]]
         steps = params.get("steps")
         forecast = self.forecaster.forecast(
-            baseline, torch.tensor(np.asarray(model_input["horizon_days"], np.float64), dtype=torch.float32),
-            [str(c) for c in model_input["case_id"]], ehr=records,
-            num_samples=int(params.get("num_samples", DEFAULT_SAMPLES)), seed=int(params.get("seed", DEFAULT_SEED)),
-            steps=int(steps) if steps else None)
-        return pd.DataFrame({"case_id": [str(c) for c in model_input["case_id"]],
-                             "mean": [m[0].tolist() for m in forecast.mean],
-                             "variance": [v[0].tolist() for v in forecast.variance],
-                             "samples": [s[:, 0].tolist() for s in forecast.samples]})
+            baseline,
+            torch.tensor(np.asarray(model_input["horizon_days"], np.float64), dtype=torch.float32),
+            [str(c) for c in model_input["case_id"]],
+            ehr=records,
+            num_samples=int(params.get("num_samples", DEFAULT_SAMPLES)),
+            seed=int(params.get("seed", DEFAULT_SEED)),
+            steps=int(steps) if steps else None,
+        )
+        return pd.DataFrame(
+            {
+                "case_id": [str(c) for c in model_input["case_id"]],
+                "mean": [m[0].tolist() for m in forecast.mean],
+                "variance": [v[0].tolist() for v in forecast.variance],
+                "samples": [s[:, 0].tolist() for s in forecast.samples],
+            }
+        )
 
 
 def _crop(value) -> np.ndarray:
@@ -95,13 +107,29 @@ def signature(inference_steps: int):
 
     # double: JSON and Python floats are 64-bit, and MLflow refuses to narrow them
     image, images = Array(Array(DataType.double)), Array(Array(Array(DataType.double)))
-    inputs = Schema([ColSpec(DataType.string, "case_id"), ColSpec(image, "baseline"),
-                     ColSpec(DataType.double, "horizon_days"), ColSpec(DataType.string, "ehr", required=False)])
-    outputs = Schema([ColSpec(DataType.string, "case_id"), ColSpec(image, "mean"), ColSpec(image, "variance"),
-                      ColSpec(images, "samples")])
-    params = ParamSchema([ParamSpec("num_samples", DataType.long, DEFAULT_SAMPLES),
-                          ParamSpec("seed", DataType.long, DEFAULT_SEED),
-                          ParamSpec("steps", DataType.long, int(inference_steps))])
+    inputs = Schema(
+        [
+            ColSpec(DataType.string, "case_id"),
+            ColSpec(image, "baseline"),
+            ColSpec(DataType.double, "horizon_days"),
+            ColSpec(DataType.string, "ehr", required=False),
+        ]
+    )
+    outputs = Schema(
+        [
+            ColSpec(DataType.string, "case_id"),
+            ColSpec(image, "mean"),
+            ColSpec(image, "variance"),
+            ColSpec(images, "samples"),
+        ]
+    )
+    params = ParamSchema(
+        [
+            ParamSpec("num_samples", DataType.long, DEFAULT_SAMPLES),
+            ParamSpec("seed", DataType.long, DEFAULT_SEED),
+            ParamSpec("steps", DataType.long, int(inference_steps)),
+        ]
+    )
     return ModelSignature(inputs, outputs, params)
 
 
@@ -110,8 +138,14 @@ def input_example(side: int):
     (it loads the model and predicts on it while logging) to one sample of one step."""
     import pandas as pd
 
-    frame = pd.DataFrame({"case_id": ["sub-example/n1"], "baseline": [np.zeros((side, side), np.float32).tolist()],
-                          "horizon_days": [365.0], "ehr": [json.dumps({"SCT_LONG_DIA": 8.0})]})
+    frame = pd.DataFrame(
+        {
+            "case_id": ["sub-example/n1"],
+            "baseline": [np.zeros((side, side), np.float32).tolist()],
+            "horizon_days": [365.0],
+            "ehr": [json.dumps({"SCT_LONG_DIA": 8.0})],
+        }
+    )
     return frame, {"num_samples": 1, "seed": 0, "steps": 1}
 
 
@@ -132,8 +166,7 @@ def _package_copy(tmp: Path) -> str:
     import cohortcast
 
     target = tmp / "cohortcast"
-    shutil.copytree(Path(cohortcast.__file__).parent, target,
-                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    shutil.copytree(Path(cohortcast.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
     return str(target)
 
 
@@ -149,11 +182,16 @@ def log_forecaster(folder: str, registry_name: str | None = None, alias: str | N
     preprocessing = read_preprocessing(folder)
     with tempfile.TemporaryDirectory(prefix="cohortcast-code-") as tmp:
         info = mlflow.pyfunc.log_model(
-            name="forecaster", python_model=ForecasterPyfunc(), artifacts={ARTIFACT: folder},
-            registered_model_name=registry_name, code_paths=[_package_copy(Path(tmp))],
-            signature=signature(cfg.scheduler.inference_steps), input_example=input_example(cfg.vae.sample_size),
+            name="forecaster",
+            python_model=ForecasterPyfunc(),
+            artifacts={ARTIFACT: folder},
+            registered_model_name=registry_name,
+            code_paths=[_package_copy(Path(tmp))],
+            signature=signature(cfg.scheduler.inference_steps),
+            input_example=input_example(cfg.vae.sample_size),
             pip_requirements=pip_requirements(),
-            metadata={"preprocessing": preprocessing.to_dict() if preprocessing else None})
+            metadata={"preprocessing": preprocessing.to_dict() if preprocessing else None},
+        )
     if alias:
         set_alias(registry_name, info.registered_model_version, alias)
     return info

@@ -46,8 +46,14 @@ class JobRuns:
     sweep); `run_name` and `tags` default to the config's run name and none;
     `resume_run_id`: reopen that run (a resumed sweep keeps one parent run)."""
 
-    def __init__(self, cfg: CohortcastConfig, nested_in: str | None = None, run_name: str | None = None,
-                 tags: dict[str, str] | None = None, resume_run_id: str | None = None):
+    def __init__(
+        self,
+        cfg: CohortcastConfig,
+        nested_in: str | None = None,
+        run_name: str | None = None,
+        tags: dict[str, str] | None = None,
+        resume_run_id: str | None = None,
+    ):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -70,7 +76,7 @@ class JobRuns:
         else:
             self.experiment_id = experiment.experiment_id
 
-    def __enter__(self) -> "JobRuns":
+    def __enter__(self) -> JobRuns:
         if not self.enabled:
             return self
         if self.resume_run_id:
@@ -104,8 +110,11 @@ class JobRuns:
         if not (self.enabled and run_id):
             return
         now = int(time.time() * 1000)
-        values = [Metric(k, float(v), now, 0) for k, v in metrics.items()
-                  if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        values = [
+            Metric(k, float(v), now, 0)
+            for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)
+        ]
         self.client.log_batch(run_id, metrics=values)
 
     def log_dict(self, run_id: str | None, data: dict, artifact_file: str) -> None:
@@ -115,8 +124,9 @@ class JobRuns:
     def start_child(self, stage: str, params: dict[str, Any]) -> str | None:
         if not self.enabled:
             return None
-        run = self.client.create_run(self.experiment_id, run_name=stage,
-                                     tags={PARENT_TAG: self.parent_id, "cohortcast.stage": stage})
+        run = self.client.create_run(
+            self.experiment_id, run_name=stage, tags={PARENT_TAG: self.parent_id, "cohortcast.stage": stage}
+        )
         self.log_params(run.info.run_id, params)
         return run.info.run_id
 
@@ -142,8 +152,10 @@ class JobRuns:
     def location(self) -> str:
         if not self.enabled:
             return "MLflow disabled (mlflow.enabled: false)"
-        return (f"MLflow: {self.uri} experiment {self.cfg.mlflow.experiment!r} (id {self.experiment_id}), "
-                f"run {self.parent_id}\n  browse: mlflow ui --backend-store-uri {self.uri}")
+        return (
+            f"MLflow: {self.uri} experiment {self.cfg.mlflow.experiment!r} (id {self.experiment_id}), "
+            f"run {self.parent_id}\n  browse: mlflow ui --backend-store-uri {self.uri}"
+        )
 
 
 def card_summary(card: dict[str, Any]) -> dict[str, Any]:

@@ -45,9 +45,16 @@ def deepspeed_config(cfg: StageConfig, precision: Precision, world_size: int) ->
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": precision.name == "bf16"},
         "fp16": {"enabled": precision.name == "fp16"},
-        "scheduler": {"type": "WarmupCosineLR", "params": {
-            "total_num_steps": cfg.max_steps, "warmup_num_steps": cfg.warmup_steps,
-            "warmup_min_ratio": cfg.warmup_min_ratio, "cos_min_ratio": cfg.min_lr_ratio, "warmup_type": "linear"}},
+        "scheduler": {
+            "type": "WarmupCosineLR",
+            "params": {
+                "total_num_steps": cfg.max_steps,
+                "warmup_num_steps": cfg.warmup_steps,
+                "warmup_min_ratio": cfg.warmup_min_ratio,
+                "cos_min_ratio": cfg.min_lr_ratio,
+                "warmup_type": "linear",
+            },
+        },
         "steps_per_print": 10**9,  # we log ourselves, on rank 0
         "wall_clock_breakdown": False,
     }

@@ -20,8 +20,9 @@ def consolidated_state_dict(checkpoint) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(checkpoint))
-    folder_ctx = (checkpoint.as_directory() if hasattr(checkpoint, "as_directory")
-                  else contextlib.nullcontext(str(checkpoint)))
+    folder_ctx = (
+        checkpoint.as_directory() if hasattr(checkpoint, "as_directory") else contextlib.nullcontext(str(checkpoint))
+    )
     with folder_ctx as folder:
         tag_dir = Path(folder) / TAG
         if any(tag_dir.glob("*optim_states.pt")):
@@ -30,4 +31,3 @@ def consolidated_state_dict(checkpoint) -> dict[str, torch.Tensor]:
             return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=TAG))
         model_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO stage 0: plain model states
         return torch.load(model_file, map_location="cpu", weights_only=False)["module"]
-

@@ -19,5 +19,5 @@ def image_grid(columns: list[torch.Tensor], gap: int = 2, low: float = -1.0) -> 
     grid = np.full((rows * (h + gap) - gap, len(cols) * (w + gap) - gap), 255, np.uint8)
     for j, col in enumerate(cols):
         for i in range(rows):
-            grid[i * (h + gap): i * (h + gap) + h, j * (w + gap): j * (w + gap) + w] = col[i]
+            grid[i * (h + gap) : i * (h + gap) + h, j * (w + gap) : j * (w + gap) + w] = col[i]
     return grid

@@ -48,8 +48,14 @@ class ConditionalObjective(nn.Module):
         f = self.forecaster
         dtype = f.denoiser.null_context.dtype
         ehr = batch["ehr"] if f.conditioner is not None else None
-        return f.context(ehr, batch["prior_latents"].to(dtype), batch["days_before_target"], batch["exam_mask"],
-                         batch["horizon_days"], drop)
+        return f.context(
+            ehr,
+            batch["prior_latents"].to(dtype),
+            batch["days_before_target"],
+            batch["exam_mask"],
+            batch["horizon_days"],
+            drop,
+        )
 
     def forward(self, batch: dict) -> dict[str, torch.Tensor]:
         f = self.forecaster
@@ -102,8 +108,9 @@ def load_state(folder: str | Path, file: str) -> dict[str, torch.Tensor]:
     return load_file(str(Path(folder) / file))
 
 
-def build_conditional_forecaster(model_cfg: ForecasterConfig, vae_folder: str | Path,
-                                 denoiser_state: dict[str, torch.Tensor] | None):
+def build_conditional_forecaster(
+    model_cfg: ForecasterConfig, vae_folder: str | Path, denoiser_state: dict[str, torch.Tensor] | None
+):
     """Forecaster with the stage-a VAE (frozen) and, if given, the stage-c denoiser.
     The unconditional denoiser has no EHR projection: the only keys it may lack."""
     from cohortcast.models.forecaster import Forecaster
@@ -140,8 +147,10 @@ def validate_conditional(engine, batches, cfg) -> tuple[dict[str, float], dict[s
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         for raw in batches:
-            batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                     for k, v in sample_targets(raw, rng, augment=False).items()}
+            batch = {
+                k: v.to(device) if isinstance(v, torch.Tensor) else v
+                for k, v in sample_targets(raw, rng, augment=False).items()
+            }
             rows = batch["target"].shape[0]
             if seen < cfg.max_rows:
                 for k, v in objective(batch).items():
@@ -151,15 +160,24 @@ def validate_conditional(engine, batches, cfg) -> tuple[dict[str, float], dict[s
             if take > 0:
                 case = {k: v[:take] for k, v in batch.items()}
                 forecast = forecaster.forecast(
-                    case["baseline_crop"], case["horizon_days"], case["case_id"],
+                    case["baseline_crop"],
+                    case["horizon_days"],
+                    case["case_id"],
                     ehr=case["ehr"] if forecaster.conditioner is not None else None,
-                    prior_images=case["prior_crops"], days_before_target=case["days_before_target"],
-                    exam_mask=case["exam_mask"], num_samples=cfg.samples, seed=cfg.seed, steps=cfg.inference_steps)
+                    prior_images=case["prior_crops"],
+                    days_before_target=case["days_before_target"],
+                    exam_mask=case["exam_mask"],
+                    num_samples=cfg.samples,
+                    seed=cfg.seed,
+                    steps=cfg.inference_steps,
+                )
                 real, real_latent = case["target_crop"].float(), case["target"].float()
-                per_case = {"latent_error": (forecast.latents.mean(1).float() - real_latent).abs(),
-                            "no_change_latent_error": (case["baseline"].float() - real_latent).abs(),
-                            "forecast_mae": (forecast.mean.float() - real).abs(),
-                            "no_change_mae": (case["baseline_crop"].float() - real).abs()}
+                per_case = {
+                    "latent_error": (forecast.latents.mean(1).float() - real_latent).abs(),
+                    "no_change_latent_error": (case["baseline"].float() - real_latent).abs(),
+                    "forecast_mae": (forecast.mean.float() - real).abs(),
+                    "no_change_mae": (case["baseline_crop"].float() - real).abs(),
+                }
                 for k, v in per_case.items():
                     errors[k] += float(v.flatten(1).mean(1).sum())
                 if shown is None:
@@ -188,8 +206,12 @@ def ldm_conditional_worker_loop(config: dict) -> None:
         forecaster = build_conditional_forecaster(config["model"], config["vae_folder"], state)
         return ConditionalObjective(forecaster, config["task_loss"], config["task_weight"])
 
-    hooks = StageHooks(prepare_batch=sample_targets,
-                       validate=lambda engine, batches: validate_conditional(engine, batches, val_cfg),
-                       validate_every_epochs=val_cfg.every_epochs, tracking=config.get("tracking"),
-                       best_metric="latent_error", best_path=config.get("best_path"))
+    hooks = StageHooks(
+        prepare_batch=sample_targets,
+        validate=lambda engine, batches: validate_conditional(engine, batches, val_cfg),
+        validate_every_epochs=val_cfg.every_epochs,
+        tracking=config.get("tracking"),
+        best_metric="latent_error",
+        best_path=config.get("best_path"),
+    )
     run_stage_loop(config["stage"], build, lambda engine, batch: engine(batch), hooks)

@@ -42,8 +42,9 @@ def build_denoiser(cfg: ForecasterConfig):
     return ConditionalDenoiser(cfg.denoiser, cfg.vae.latent_channels, cfg.vae.latent_side, ehr_dim=None)
 
 
-def diffusion_loss(denoiser, scheduler, latents: torch.Tensor, baseline: torch.Tensor,
-                   context: torch.Tensor) -> torch.Tensor:
+def diffusion_loss(
+    denoiser, scheduler, latents: torch.Tensor, baseline: torch.Tensor, context: torch.Tensor
+) -> torch.Tensor:
     """MSE to the prediction target (epsilon, v or x0; SchedulerConfig.prediction_type) at
     uniformly drawn timesteps (DDPM, NAMD Eq. 1/9/10)."""
     from cohortcast.models.schedulers import training_target
@@ -86,8 +87,13 @@ def ldm_unconditional_worker_loop(config: dict) -> None:
     val = config.get("validation")
     hooks = StageHooks(tracking=config.get("tracking"), prepare_batch=random_orientation)
     if val is not None:
-        hooks.validate = lambda engine, batches: validate_unconditional(engine, batches, scheduler, val.seed,
-                                                                        val.max_rows)
+        hooks.validate = lambda engine, batches: validate_unconditional(
+            engine, batches, scheduler, val.seed, val.max_rows
+        )
         hooks.validate_every_epochs = val.every_epochs
-    run_stage_loop(stage, lambda: build_denoiser(model_cfg),
-                   lambda engine, batch: {"total": unconditional_loss(engine, scheduler, batch["latent"])}, hooks)
+    run_stage_loop(
+        stage,
+        lambda: build_denoiser(model_cfg),
+        lambda engine, batch: {"total": unconditional_loss(engine, scheduler, batch["latent"])},
+        hooks,
+    )

@@ -46,5 +46,7 @@ class StageProgress:
 
     def line(self, step: int, loss: float, samples_per_s: float, elapsed_s: float) -> str:
         eta = eta_seconds(step, self.total, self.first_step, elapsed_s)
-        return (f"stage {self.name} step {step}/{self.total} loss {loss:.4g} {format_rate(samples_per_s)} samples/s "
-                f"ETA {format_duration(eta) if eta is not None else '?'}")
+        return (
+            f"stage {self.name} step {step}/{self.total} loss {loss:.4g} {format_rate(samples_per_s)} samples/s "
+            f"ETA {format_duration(eta) if eta is not None else '?'}"
+        )

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -81,9 +82,13 @@ def _keep_if_best(engine, value: float, best: dict, path: str) -> None:
     log.info("best %s so far (%.4f at step %d): weights kept in %s", "validation", value, best["step"], path)
 
 
-def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module],
-                   loss_fn: Callable[[Any, dict[str, Any]], dict[str, torch.Tensor]],
-                   hooks: StageHooks | None = None, dataset_name: str = "train") -> None:
+def run_stage_loop(
+    stage: StageConfig,
+    build_model: Callable[[], torch.nn.Module],
+    loss_fn: Callable[[Any, dict[str, Any]], dict[str, torch.Tensor]],
+    hooks: StageHooks | None = None,
+    dataset_name: str = "train",
+) -> None:
     import deepspeed
     import ray.train
     import ray.train.torch
@@ -103,14 +108,21 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(max(1, int(cpus)))
     if rank == 0:
-        log.info("precision %s (%s); ZeRO stage %d on %d worker(s); %d torch thread(s) per worker", precision.name,
-                 precision.reason, stage.zero_stage, world, torch.get_num_threads())
+        log.info(
+            "precision %s (%s); ZeRO stage %d on %d worker(s); %d torch thread(s) per worker",
+            precision.name,
+            precision.reason,
+            stage.zero_stage,
+            world,
+            torch.get_num_threads(),
+        )
     seed_everything(stage.seed)  # identical initial weights on every rank
     model = build_model()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=stage.lr, weight_decay=stage.weight_decay, fused=_can_fuse(params, device))
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                   config=deepspeed_config(stage, precision, world))
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=deepspeed_config(stage, precision, world)
+    )
     state = restore(engine) or {}
     epoch = int(state.get("epoch", 0))
     best = {"value": state.get("best_value"), "step": state.get("best_step")}
@@ -133,8 +145,9 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
             return {}
         engine.eval()
         with torch.no_grad(), autocast_like(engine.module):
-            metrics, images = hooks.validate(engine, val_shard.iter_batches(batch_size=hooks.val_batch_size,
-                                                                             batch_format="numpy"))
+            metrics, images = hooks.validate(
+                engine, val_shard.iter_batches(batch_size=hooks.val_batch_size, batch_format="numpy")
+            )
         engine.train()
         if tracker:
             for name, image in images.items():
@@ -147,8 +160,10 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
         return out
 
     if rank == 0:
-        log.info("stage set up in %.1f s (model, DeepSpeed engine, checkpoint restore, data shards)",
-                 time.perf_counter() - setup_started)
+        log.info(
+            "stage set up in %.1f s (model, DeepSpeed engine, checkpoint restore, data shards)",
+            time.perf_counter() - setup_started,
+        )
     samples, started = 0, time.perf_counter()
     progress = StageProgress.for_rank(rank, context.get_experiment_name(), stage.max_steps, resumed_from)
     while engine.global_steps < stage.max_steps:
@@ -170,8 +185,13 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
                 continue
             elapsed = time.perf_counter() - started
             metrics = {f"loss/{k}": float(v.detach()) for k, v in terms.items()}
-            metrics.update(step=step, epoch=epoch, lr=float(scheduler.get_last_lr()[0]),
-                           samples_per_s=samples * world / max(elapsed, 1e-9), resumed_from=resumed_from)
+            metrics.update(
+                step=step,
+                epoch=epoch,
+                lr=float(scheduler.get_last_lr()[0]),
+                samples_per_s=samples * world / max(elapsed, 1e-9),
+                resumed_from=resumed_from,
+            )
             if progress and (step % stage.log_every == 0 or final):
                 log.info("%s", progress.line(step, metrics["loss/total"], metrics["samples_per_s"], elapsed))
             if final:
@@ -179,15 +199,20 @@ def run_stage_loop(stage: StageConfig, build_model: Callable[[], torch.nn.Module
             if tracker:
                 tracker.log_metrics(metrics, step)
             if step % stage.checkpoint_every == 0 or final:
-                save_and_report(engine, metrics, {"epoch": epoch, "step": step, "best_value": best["value"],
-                                                  "best_step": best["step"]})
+                save_and_report(
+                    engine,
+                    metrics,
+                    {"epoch": epoch, "step": step, "best_value": best["value"], "best_step": best["step"]},
+                )
             else:
                 ray.train.report(metrics)
             if final:
                 break
         if batches == 0:
-            raise RuntimeError(f"worker {rank} got no full batch of {stage.micro_batch_size} rows: the dataset is "
-                               f"smaller than micro_batch_size x workers ({stage.micro_batch_size} x {world})")
+            raise RuntimeError(
+                f"worker {rank} got no full batch of {stage.micro_batch_size} rows: the dataset is "
+                f"smaller than micro_batch_size x workers ({stage.micro_batch_size} x {world})"
+            )
         epoch += 1
         if engine.global_steps < stage.max_steps and epoch % hooks.validate_every_epochs == 0:
             val = validation()

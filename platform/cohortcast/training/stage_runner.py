@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from cohortcast.config.training import STAGES, ScalingSettings
 from cohortcast.errors import CohortcastError
@@ -49,8 +49,13 @@ def loss_ends(losses: list[float]) -> tuple[float, float]:
 
 
 class StageRunner:
-    def __init__(self, output: str | Path, scaling: ScalingSettings, stages: Collection[str] | None = None,
-                 train_callbacks: list | None = None):
+    def __init__(
+        self,
+        output: str | Path,
+        scaling: ScalingSettings,
+        stages: Collection[str] | None = None,
+        train_callbacks: list | None = None,
+    ):
         """Stage outputs go to `<output>/<stage>/` unless a stage names its folder.
         `stages`: the NAMD stages (config.training.STAGES) the job may train (its
         training.stages); a NAMD stage left out reuses its existing output. None: all.
@@ -62,9 +67,19 @@ class StageRunner:
         self.train_callbacks = train_callbacks
         self.reports: list[StageReport] = []
 
-    def train(self, runs, name: str, key: str, worker_loop, loop_config: dict,
-              datasets: Callable[[], dict], export: Callable[[Any, Path], None], params: dict[str, Any],
-              folder: Path | None = None, best: str | None = None) -> Path:
+    def train(
+        self,
+        runs,
+        name: str,
+        key: str,
+        worker_loop,
+        loop_config: dict,
+        datasets: Callable[[], dict],
+        export: Callable[[Any, Path], None],
+        params: dict[str, Any],
+        folder: Path | None = None,
+        best: str | None = None,
+    ) -> Path:
         """`datasets` is called only when the stage trains: a skipped stage reads no data.
         The output goes to `folder` (default: `<output>/<name>`). `best`: a weights file
         the workers keep the best validation weights in; exported instead of the last
@@ -75,8 +90,19 @@ class StageRunner:
         run_id = runs.start_child(name, {**params, "stage_key": key})
         if outputs.is_valid(folder, key):
             marker = outputs.read_marker(folder)
-            self.report(runs, run_id, StageReport(name, "up to date", str(folder), 0.0, marker.get("first_loss"),
-                                                  marker.get("last_loss"), marker.get("metrics", {})))
+            self.report(
+                runs,
+                run_id,
+                StageReport(
+                    name,
+                    "up to date",
+                    str(folder),
+                    0.0,
+                    marker.get("first_loss"),
+                    marker.get("last_loss"),
+                    marker.get("metrics", {}),
+                ),
+            )
             return folder
         if self.stages is not None and name in STAGES and name not in self.stages:
             return self._reuse_unlisted(runs, run_id, name, folder)
@@ -84,8 +110,14 @@ class StageRunner:
         started = time.perf_counter()
         try:
             data = datasets()  # before the loop config is sent: it may complete the model config
-            result = run_stage(f"{name}-{key}", worker_loop, {**loop_config, "tracking": runs.tracking_for_workers(
-                run_id)}, data, self.scaling, self.train_callbacks)
+            result = run_stage(
+                f"{name}-{key}",
+                worker_loop,
+                {**loop_config, "tracking": runs.tracking_for_workers(run_id)},
+                data,
+                self.scaling,
+                self.train_callbacks,
+            )
             source = best if best and Path(best).is_file() else result.checkpoint
             if source is best:
                 log.info("stage %s: exporting the best validation weights (%s)", name, best)
@@ -96,8 +128,16 @@ class StageRunner:
         first, last = loss_ends(runs.loss_history(run_id) or [result.metrics["loss/total"]])
         metrics = {k: float(v) for k, v in result.metrics.items() if isinstance(v, (int, float))}
         report = StageReport(name, "trained", str(folder), time.perf_counter() - started, first, last, metrics)
-        outputs.write_marker(folder, key, {"first_loss": report.first_loss, "last_loss": report.last_loss,
-                                           "metrics": metrics, "seconds": report.seconds})
+        outputs.write_marker(
+            folder,
+            key,
+            {
+                "first_loss": report.first_loss,
+                "last_loss": report.last_loss,
+                "metrics": metrics,
+                "seconds": report.seconds,
+            },
+        )
         self.report(runs, run_id, report)
         return folder
 
@@ -105,12 +145,29 @@ class StageRunner:
         marker = outputs.read_marker(folder)
         if marker is None:
             runs.fail_child(run_id)
-            raise StageNotAvailable(f"stage {name!r} is not in training.stages and {folder} holds no finished "
-                                    f"output; add it to training.stages")
-        log.warning("stage %s is not in training.stages: using its existing output %s, trained with another "
-                    "config (key %s)", name, folder, marker.get("key"))
-        self.report(runs, run_id, StageReport(name, "reused", str(folder), 0.0, marker.get("first_loss"),
-                                              marker.get("last_loss"), marker.get("metrics", {})))
+            raise StageNotAvailable(
+                f"stage {name!r} is not in training.stages and {folder} holds no finished "
+                f"output; add it to training.stages"
+            )
+        log.warning(
+            "stage %s is not in training.stages: using its existing output %s, trained with another config (key %s)",
+            name,
+            folder,
+            marker.get("key"),
+        )
+        self.report(
+            runs,
+            run_id,
+            StageReport(
+                name,
+                "reused",
+                str(folder),
+                0.0,
+                marker.get("first_loss"),
+                marker.get("last_loss"),
+                marker.get("metrics", {}),
+            ),
+        )
         return folder
 
     def report(self, runs, run_id, report: StageReport) -> None:

@@ -25,7 +25,7 @@ class StageTracker:
         self.run_id = run_id
 
     @classmethod
-    def for_rank(cls, tracking: dict[str, str] | None, rank: int) -> "StageTracker | None":
+    def for_rank(cls, tracking: dict[str, str] | None, rank: int) -> StageTracker | None:
         return cls(tracking["uri"], tracking["run_id"]) if (tracking and rank == 0) else None
 
     def log_metrics(self, metrics: dict[str, Any], step: int) -> None:

@@ -24,7 +24,7 @@ from cohortcast.data.manifest import EHR_FEATURES, plain_value
 
 def make_trajectory(group: dict[str, np.ndarray], max_exams: int) -> dict[str, np.ndarray]:
     """Ray Data `map_groups` function: all cache rows of one nodule -> one trajectory row."""
-    order = np.argsort(np.asarray(group["days_since_baseline"]), kind="stable")[-(max_exams + 1):]
+    order = np.argsort(np.asarray(group["days_since_baseline"]), kind="stable")[-(max_exams + 1) :]
     n, slots = len(order), max_exams + 1
     views = "latent_d8" if "latent_d8" in group else "latent"  # (n, 8, c, h, w) or (n, c, h, w)
     latents, crops = np.asarray(group[views], np.float32)[order], np.asarray(group["crop"], np.float32)[order]
@@ -37,9 +37,16 @@ def make_trajectory(group: dict[str, np.ndarray], max_exams: int) -> dict[str, n
     days[0, :n] = np.asarray(group["days_since_baseline"], np.float32)[order]
     records = [{k: plain_value(group[k][i]) for k in EHR_FEATURES} for i in order]
     labels = np.asarray(group["malignant"], np.int64)
-    return {"patient": np.asarray([group["patient"][0]]), "nodule_id": np.asarray([group["nodule_id"][0]]),
-            "num_exams": np.asarray([n], np.int64), "days": days, "latents": padded_latents, "crops": padded_crops,
-            "ehr_json": np.asarray([json.dumps(records)]), "malignant": np.asarray([labels.max()], np.int64)}
+    return {
+        "patient": np.asarray([group["patient"][0]]),
+        "nodule_id": np.asarray([group["nodule_id"][0]]),
+        "num_exams": np.asarray([n], np.int64),
+        "days": days,
+        "latents": padded_latents,
+        "crops": padded_crops,
+        "ehr_json": np.asarray([json.dumps(records)]),
+        "malignant": np.asarray([labels.max()], np.int64),
+    }
 
 
 def trajectory_dataset(cache: str | Path, split: str, max_exams: int):
@@ -52,7 +59,8 @@ def trajectory_dataset(cache: str | Path, split: str, max_exams: int):
         return None
     ds = ray.data.read_parquet(str(folder))
     trajectories = ds.groupby(["patient", "nodule_id"]).map_groups(
-        make_trajectory, fn_kwargs={"max_exams": max_exams}, batch_format="numpy")
+        make_trajectory, fn_kwargs={"max_exams": max_exams}, batch_format="numpy"
+    )
     return trajectories.filter(lambda row: row["num_exams"] >= 2).materialize()
 
 
@@ -78,7 +86,9 @@ def sample_targets(batch: dict[str, np.ndarray], rng: np.random.Generator, augme
     records = [json.loads(t)[j - 1] for t, j in zip(batch["ehr_json"], target)]
     return {
         "prior_latents": torch.from_numpy(latents[:, :slots] * prior_mask[:, :, None, None, None]),
-        "prior_crops": torch.from_numpy(np.ascontiguousarray(crops[:, :slots, None] * prior_mask[:, :, None, None, None])),
+        "prior_crops": torch.from_numpy(
+            np.ascontiguousarray(crops[:, :slots, None] * prior_mask[:, :, None, None, None])
+        ),
         "days_before_target": torch.from_numpy(days_before),
         "exam_mask": torch.from_numpy(prior_mask),
         "baseline": torch.from_numpy(latents[idx, target - 1]),

@@ -16,9 +16,11 @@ def to_vae_batch(batch: dict[str, np.ndarray], diameter_scale_mm: float = 2.5) -
     from cohortcast.models.alignment import nodule_features
 
     rows = [{k: batch[k][i] for k in NODULE_EHR} for i in range(len(batch["malignant"]))]
-    return {"image": np.asarray(batch["crop"], dtype=np.float32)[:, None],
-            "features": nodule_features(rows, diameter_scale_mm).numpy(),
-            "label": np.asarray(batch["malignant"], dtype=np.float32)}
+    return {
+        "image": np.asarray(batch["crop"], dtype=np.float32)[:, None],
+        "features": nodule_features(rows, diameter_scale_mm).numpy(),
+        "label": np.asarray(batch["malignant"], dtype=np.float32),
+    }
 
 
 def vae_dataset(ingested: str | Path, split: str = "train", diameter_scale_mm: float = 2.5):
@@ -31,8 +33,9 @@ def vae_dataset(ingested: str | Path, split: str = "train", diameter_scale_mm: f
     ds = ray.data.read_parquet(str(folder))
     # Materialised before training, as in ldm_stage.latent_dataset: Train workers hold
     # their CPUs and a lazy pipeline's read tasks could not be scheduled on a small machine.
-    return ds.map_batches(to_vae_batch, fn_kwargs={"diameter_scale_mm": diameter_scale_mm},
-                          batch_format="numpy").materialize()
+    return ds.map_batches(
+        to_vae_batch, fn_kwargs={"diameter_scale_mm": diameter_scale_mm}, batch_format="numpy"
+    ).materialize()
 
 
 def scaling_factor_from_crops(vae, ingested: str | Path, split: str = "train", batch_size: int = 256) -> float:
@@ -48,8 +51,9 @@ def scaling_factor_from_crops(vae, ingested: str | Path, split: str = "train", b
         raise ValueError(f"{folder}: no {split!r} crops to compute the VAE scaling factor from")
 
     def batches():
-        for record_batch in pads.dataset(str(folder), format="parquet").to_batches(columns=["crop"],
-                                                                                   batch_size=batch_size):
+        for record_batch in pads.dataset(str(folder), format="parquet").to_batches(
+            columns=["crop"], batch_size=batch_size
+        ):
             crops = np.stack([np.asarray(c, np.float32) for c in record_batch.column("crop").to_pylist()])
             if crops.ndim == 2:  # tensor extension not registered in this process: flat rows
                 side = int(round(crops.shape[1] ** 0.5))

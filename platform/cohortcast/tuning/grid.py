@@ -57,8 +57,9 @@ def upstream_key(cfg: CohortcastConfig) -> str:
     from cohortcast.io.stage_outputs import stage_key
 
     t, m = cfg.training, cfg.model
-    return stage_key("upstream", t.vae, m.vae, t.latent_cache, t.ldm_uncond, m.denoiser, m.scheduler,
-                     t.scaling.num_workers)
+    return stage_key(
+        "upstream", t.vae, m.vae, t.latent_cache, t.ldm_uncond, m.denoiser, m.scheduler, t.scaling.num_workers
+    )
 
 
 def upstream_config(cfg: CohortcastConfig) -> CohortcastConfig:

@@ -22,8 +22,15 @@ from cohortcast.config import to_dict
 from cohortcast.config.paths import resolve_paths
 from cohortcast.config.schema import CohortcastConfig
 from cohortcast.errors import CohortcastError
-from cohortcast.tuning.grid import (concurrent_trials, grid_points, trial_config, trial_name, upstream_config,
-                                    upstream_key, with_values)
+from cohortcast.tuning.grid import (
+    concurrent_trials,
+    grid_points,
+    trial_config,
+    trial_name,
+    upstream_config,
+    upstream_key,
+    with_values,
+)
 from cohortcast.tuning.trial import TRIAL_TAG, SweepContext, namd_trial
 
 log = logging.getLogger(__name__)
@@ -90,9 +97,14 @@ def asha_scheduler(cfg: CohortcastConfig):
     asha = cfg.tune.asha
     if not asha.enabled:
         return None
-    return ASHAScheduler(time_attr="training_iteration", metric=asha.metric, mode="min",
-                         max_t=max(cfg.training.ldm_cond.max_steps, asha.grace_period),
-                         grace_period=asha.grace_period, reduction_factor=asha.reduction_factor)
+    return ASHAScheduler(
+        time_attr="training_iteration",
+        metric=asha.metric,
+        mode="min",
+        max_t=max(cfg.training.ldm_cond.max_steps, asha.grace_period),
+        grace_period=asha.grace_period,
+        reduction_factor=asha.reduction_factor,
+    )
 
 
 def run_trials(cfg: CohortcastConfig, context: SweepContext, concurrency: int):
@@ -107,11 +119,16 @@ def run_trials(cfg: CohortcastConfig, context: SweepContext, concurrency: int):
         log.info("resuming the sweep at %s (finished trials are kept)", path)
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, resume_errored=True).fit()
     tuner = tune.Tuner(
-        trainable, param_space={key: tune.grid_search(values) for key, values in cfg.tune.grid.items()},
-        tune_config=tune.TuneConfig(scheduler=asha_scheduler(cfg), max_concurrent_trials=concurrency,
-                                    trial_name_creator=lambda t: trial_name(t.config),
-                                    trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(path.parent), verbose=1))
+        trainable,
+        param_space={key: tune.grid_search(values) for key, values in cfg.tune.grid.items()},
+        tune_config=tune.TuneConfig(
+            scheduler=asha_scheduler(cfg),
+            max_concurrent_trials=concurrency,
+            trial_name_creator=lambda t: trial_name(t.config),
+            trial_dirname_creator=lambda t: f"trial_{t.trial_id}",
+        ),
+        run_config=tune.RunConfig(name=cfg.tune.name, storage_path=str(path.parent), verbose=1),
+    )
     return tuner.fit()
 
 
@@ -120,12 +137,19 @@ def summary_rows(results, cfg: CohortcastConfig) -> list[dict[str, Any]]:
     for result in results:
         values = {k: result.config[k] for k in cfg.tune.grid}
         metrics = result.metrics or {}
-        status = ("error" if result.error else "finished" if "stage_status" in metrics else "stopped early")
-        row = {"trial": trial_name(values), **values, "status": status,
-               cfg.tune.metric: metrics.get(cfg.tune.metric) if status == "finished" else None}
+        status = "error" if result.error else "finished" if "stage_status" in metrics else "stopped early"
+        row = {
+            "trial": trial_name(values),
+            **values,
+            "status": status,
+            cfg.tune.metric: metrics.get(cfg.tune.metric) if status == "finished" else None,
+        }
         row.update({k: v for k, v in metrics.items() if k.startswith("val/") and k != cfg.tune.metric})
-        row.update(forecaster=metrics.get("forecaster"), mlflow_run_id=metrics.get("mlflow_run_id"),
-                   error=str(result.error).splitlines()[0][:300] if result.error else "")
+        row.update(
+            forecaster=metrics.get("forecaster"),
+            mlflow_run_id=metrics.get("mlflow_run_id"),
+            error=str(result.error).splitlines()[0][:300] if result.error else "",
+        )
         rows.append(row)
     return rows
 
@@ -160,9 +184,11 @@ def write_outputs(user_cfg: CohortcastConfig, rows, best, folder: Path) -> str |
         return None
     best_cfg = with_values(user_cfg, {k: best[k] for k in user_cfg.tune.grid})
     best_cfg.run_name = f"{user_cfg.run_name}-best"
-    header = (f"# Best of sweep {user_cfg.tune.name!r} by {user_cfg.tune.metric} ({user_cfg.tune.mode}): "
-              f"{best['trial']} -> {best[user_cfg.tune.metric]:.6g}\n"
-              f"# Run it: python jobs/train_namd.py --config {folder / 'best_config.yaml'}\n")
+    header = (
+        f"# Best of sweep {user_cfg.tune.name!r} by {user_cfg.tune.metric} ({user_cfg.tune.mode}): "
+        f"{best['trial']} -> {best[user_cfg.tune.metric]:.6g}\n"
+        f"# Run it: python jobs/train_namd.py --config {folder / 'best_config.yaml'}\n"
+    )
     write_text_atomic(folder / "best_config.yaml", header + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
     return str(folder / "best_config.yaml")
 
@@ -185,8 +211,8 @@ def _previous_sweep_run(folder: Path) -> str | None:
 def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
     import ray
 
-    from cohortcast.io.atomic import write_text_atomic
     from cohortcast.data.prepare import prepare_cohort
+    from cohortcast.io.atomic import write_text_atomic
     from cohortcast.pipeline.tiny_llm_setup import ensure_debug_llm
     from cohortcast.ray_runtime import ensure_ray
     from cohortcast.tracking.job_runs import JobRuns, card_summary
@@ -198,15 +224,27 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
     folder = Path(cfg.tune.output)
     folder.mkdir(parents=True, exist_ok=True)
     concurrency = concurrent_trials(cfg, ray.cluster_resources())
-    with JobRuns(cfg, run_name=f"{cfg.run_name}-sweep", tags={"cohortcast.sweep": cfg.tune.name},
-                 resume_run_id=_previous_sweep_run(folder)) as runs:
+    with JobRuns(
+        cfg,
+        run_name=f"{cfg.run_name}-sweep",
+        tags={"cohortcast.sweep": cfg.tune.name},
+        resume_run_id=_previous_sweep_run(folder),
+    ) as runs:
         if runs.parent_id:
             write_text_atomic(folder / SWEEP_STATE, json.dumps({"mlflow_run_id": runs.parent_id}))
         card = prepare_cohort(cfg)
         runs.log_dict(runs.parent_id, card_summary(card), "dataset/ingest_card.json")
-        runs.log_dict(runs.parent_id, {"grid": cfg.tune.grid, "trials": len(points), "metric": cfg.tune.metric,
-                                       "mode": cfg.tune.mode, "max_concurrent_trials": concurrency},
-                      "sweep/grid.json")
+        runs.log_dict(
+            runs.parent_id,
+            {
+                "grid": cfg.tune.grid,
+                "trials": len(points),
+                "metric": cfg.tune.metric,
+                "mode": cfg.tune.mode,
+                "max_concurrent_trials": concurrency,
+            },
+            "sweep/grid.json",
+        )
         ensure_debug_llm(cfg, card)
         upstream = prepare_upstreams(cfg, runs, card, trials)
         log.info("%d trial(s), %d upstream(s), up to %d at once", len(points), len(upstream), concurrency)
@@ -221,8 +259,9 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
                 runs.client.log_artifact(runs.parent_id, str(folder / name), "sweep")
         if best is not None:
             runs.log_metrics(runs.parent_id, {f"best/{cfg.tune.metric}": best[cfg.tune.metric]})
-            runs.log_dict(runs.parent_id, {"trial": best["trial"], **{k: best[k] for k in cfg.tune.grid}},
-                          "sweep/best.json")
+            runs.log_dict(
+                runs.parent_id, {"trial": best["trial"], **{k: best[k] for k in cfg.tune.grid}}, "sweep/best.json"
+            )
         report = SweepReport(rows, best, best_config, len(upstream), concurrency, cfg.tune.metric, runs.location())
         if best is None:
             raise SweepFailed("no trial finished with a value for " + cfg.tune.metric + ":\n" + format_sweep(report))
@@ -239,9 +278,11 @@ def user_cfg_with_output(user_cfg: CohortcastConfig, resolved: CohortcastConfig)
 
 def format_sweep(report: SweepReport) -> str:
     columns = ["trial", "status", report.metric]
-    lines = [f"NAMD sweep: {len(report.rows)} trial(s), {report.upstreams} upstream(s) (VAE + latent cache + "
-             f"unconditional LDM), up to {report.max_concurrent_trials} trial(s) at once",
-             markdown_table(report.rows, columns)]
+    lines = [
+        f"NAMD sweep: {len(report.rows)} trial(s), {report.upstreams} upstream(s) (VAE + latent cache + "
+        f"unconditional LDM), up to {report.max_concurrent_trials} trial(s) at once",
+        markdown_table(report.rows, columns),
+    ]
     if report.best:
         lines.append(f"best by {report.metric}: {report.best['trial']} ({report.best[report.metric]:.4g})")
         lines.append(f"best config: {report.best_config}")

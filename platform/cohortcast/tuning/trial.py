@@ -38,12 +38,17 @@ def conditional_stage(values: dict[str, Any], context: SweepContext, callbacks: 
     with JobRuns(cfg, nested_in=context.sweep_run_id, run_name=name, tags={TRIAL_TAG: name}) as runs:
         runs.log_params(runs.parent_id, {f"trial.{k}": v for k, v in values.items()})
         datasets = context.datasets.get((upstream_key(cfg), cfg.model.temporal.max_exams))
-        forecaster = job.stage_ldm_cond(runs, upstream["cache"], Path(upstream["vae"]), Path(upstream["denoiser"]),
-                                        datasets)
+        forecaster = job.stage_ldm_cond(
+            runs, upstream["cache"], Path(upstream["vae"]), Path(upstream["denoiser"]), datasets
+        )
         stage = job.reports[-1]
         runs.log_metrics(runs.parent_id, stage.metrics)
-    return {**stage.metrics, "forecaster": str(forecaster), "stage_status": stage.status,
-            "mlflow_run_id": runs.parent_id or ""}
+    return {
+        **stage.metrics,
+        "forecaster": str(forecaster),
+        "stage_status": stage.status,
+        "mlflow_run_id": runs.parent_id or "",
+    }
 
 
 def namd_trial(values: dict[str, Any], context: SweepContext) -> None:

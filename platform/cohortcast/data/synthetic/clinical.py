@@ -94,8 +94,12 @@ def _baseline_state(rng: np.random.Generator, malignant: bool) -> NoduleState:
     perp_mm = long_mm * float(rng.uniform(0.65, 1.0))
     att_p = (0.45, 0.3, 0.25) if malignant else (0.6, 0.3, 0.1)
     mar_p = (0.45, 0.35, 0.2) if malignant else (0.7, 0.25, 0.05)
-    return NoduleState(long_mm, perp_mm, str(rng.choice([SOLID, GGO, PART_SOLID], p=att_p)),
-                       str(rng.choice([SMOOTH, POORLY, SPICULATED], p=mar_p)))
+    return NoduleState(
+        long_mm,
+        perp_mm,
+        str(rng.choice([SOLID, GGO, PART_SOLID], p=att_p)),
+        str(rng.choice([SMOOTH, POORLY, SPICULATED], p=mar_p)),
+    )
 
 
 def _evolve(rng: np.random.Generator, nod: Nodule, prev: NoduleState, days: float) -> NoduleState:
@@ -124,34 +128,62 @@ def _malignancy_logit_shift(age: float, emph: str, family: dict[str, str]) -> fl
     return 0.05 * (age - 62.0) + 0.6 * (emph == "Yes") + 0.35 * sum(v == "Yes" for v in family.values())
 
 
-def make_patient(rng: np.random.Generator, index: int, min_exams: int, max_exams: int, max_nodules: int,
-                 malignant_fraction: float, fibrosis_fraction: float) -> Patient:
+def make_patient(
+    rng: np.random.Generator,
+    index: int,
+    min_exams: int,
+    max_exams: int,
+    max_nodules: int,
+    malignant_fraction: float,
+    fibrosis_fraction: float,
+) -> Patient:
     age = float(np.round(rng.uniform(55.0, 75.0), 1))
     gender = str(rng.choice(["Male", "Female"]))
     emph = _yes(rng, 0.25)
-    family = {k: _yes(rng, p) for k, p in (("famfather", 0.12), ("fammother", 0.1), ("fambrother", 0.08),
-                                             ("famsister", 0.06), ("famchild", 0.02))}
+    family = {
+        k: _yes(rng, p)
+        for k, p in (
+            ("famfather", 0.12),
+            ("fammother", 0.1),
+            ("fambrother", 0.08),
+            ("famsister", 0.06),
+            ("famchild", 0.02),
+        )
+    }
     dates = _exam_dates(rng, int(rng.integers(min_exams, max_exams + 1)))
     base_logit = np.log(max(malignant_fraction, 1e-6) / max(1 - malignant_fraction, 1e-6))
     p_malig = 1.0 / (1.0 + np.exp(-(base_logit + _malignancy_logit_shift(age, emph, family))))
     nodules = []
     for n in range(int(rng.integers(1, max_nodules + 1))):
         malignant = bool(rng.random() < (p_malig if n == 0 else p_malig * 0.3))
-        nod = Nodule(f"n{n + 1}", malignant, _vdt(rng, malignant),
-                     rel_position=rng.uniform([0.25, 0.3, 0.15], [0.75, 0.7, 0.85]),
-                     side=str(rng.choice(["right", "left"])), angle=float(rng.uniform(0, np.pi)),
-                     spike_phase=float(rng.uniform(0, 2 * np.pi)))
+        nod = Nodule(
+            f"n{n + 1}",
+            malignant,
+            _vdt(rng, malignant),
+            rel_position=rng.uniform([0.25, 0.3, 0.15], [0.75, 0.7, 0.85]),
+            side=str(rng.choice(["right", "left"])),
+            angle=float(rng.uniform(0, np.pi)),
+            spike_phase=float(rng.uniform(0, 2 * np.pi)),
+        )
         nod.states.append(_baseline_state(rng, malignant))
         for prev_date, date in zip(dates, dates[1:]):
             nod.states.append(_evolve(rng, nod, nod.states[-1], (date - prev_date).days))
         nodules.append(nod)
     birth = dates[0] - dt.timedelta(days=int(age * 365.25))
     return Patient(
-        index=index, mrn=f"MRN{int(rng.integers(10**7, 10**8))}",
-        name=f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}", birth_date=birth, age=age, gender=gender,
-        diagemph=emph, family=family, exam_dates=dates, nodules=nodules,
+        index=index,
+        mrn=f"MRN{int(rng.integers(10**7, 10**8))}",
+        name=f"{rng.choice(LAST_NAMES)}^{rng.choice(FIRST_NAMES)}",
+        birth_date=birth,
+        age=age,
+        gender=gender,
+        diagemph=emph,
+        family=family,
+        exam_dates=dates,
+        nodules=nodules,
         fibrosis_rate=float(rng.uniform(0.15, 0.5)) if rng.random() < fibrosis_fraction else 0.0,
-        fibrosis_seed=int(rng.integers(0, 2**31)))
+        fibrosis_seed=int(rng.integers(0, 2**31)),
+    )
 
 
 def lobe_of(side: str, rel_z: float, rel_y: float) -> str:

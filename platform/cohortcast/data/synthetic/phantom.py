@@ -34,8 +34,11 @@ class Grid:
 
     def world_axes(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         z, y, x = self.shape
-        return (np.arange(z) * self.slice_mm, (np.arange(y) - y / 2) * self.pixel_mm,
-                (np.arange(x) - x / 2) * self.pixel_mm)
+        return (
+            np.arange(z) * self.slice_mm,
+            (np.arange(y) - y / 2) * self.pixel_mm,
+            (np.arange(x) - x / 2) * self.pixel_mm,
+        )
 
 
 @dataclass
@@ -108,8 +111,7 @@ def render_nodule(hu: np.ndarray, grid: Grid, centre_mm: np.ndarray, nodule: Nod
         if idx.size == 0:
             return
         sl.append(slice(idx[0], idx[-1] + 1))
-    Z, Y, X = np.meshgrid(zz[sl[0]] - centre_mm[2], yy[sl[1]] - centre_mm[1], xx[sl[2]] - centre_mm[0],
-                          indexing="ij")
+    Z, Y, X = np.meshgrid(zz[sl[0]] - centre_mm[2], yy[sl[1]] - centre_mm[1], xx[sl[2]] - centre_mm[0], indexing="ij")
     ca, sa = np.cos(nodule.angle), np.sin(nodule.angle)
     u, v = X * ca + Y * sa, -X * sa + Y * ca
     a, b = state.long_mm / 2, state.perp_mm / 2
@@ -137,8 +139,7 @@ def fibrosis_mask(rng_seed: int, anatomy: Anatomy, grid: Grid, extent: float) ->
     field = ndimage.gaussian_filter(rng.standard_normal(grid.shape).astype(np.float32), sigma=2.0)
     field /= field.std() + 1e-6
     Z, Y, X = np.meshgrid(*[np.linspace(0, 1, n) for n in grid.shape], indexing="ij")
-    peripheral = ndimage.distance_transform_edt(anatomy.lung, sampling=(grid.slice_mm, grid.pixel_mm,
-                                                                        grid.pixel_mm))
+    peripheral = ndimage.distance_transform_edt(anatomy.lung, sampling=(grid.slice_mm, grid.pixel_mm, grid.pixel_mm))
     bias = 1.5 * (1 - Z) + 1.2 * Y - 0.08 * peripheral
     threshold = 2.6 - 3.0 * np.clip(extent, 0.0, 1.0)
     return anatomy.lung & (field + bias > threshold)

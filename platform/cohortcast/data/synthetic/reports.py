@@ -27,14 +27,24 @@ def _change(prev: NoduleState, cur: NoduleState) -> str:
     return trend + ("; " + "; ".join(extra) if extra else "")
 
 
-def write_report(date: dt.date, prior_date: dt.date | None, nodules: list[tuple[str, str, NoduleState,
-                 NoduleState | None]], fibrosis_now: float, fibrosis_prior: float | None) -> str:
+def write_report(
+    date: dt.date,
+    prior_date: dt.date | None,
+    nodules: list[tuple[str, str, NoduleState, NoduleState | None]],
+    fibrosis_now: float,
+    fibrosis_prior: float | None,
+) -> str:
     """`nodules`: (nodule_id, lobe, current state, prior state or None)."""
-    lines = [f"EXAM: Low-dose CT chest, {date.isoformat()}.",
-             f"COMPARISON: {prior_date.isoformat() if prior_date else 'None'}.", "FINDINGS:"]
+    lines = [
+        f"EXAM: Low-dose CT chest, {date.isoformat()}.",
+        f"COMPARISON: {prior_date.isoformat() if prior_date else 'None'}.",
+        "FINDINGS:",
+    ]
     for nodule_id, lobe, cur, prev in nodules:
-        text = (f"Nodule {nodule_id}: {cur.long_mm:.0f} x {cur.perp_mm:.0f} mm {_ATT_WORDS[cur.attenuation]} "
-                f"nodule with {_MARGIN_WORDS[cur.margins]} margins in the {lobe.lower()}")
+        text = (
+            f"Nodule {nodule_id}: {cur.long_mm:.0f} x {cur.perp_mm:.0f} mm {_ATT_WORDS[cur.attenuation]} "
+            f"nodule with {_MARGIN_WORDS[cur.margins]} margins in the {lobe.lower()}"
+        )
         lines.append(text + (f", which {_change(prev, cur)}." if prev else "."))
     if fibrosis_now > 0.01:
         fib = f"Subpleural basal reticulation involving {100 * fibrosis_now:.0f}% of lung volume"
