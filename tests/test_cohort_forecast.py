@@ -59,6 +59,8 @@ def job(forecaster_folder, ingested, output, **kw):
 def test_interrupted_run_resumes_without_duplicates_or_gaps(ray_session, tiny_ingested, forecaster_folder, tmp_path):
     first = run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path, max_cases=2))
     assert first["forecast_this_run"] == 2 and first["finished"] == 2 and first["cases"] > 2
+    # the actors' own time per case and their threads, beside the wall time
+    assert 0 < first["actor_seconds_per_case"] <= first["wall_seconds"] and first["actor_torch_threads"]
     kept = {k: os.stat(tmp_path / "cases" / k / "forecast.parquet").st_mtime_ns for k in finished_cases(tmp_path)}
     # What an interrupted case leaves behind: a half-written temp folder, never a case.
     stale = tmp_path / "cases" / ".deadbeef.tmp-x1"
@@ -72,7 +74,7 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(ray_session, tiny_in
     assert len(ids) == len(set(ids)) == first["cases"]
     assert {k: os.stat(tmp_path / "cases" / k / "forecast.parquet").st_mtime_ns for k in kept} == kept  # untouched
     third = run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path))
-    assert third["forecast_this_run"] == 0
+    assert third["forecast_this_run"] == 0 and third["actor_seconds_per_case"] == 0.0
 
 
 def test_forecasts_reproducible_by_seed_whatever_the_batching(ray_session, tiny_ingested, forecaster_folder, tmp_path):
