@@ -21,7 +21,8 @@ from cohortcast.inference.cohort_forecast import (
     read_forecasts,
     run_cohort_forecast,
 )
-from cohortcast.inference.forecast_outputs import crop_affine, to_hu
+from cohortcast.inference.forecast_outputs import to_hu
+from cohortcast.io.crop import axial_grid_affine
 from cohortcast.models.forecaster import Forecaster
 from cohortcast.models.tiny_llm import write_tiny_gemma3
 
@@ -111,7 +112,9 @@ def test_outputs_sit_on_the_source_geometry_and_carry_pseudonyms(
     nodules = pq.read_table(tiny_ingested / "nodules").to_pandas()
     source = nodules[(nodules.patient + "/" + nodules.nodule_id) == case_id].sort_values("days_since_baseline").iloc[0]
     centre = [source.center_x_mm, source.center_y_mm, source.center_z_mm]
-    expected = crop_affine(centre, 32, 1.5)  # tiny_ingested: 32 px crops at 1.5 mm
+    expected = axial_grid_affine(centre, 32, 1.5)  # tiny_ingested: CT, 32 px crops at 1.5 mm
+    # the baseline crop's own grid, stored by ingestion, is what the outputs carry
+    np.testing.assert_allclose(np.asarray(source.crop_affine).reshape(4, 4), expected, atol=1e-9)
     mean = row.column("mean").combine_chunks().to_numpy_ndarray()[0]
 
     nifti = read_nifti(tmp_path / "cases" / key / "mean.nii.gz")

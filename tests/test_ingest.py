@@ -177,7 +177,8 @@ def test_no_identifiers_anywhere(ingested):
             [
                 c
                 for c in table.column_names
-                if c in {"crop", "patch", "volume", "mask", "source_shape", "source_affine", "volume_affine"}
+                if c
+                in {"crop", "crop_affine", "patch", "volume", "mask", "source_shape", "source_affine", "volume_affine"}
             ]
         )
         texts.append(json.dumps(plain.to_pylist(), default=str))

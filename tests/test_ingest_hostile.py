@@ -36,7 +36,7 @@ from cohortcast.io.volume import Volume
 MAX_VOXELS = 1_000_000
 MAX_MB = 16
 LIMITS = ReadLimits(max_voxels=MAX_VOXELS, max_uncompressed_bytes=MAX_MB * 2**20, config_section="ingest")
-TENSORS = ("crop", "patch", "volume", "mask", "source_affine", "volume_affine")
+TENSORS = ("crop", "crop_affine", "patch", "volume", "mask", "source_affine", "volume_affine")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 

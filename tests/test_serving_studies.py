@@ -104,12 +104,14 @@ def test_bad_uploads_are_errors_naming_the_field_not_the_file(tiny_cohort, tmp_p
 
 def test_nifti_download_lies_on_the_study_grid(tmp_path):
     from cohortcast.inference.forecast_outputs import to_hu
+    from cohortcast.io.crop import axial_grid_affine
 
     rng = np.random.default_rng(0)
     mean, variance = rng.uniform(-1, 1, (32, 32)).astype(np.float32), rng.uniform(0, 1, (32, 32)).astype(np.float32)
     samples = rng.uniform(-1, 1, (3, 32, 32)).astype(np.float32)
     centre = np.array([10.0, -20.0, 55.0])
-    with zipfile.ZipFile(io.BytesIO(nifti_zip(mean, variance, samples, centre, INGEST))) as archive:
+    affine = axial_grid_affine(centre, 32, INGEST.crop_spacing_mm)  # what study_crop gives for a CT volume
+    with zipfile.ZipFile(io.BytesIO(nifti_zip(mean, variance, samples, affine, INGEST))) as archive:
         assert sorted(archive.namelist()) == ["mean.nii.gz", "samples.nii.gz", "variance.nii.gz"]
         archive.extractall(tmp_path)
     from cohortcast.data.nifti_reader import read_nifti

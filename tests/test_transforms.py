@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from cohortcast.data.errors import FindingOutsideImageError
-from cohortcast.data.transforms import axial_crop, check_inside, patch_3d, resample_to_shape, window
+from cohortcast.data.transforms import check_inside, nodule_crop, patch_3d, resample_to_shape, window
 from cohortcast.io.volume import Volume
 
 
@@ -21,11 +21,11 @@ def test_crop_and_patch_are_centred_in_world_space(flip):
     affine[:3, 3] = [10.0, -20.0, 5.0]
     vol, ijk = _volume_with_blob(affine)
     centre = vol.voxel_to_world(ijk)[0]
-    crop = axial_crop(vol, centre, size=9, spacing_mm=0.8)
+    crop = nodule_crop(vol, centre, size=9, spacing_mm=0.8).array
     assert np.unravel_index(np.argmax(crop), crop.shape) == (4, 4)
     assert crop[4, 4] == pytest.approx(1000.0)
     # Off-centre by one pixel in +x (patient left): peak moves one column left of centre.
-    crop = axial_crop(vol, centre + [0.8, 0.0, 0.0], size=9, spacing_mm=0.8)
+    crop = nodule_crop(vol, centre + [0.8, 0.0, 0.0], size=9, spacing_mm=0.8).array
     assert np.unravel_index(np.argmax(crop), crop.shape) == (4, 3)
     patch = patch_3d(vol, centre, size=5, spacing_mm=2.0)
     assert np.unravel_index(np.argmax(patch), patch.shape) == (2, 2, 2)

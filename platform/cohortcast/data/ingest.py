@@ -3,7 +3,9 @@
 Output folder (written under a temp name, renamed when complete):
 
     nodules/split=*/...parquet   one row per (study, nodule): ids, dates, the 13 EHR
-                                 features, label, `crop` (H, W), `patch` (P, P, P)
+                                 features, label, `crop` (H, W), `crop_affine` (its
+                                 grid: (column, row, 0, 1) -> LPS mm, flattened 4x4),
+                                 `patch` (P, P, P)
     studies/split=*/...parquet   one row per study: `volume` (Z, Y, X), `mask`, report
                                  text, source and resampled geometry
     quarantine.parquet           every study or finding that could not be used, and why
@@ -141,7 +143,7 @@ def explode_nodules(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
     if result["status"] != OK:
         return
     usable = [f for f in json.loads(result["findings_json"]) if f["status"] == OK]
-    for f, crop, patch in zip(usable, result["crops"], result["patches"]):
+    for f, crop, crop_affine, patch in zip(usable, result["crops"], result["crop_affines"], result["patches"]):
         row = {
             "patient": result["patient"],
             "study": result["study"],
@@ -158,9 +160,10 @@ def explode_nodules(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
             "center_y_mm": f["center_y_mm"],
             "center_z_mm": f["center_z_mm"],
             "crop": crop,
+            "crop_affine": crop_affine,
             "patch": patch,
         }
-        yield require_finite_row(row, ("crop", "patch"))
+        yield require_finite_row(row, ("crop", "crop_affine", "patch"))
 
 
 def study_row(result: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ from cohortcast.config import IngestConfig
 from cohortcast.data.errors import NonFiniteVoxelsError, SliceGeometryError, StudyError
 from cohortcast.data.limits import MB
 from cohortcast.data.readers import ReadLimits, read_study
-from cohortcast.data.transforms import axial_crop, check_inside, patch_3d, resample_to_shape, window
+from cohortcast.data.transforms import check_inside, nodule_crop, patch_3d, resample_to_shape, window
 
 OK, QUARANTINED = "ok", "quarantined"
 
@@ -42,6 +42,7 @@ def _empty_result(task: dict, cfg: IngestConfig) -> dict[str, Any]:
         "findings_json": "[]",
         "has_mask": False,
         "crops": np.zeros((0, cfg.crop_size, cfg.crop_size), np.float32),
+        "crop_affines": np.zeros((0, 16), np.float64),  # each crop's grid in patient space, flattened 4x4
         "patches": np.zeros((0,) + (cfg.patch_size,) * 3, np.float32),
         "volume": np.zeros(cfg.volume_shape, np.float32),
         "mask": np.zeros(cfg.volume_shape, np.uint8),
@@ -52,7 +53,7 @@ def _empty_result(task: dict, cfg: IngestConfig) -> dict[str, Any]:
 
 
 # Tensor columns of a result; none may hold NaN/Inf when it reaches Parquet.
-TENSOR_COLUMNS = ("crops", "patches", "volume", "mask", "source_affine", "volume_affine")
+TENSOR_COLUMNS = ("crops", "crop_affines", "patches", "volume", "mask", "source_affine", "volume_affine")
 
 
 def relative_message(message: str, task: dict) -> str:
@@ -94,7 +95,7 @@ def process_study(task: dict, cfg: IngestConfig) -> dict[str, Any]:
     result["source_shape"] = np.array(volume.shape, np.int64)
     result["source_affine"] = volume.affine.reshape(-1)
 
-    findings, crops, patches = [], [], []
+    findings, crops, crop_affines, patches = [], [], [], []
     for finding in json.loads(task["findings_json"]):
         centre = np.array([finding["center_x_mm"], finding["center_y_mm"], finding["center_z_mm"]])
         try:
@@ -104,12 +105,15 @@ def process_study(task: dict, cfg: IngestConfig) -> dict[str, Any]:
                 {**finding, "status": QUARANTINED, "reason": exc.reason, "message": relative_message(str(exc), task)}
             )
             continue
-        crops.append(window(axial_crop(volume, centre, cfg.crop_size, cfg.crop_spacing_mm), lo, hi, cfg.normalise))
+        crop = nodule_crop(volume, centre, cfg.crop_size, cfg.crop_spacing_mm)
+        crops.append(window(crop.array, lo, hi, cfg.normalise))
+        crop_affines.append(crop.affine.reshape(-1))
         patches.append(window(patch_3d(volume, centre, cfg.patch_size, cfg.patch_spacing_mm), lo, hi, cfg.normalise))
         findings.append({**finding, "status": OK})
     result["findings_json"] = json.dumps(findings)
     if crops:
         result["crops"], result["patches"] = np.stack(crops), np.stack(patches)
+        result["crop_affines"] = np.stack(crop_affines)
 
     if cfg.include_volumes and volume.shape[0] > 1:
         resampled = resample_to_shape(volume, cfg.volume_shape)

@@ -12,6 +12,7 @@ import numpy as np
 from scipy import ndimage
 
 from cohortcast.data.errors import FindingOutsideImageError
+from cohortcast.io.crop import Crop, grid_affine
 from cohortcast.io.volume import Volume
 
 AIR_HU = -1024.0
@@ -49,12 +50,20 @@ def _plane_axes(volume: Volume) -> tuple[np.ndarray, np.ndarray]:
     return np.array([1.0, 0.0, 0.0]), np.array([0.0, 1.0, 0.0])
 
 
-def axial_crop(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: float) -> np.ndarray:
-    """(size, size) crop centred on the finding, rows along +y (posterior), columns +x."""
+def nodule_crop(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: float) -> Crop:
+    """(size, size) crop centred on the finding with the grid it was sampled on: for a
+    CT volume rows along +y (posterior), columns +x; for a single 2D image its own
+    row/column directions, centred where the finding projects onto the image plane
+    (the sampler ignores the off-plane offset, so the grid must too)."""
     offsets = (np.arange(size) - (size - 1) / 2.0) * spacing_mm
     col_axis, row_axis = _plane_axes(volume)
     pts = np.asarray(centre_lps)[None, None, :] + offsets[None, :, None] * col_axis + offsets[:, None, None] * row_axis
-    return _sample(volume, pts, order=1, cval=AIR_HU)
+    centre = np.asarray(centre_lps, np.float64)
+    if volume.shape[0] == 1:  # where _sample really reads: the point moved along k onto the plane
+        ijk = volume.world_to_voxel(centre[None])
+        ijk[:, 2] = 0.0
+        centre = volume.voxel_to_world(ijk)[0]
+    return Crop(_sample(volume, pts, order=1, cval=AIR_HU), grid_affine(centre, col_axis, row_axis, size, spacing_mm))
 
 
 def patch_3d(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: float) -> np.ndarray:

@@ -162,6 +162,13 @@ def make_case(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         "malignant": np.asarray([int(np.max(group["malignant"]))]),
         "ehr_json": np.asarray([json.dumps({k: plain_value(group[k][b]) for k in EHR_FEATURES})]),
         "centre_lps": np.asarray([centre], np.float64),
+        # The baseline crop's grid, as ingestion cut it; NaN for cohorts ingested before
+        # crops carried one (CaseForecaster then falls back to the axial grid).
+        "crop_affine": (
+            np.asarray(group["crop_affine"][b], np.float64).reshape(1, 16)
+            if "crop_affine" in group
+            else np.full((1, 16), np.nan)
+        ),
         # the follow-up's nodule size: the evaluation's nodule-region MAE is measured on it
         "target_diameter_mm": np.asarray([float(group["SCT_LONG_DIA"][t] or 0.0)], np.float32),
         "baseline": np.asarray(group["crop"], np.float32)[b][None],
@@ -169,6 +176,16 @@ def make_case(group: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     }
     # A nodule seen once has nothing to forecast against: same columns, no row.
     return row if len(order) >= 2 else {k: v[:0] for k, v in row.items()}
+
+
+def case_grid(crop_affine, centre_lps, size: int, spacing_mm: float) -> np.ndarray:
+    """The baseline crop's own affine; for a cohort ingested before crops kept one (NaN
+    from make_case), the axial grid around the centre: right for CT, wrong for
+    radiographs (case_dataset says so once)."""
+    from cohortcast.io.crop import axial_grid_affine
+
+    affine = np.asarray(crop_affine, np.float64).reshape(4, 4)
+    return affine if np.isfinite(affine).all() else axial_grid_affine(centre_lps, size, spacing_mm)
 
 
 def _tensor_column(array: np.ndarray):
@@ -275,13 +292,13 @@ class CaseForecaster:
                 }
             )
             pq.write_table(table, tmp / CASE_FILE)
+            grid = case_grid(batch["crop_affine"][i], batch["centre_lps"][i], mean.shape[-1], self.spacing)
             write_case_images(
                 tmp,
                 to_hu(mean, self.hu_window, self.normalise),
                 variance,
                 to_hu(samples, self.hu_window, self.normalise),
-                batch["centre_lps"][i],
-                self.spacing,
+                grid,
                 str(batch["patient"][i]),
                 key,
                 dt.date.fromisoformat(str(batch["target_date"][i])[:10]),
@@ -304,6 +321,13 @@ def case_dataset(ingested: str | Path, split: str):
     if not folder.is_dir():
         raise MissingInputError(f"{folder}: the ingested cohort has no {split!r} split")
     ds = ray.data.read_parquet(str(folder)).drop_columns(["patch"])
+    if "crop_affine" not in ds.schema().names:
+        log.warning(
+            "%s was ingested before crops kept their affine: forecast images are written on the axial "
+            "grid around each centre, which is wrong for radiographs and other single-plane images; "
+            "re-ingest (ingest.overwrite) to write them on the crops' own grids",
+            ingested,
+        )
     return ds.groupby(["patient", "nodule_id"]).map_groups(make_case, batch_format="numpy")
 
 

@@ -341,7 +341,7 @@ class ForecastAPI:
         result = await self._model_call("forecast", item)
         if output_format == "nifti":
             payload = await run_in_threadpool(
-                nifti_zip, result["mean"], result["variance"], result["samples"], cut.center_lps_mm, geometry
+                nifti_zip, result["mean"], result["variance"], result["samples"], cut.affine, geometry
             )
             return Response(
                 payload,

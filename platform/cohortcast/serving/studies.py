@@ -1,6 +1,6 @@
 """Forecasts from a whole baseline study: an uploaded NIfTI file, one DICOM file, several
 DICOM files of one series, or a .zip of them, plus where the nodule is. The crop is cut
-exactly as ingestion cuts it (`data.transforms.axial_crop` + `window`, the serving
+exactly as ingestion cuts it (`data.transforms.nodule_crop` + `window`, the serving
 config's ingest settings), so the model sees what training saw.
 
 Privacy: uploads are written under generated names in a private temporary folder and
@@ -67,6 +67,7 @@ class Upload:
 class StudyCrop:
     crop: np.ndarray  # (H, W) in the ingestion scale
     center_lps_mm: np.ndarray  # (3,)
+    affine: np.ndarray  # (4, 4): the crop's grid, (column, row, 0, 1) -> LPS mm (io.crop.Crop)
 
 
 @dataclass(frozen=True)
@@ -232,7 +233,7 @@ def read_uploaded_study(
 def crop_study(volume: Volume, request: StudyForecastRequest, ingest) -> StudyCrop:
     """The nodule crop as ingestion cuts it; RequestError when the centre is outside."""
     from cohortcast.data.errors import StudyError
-    from cohortcast.data.transforms import axial_crop, check_inside, window
+    from cohortcast.data.transforms import check_inside, nodule_crop, window
 
     field = "center_lps_mm" if request.center_lps_mm is not None else "center_voxel"
     try:
@@ -241,12 +242,12 @@ def crop_study(volume: Volume, request: StudyForecastRequest, ingest) -> StudyCr
         else:
             centre = volume.voxel_to_world(np.asarray(request.center_voxel, np.float64)[None])[0]
         check_inside(volume, centre, "the nodule centre")
-        crop = axial_crop(volume, centre, ingest.crop_size, ingest.crop_spacing_mm)
+        crop = nodule_crop(volume, centre, ingest.crop_size, ingest.crop_spacing_mm)
     except StudyError as exc:
         raise RequestError(field, str(exc)) from None
     except Exception as exc:  # a readable but degenerate image (odd geometry): the client's study, not a 500
         raise RequestError("study", f"cannot cut a crop from this study ({type(exc).__name__})") from None
-    return StudyCrop(window(crop, *ingest.hu_window, ingest.normalise), centre)
+    return StudyCrop(window(crop.array, *ingest.hu_window, ingest.normalise), centre, crop.affine)
 
 
 def study_crop(
@@ -257,9 +258,9 @@ def study_crop(
         return crop_study(read_uploaded_study(uploads, Path(tmp), max_bytes, limits), request, ingest)
 
 
-def nifti_zip(mean: np.ndarray, variance: np.ndarray, samples: np.ndarray, centre_lps_mm: np.ndarray, ingest) -> bytes:
+def nifti_zip(mean: np.ndarray, variance: np.ndarray, samples: np.ndarray, affine: np.ndarray, ingest) -> bytes:
     """mean.nii.gz and samples.nii.gz in HU, variance.nii.gz, on the crop's patient-space
-    grid (they overlay the uploaded study in a viewer), zipped."""
+    grid `affine` (StudyCrop.affine: they overlay the uploaded study in a viewer), zipped."""
     from cohortcast.inference.forecast_outputs import to_hu, write_case_images
 
     with tempfile.TemporaryDirectory(prefix="cohortcast-nifti-") as tmp:
@@ -269,8 +270,7 @@ def nifti_zip(mean: np.ndarray, variance: np.ndarray, samples: np.ndarray, centr
             to_hu(mean, ingest.hu_window, ingest.normalise),
             variance,
             to_hu(samples, ingest.hu_window, ingest.normalise),
-            centre_lps_mm,
-            ingest.crop_spacing_mm,
+            affine,
             subject="",
             case_key="",
             target_date=None,
