@@ -110,6 +110,13 @@ def cmd_tune(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_cldm(args: argparse.Namespace) -> int:
+    from cohortcast.pipeline.cldm import format_report, run_cldm
+
+    print(format_report(run_cldm(_load(args, []))))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -198,6 +205,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--asha", action="store_true", help="stop poor trials early with ASHA (tune.asha.enabled)")
     p.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser(
+        "train-cldm",
+        help="CLDM part 1 (jobs/train_cldm.py): cohort, ingestion, universal encoder pre-training on "
+        "Ray Train + DeepSpeed, study latent cache; MLflow; finished stages skipped",
+    )
+    _add_config_args(p)
+    p.set_defaults(func=cmd_train_cldm)
 
     p = sub.add_parser("serve", help="start the forecasting service (Ray Serve + FastAPI) and block")
     _add_config_args(p)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -27,15 +28,45 @@ def _file_sha256(path: Path) -> str:
         return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
+def model_data_key(cache_format: int, model_files: list[Path], ingested: str | Path) -> str:
+    """16 hex digits of (format, the model's files' contents, the ingestion fingerprint):
+    what a cache of that model's outputs over that data is valid for. Shared by the study
+    latent cache (inference.study_latent_cache)."""
+    ingest_card = json.loads((Path(ingested) / CARD).read_text())
+    digests = ":".join(_file_sha256(Path(f)) for f in model_files)
+    blob = f"{cache_format}:{digests}:{ingest_card['fingerprint']}"
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
 def cache_key(vae_folder: str | Path, ingested: str | Path) -> str:
     from cohortcast.models.vae import VAE_CONFIG_FILE, VAE_WEIGHTS_FILE
 
-    ingest_card = json.loads((Path(ingested) / CARD).read_text())
-    blob = (
-        f"{CACHE_FORMAT}:{_file_sha256(Path(vae_folder) / VAE_WEIGHTS_FILE)}:"
-        f"{_file_sha256(Path(vae_folder) / VAE_CONFIG_FILE)}:{ingest_card['fingerprint']}"
+    return model_data_key(
+        CACHE_FORMAT, [Path(vae_folder) / VAE_WEIGHTS_FILE, Path(vae_folder) / VAE_CONFIG_FILE], ingested
     )
-    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def actor_cpus(actors: int, use_gpu: bool) -> float:
+    """CPUs each encoding actor reserves. Leave one whole CPU for the read/list/write tasks
+    (each asks for 1 CPU): actors holding more starve them and the pipeline never
+    finishes (seen on a 2-CPU machine)."""
+    import ray
+
+    cpus = float(ray.cluster_resources().get("CPU", 1))
+    return 0 if use_gpu else max(0.1, min(1.0, (cpus - 1.0) / actors))
+
+
+def reuse_or_build(target: Path, build: Callable[[Path], dict[str, Any]], what: str = "latent cache") -> dict[str, Any]:
+    """The cache card (with "path" and "reused") of `target` when it is complete, else
+    `build(tmp)` writes the cache's tables into a temp folder and returns its card, which
+    is written last and the folder renamed into place (an interrupted build leaves none)."""
+    if (target / CARD).is_file():
+        log.info("%s %s is valid for this model and data; reusing it", what, target)
+        return {**json.loads((target / CARD).read_text()), "path": str(target), "reused": True}
+    with atomic_folder(target, overwrite=True) as tmp:
+        card = build(tmp)
+        write_text_atomic(tmp / CARD, json.dumps(card, indent=2))
+    return {**card, "path": str(target), "reused": False}
 
 
 class LatentEncoder:
@@ -81,27 +112,20 @@ def build_latent_cache(
     import ray.data
 
     key = cache_key(vae_folder, ingested)
-    target = Path(cache_root) / f"latents-{key}"
-    if (target / CARD).is_file():
-        log.info("latent cache %s is valid for this VAE and data; reusing it", target)
-        return {**json.loads((target / CARD).read_text()), "path": str(target), "reused": True}
-    ds = ray.data.read_parquet(str(Path(ingested) / "nodules"))
-    # Leave one whole CPU for the read/list/write tasks (each asks for 1 CPU): actors
-    # holding more starve them and the pipeline never finishes (seen on a 2-CPU machine).
-    cpus = float(ray.cluster_resources().get("CPU", 1))
-    actor_cpus = 0 if use_gpu else max(0.1, min(1.0, (cpus - 1.0) / actors))
-    encoded = ds.map_batches(
-        LatentEncoder,
-        fn_constructor_args=(str(vae_folder), "cuda" if use_gpu else "cpu"),
-        batch_size=batch_size,
-        compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=actor_cpus,
-        num_gpus=1 if use_gpu else 0,
-        batch_format="numpy",
-    )
-    with atomic_folder(target, overwrite=True) as tmp:
+
+    def build(tmp: Path) -> dict[str, Any]:
+        ds = ray.data.read_parquet(str(Path(ingested) / "nodules"))
+        encoded = ds.map_batches(
+            LatentEncoder,
+            fn_constructor_args=(str(vae_folder), "cuda" if use_gpu else "cpu"),
+            batch_size=batch_size,
+            compute=ray.data.ActorPoolStrategy(size=actors),
+            num_cpus=actor_cpus(actors, use_gpu),
+            num_gpus=1 if use_gpu else 0,
+            batch_format="numpy",
+        )
         encoded.write_parquet(str(tmp / "nodules"), partition_cols=["split"])
         rows = ray.data.read_parquet(str(tmp / "nodules")).count()
-        card = {"key": key, "vae": str(vae_folder), "ingested": str(ingested), "rows": rows}
-        write_text_atomic(tmp / CARD, json.dumps(card, indent=2))
-    return {**card, "path": str(target), "reused": False}
+        return {"key": key, "vae": str(vae_folder), "ingested": str(ingested), "rows": rows}
+
+    return reuse_or_build(Path(cache_root) / f"latents-{key}", build)

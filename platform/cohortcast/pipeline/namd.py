@@ -16,7 +16,7 @@ from cohortcast.config import flatten
 from cohortcast.config.paths import resolve_paths
 from cohortcast.config.schema import CohortcastConfig
 from cohortcast.io import stage_outputs as outputs
-from cohortcast.training.stage_runner import StageReport, StageRunner
+from cohortcast.training.stage_runner import StageReport, StageRunner, format_stages
 
 log = logging.getLogger(__name__)
 
@@ -293,16 +293,7 @@ def run_namd(cfg: CohortcastConfig) -> NAMDReport:
 
 
 def format_report(report: NAMDReport) -> str:
-    lines = [
-        "NAMD job summary",
-        f"{'stage':<11} {'status':<11} {'time':>7}  loss, mean of first -> last quarter of steps",
-    ]
-    for s in report.stages:
-        loss = f"{s.first_loss:.4f} -> {s.last_loss:.4f}" if s.first_loss is not None else "-"
-        lines.append(f"{s.name:<11} {s.status:<11} {s.seconds:>6.0f}s  {loss}")
-        val = {k: v for k, v in s.metrics.items() if k.startswith("val/")}
-        if val:
-            lines.append(" " * 12 + "validation: " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(val.items())))
+    lines = ["NAMD job summary", *format_stages(report.stages)]
     if report.forecaster:
         lines.append(f"Forecaster: {report.forecaster}")
     lines.append(report.mlflow)

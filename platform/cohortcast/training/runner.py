@@ -18,8 +18,9 @@ def run_stage(
     scaling: ScalingSettings,
     callbacks: list | None = None,
 ):
-    """`datasets`: "train" is sharded across workers (`get_dataset_shard`); any other
-    (e.g. "val", read by rank 0 only) reaches each worker whole. None values are dropped.
+    """`datasets`: "train" and any "train_*" (a stage drawing from several, e.g. the CLDM
+    encoder's "train_3d" and "train_2d") are sharded across workers (`get_dataset_shard`);
+    any other (e.g. "val", read by rank 0 only) reaches each worker whole. None values are dropped.
     `callbacks`: Train callbacks, e.g. Tune's TuneReportCallback inside a sweep trial."""
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -29,7 +30,7 @@ def run_stage(
         worker_loop,
         train_loop_config=loop_config,
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[k for k in datasets if k == "train" or k.startswith("train_")]),
         scaling_config=ScalingConfig(
             num_workers=scaling.num_workers,
             use_gpu=scaling.use_gpu,

@@ -9,6 +9,7 @@ with "total"`, and optionally `StageHooks`; everything else is here.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -44,6 +45,13 @@ class StageHooks:
     # only (ZeRO-3 partitions the parameters themselves; there the last checkpoint is used).
     best_metric: str | None = None
     best_path: str | None = None
+    # A stage that draws each step from several shards (the CLDM encoder: one volume batch
+    # and one radiograph batch with their own sizes) gives the epoch's batches itself:
+    # (device, this epoch's generator) -> batches of tensors on the device. The loop then
+    # reads no `dataset_name` shard; stage.micro_batch_size must be the samples per batch.
+    train_batches: Callable[[torch.device, np.random.Generator], Iterable[dict[str, Any]]] | None = None
+    # Likewise the validation batches (rank 0) instead of the "val" shard's; None: "val".
+    val_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -51,6 +59,9 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
 
 
 def _batches(shard, stage: StageConfig, hooks: StageHooks, device, rng: np.random.Generator):
+    if hooks.train_batches is not None:
+        yield from hooks.train_batches(device, rng)
+        return
     if hooks.prepare_batch is None:
         yield from shard.iter_torch_batches(batch_size=stage.micro_batch_size, drop_last=True, device=device)
         return
@@ -132,22 +143,22 @@ def run_stage_loop(
         keep_best = False
     resumed_from = engine.global_steps
     seed_everything(stage.seed + 1000 * rank + engine.global_steps)  # different noise per rank and restart
-    shard = ray.train.get_dataset_shard(dataset_name)
-    val_shard = None
-    if hooks.validate and rank == 0:
+    shard = ray.train.get_dataset_shard(dataset_name) if hooks.train_batches is None else None
+    val_batches = hooks.val_batches if (hooks.validate and rank == 0) else None
+    if hooks.validate and rank == 0 and val_batches is None:
         try:
-            val_shard = ray.train.get_dataset_shard("val")
+            val_batches = functools.partial(
+                ray.train.get_dataset_shard("val").iter_batches, batch_size=hooks.val_batch_size, batch_format="numpy"
+            )
         except KeyError:  # no validation split (e.g. a tiny cohort): validation is skipped
             log.info("no 'val' dataset: validation skipped")
 
     def validation() -> dict[str, float]:
-        if val_shard is None:
+        if val_batches is None:
             return {}
         engine.eval()
         with torch.no_grad(), autocast_like(engine.module):
-            metrics, images = hooks.validate(
-                engine, val_shard.iter_batches(batch_size=hooks.val_batch_size, batch_format="numpy")
-            )
+            metrics, images = hooks.validate(engine, val_batches())
         engine.train()
         if tracker:
             for name, image in images.items():

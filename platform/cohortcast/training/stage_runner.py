@@ -55,16 +55,21 @@ class StageRunner:
         scaling: ScalingSettings,
         stages: Collection[str] | None = None,
         train_callbacks: list | None = None,
+        known: Collection[str] = STAGES,
+        stages_setting: str = "training.stages",
     ):
         """Stage outputs go to `<output>/<stage>/` unless a stage names its folder.
-        `stages`: the NAMD stages (config.training.STAGES) the job may train (its
-        training.stages); a NAMD stage left out reuses its existing output. None: all.
+        `stages`: which of the job's `known` stages (default: NAMD's, config.training.STAGES;
+        the CLDM job passes config.cldm.CLDM_STAGES) it may train (its `stages` setting);
+        a known stage left out reuses its existing output. None: all. `stages_setting`
+        names that setting in messages.
         `train_callbacks` go into every stage's Ray Train RunConfig (a sweep trial
         passes Tune's TuneReportCallback)."""
         self.output = Path(output)
         self.scaling = scaling
         self.stages = stages
         self.train_callbacks = train_callbacks
+        self.known, self.stages_setting = tuple(known), stages_setting
         self.reports: list[StageReport] = []
 
     def train(
@@ -104,7 +109,7 @@ class StageRunner:
                 ),
             )
             return folder
-        if self.stages is not None and name in STAGES and name not in self.stages:
+        if self.stages is not None and name in self.known and name not in self.stages:
             return self._reuse_unlisted(runs, run_id, name, folder)
         outputs.invalidate(folder)
         started = time.perf_counter()
@@ -146,12 +151,13 @@ class StageRunner:
         if marker is None:
             runs.fail_child(run_id)
             raise StageNotAvailable(
-                f"stage {name!r} is not in training.stages and {folder} holds no finished "
-                f"output; add it to training.stages"
+                f"stage {name!r} is not in {self.stages_setting} and {folder} holds no finished "
+                f"output; add it to {self.stages_setting}"
             )
         log.warning(
-            "stage %s is not in training.stages: using its existing output %s, trained with another config (key %s)",
+            "stage %s is not in %s: using its existing output %s, trained with another config (key %s)",
             name,
+            self.stages_setting,
             folder,
             marker.get("key"),
         )
@@ -176,3 +182,19 @@ class StageRunner:
         self.reports.append(report)
         runs.finish_child(run_id, report.status, {k: v for k, v in vars(report).items()})
         log.info("stage %s: %s (%s)", report.name, report.status, report.output)
+
+
+def format_stages(reports: list[StageReport]) -> list[str]:
+    """A job summary's table: per stage its status, time, loss (mean of the first ->
+    last quarter of steps) and validation metrics."""
+    width = max([11, *(len(r.name) for r in reports)])
+    lines = [f"{'stage':<{width}} {'status':<11} {'time':>7}  loss, mean of first -> last quarter of steps"]
+    for s in reports:
+        loss = f"{s.first_loss:.4f} -> {s.last_loss:.4f}" if s.first_loss is not None else "-"
+        lines.append(f"{s.name:<{width}} {s.status:<11} {s.seconds:>6.0f}s  {loss}")
+        val = {k: v for k, v in s.metrics.items() if k.startswith("val/")}
+        if val:
+            lines.append(
+                " " * (width + 1) + "validation: " + ", ".join(f"{k[4:]} {v:.4f}" for k, v in sorted(val.items()))
+            )
+    return lines

@@ -1,0 +1,185 @@
+"""The CLDM job, part 1 (jobs/train_cldm.py, `cohortcast train-cldm`): cohort -> ingest
+-> universal encoder pre-training (masked-image modelling on CT volumes and chest
+radiographs, Ray Train + DeepSpeed) -> study latent cache (Ray Data actor pool), all in
+one MLflow parent run with one child run per stage.
+
+As in the NAMD job, a stage is skipped when its valid output exists (io.stage_outputs)
+and resumes from its latest Ray Train checkpoint when it was interrupted; the cache is
+reused while the encoder and the ingested data are the ones it was built from."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cohortcast.config import flatten
+from cohortcast.config.cldm import CLDM_STAGES, EncoderConfig
+from cohortcast.config.loader import ConfigError
+from cohortcast.config.paths import resolve_paths
+from cohortcast.config.schema import CohortcastConfig
+from cohortcast.io import stage_outputs as outputs
+from cohortcast.training.stage_runner import StageReport, StageRunner, format_stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class CLDMReport:
+    stages: list[StageReport]
+    encoder: str | None
+    latents: str | None
+    mlflow: str
+    parent_run_id: str | None
+
+
+def without_pretrained(encoder: EncoderConfig) -> EncoderConfig:
+    """A copy that builds the architecture only: the weights come from our own stage output."""
+    cfg = copy.deepcopy(encoder)
+    cfg.pretrained_path = None
+    return cfg
+
+
+def check_ingested_shapes(encoder: EncoderConfig, card: dict) -> None:
+    """The ingested volumes and radiographs must tile into the encoder's patches: say so
+    before any training starts, naming the settings to change."""
+    tables = card.get("tables", {}).get("studies", {})
+    for name, patch, setting in (
+        ("volume", encoder.patch_3d, "ingest.volume_shape"),
+        ("radiograph", encoder.patch_2d, "ingest.radiograph_size"),
+    ):
+        shape = tables.get(name)
+        if shape and any(s % p or s < p for s, p in zip(shape, patch)):
+            patch_setting = "cldm.encoder.patch_3d" if name == "volume" else "cldm.encoder.patch_2d"
+            raise ConfigError(
+                f"{setting}: the ingested {name}s are {list(shape)}, not a multiple of the encoder's patch "
+                f"{list(patch)} on every axis ({patch_setting})"
+            )
+
+
+class CLDMJob:
+    def __init__(self, cfg: CohortcastConfig, train_callbacks: list | None = None):
+        self.cfg = cfg
+        t = cfg.cldm.training
+        self.runner = StageRunner(
+            t.output,
+            cfg.training.scaling,
+            t.stages,
+            train_callbacks,
+            known=CLDM_STAGES,
+            stages_setting="cldm.training.stages",
+        )
+
+    @property
+    def reports(self) -> list[StageReport]:
+        return self.runner.reports
+
+    def encoder_key(self, card: dict) -> str:
+        t, scaling = self.cfg.cldm.training, self.cfg.training.scaling
+        return outputs.stage_key("encoder", t.encoder, self.cfg.cldm.encoder, card["fingerprint"], scaling.num_workers)
+
+    def stage_encoder(self, runs, card: dict) -> Path:
+        from cohortcast.training.encoder_stage import encoder_datasets, encoder_worker_loop
+
+        t, encoder = self.cfg.cldm.training, self.cfg.cldm.encoder
+        ingested = card["config"]["output"]
+        workers = self.cfg.training.scaling.num_workers
+
+        def export(checkpoint, folder: Path) -> None:
+            from cohortcast.models.universal_encoder import UniversalEncoder
+            from cohortcast.training.export import consolidated_state_dict
+
+            model = UniversalEncoder(without_pretrained(encoder))
+            model.load_state_dict(consolidated_state_dict(checkpoint))
+            model.save(folder)
+
+        loop_config = {
+            "stage": t.encoder,
+            "model": encoder,
+            "validation": t.validation,
+            # the PNG grids map the volumes' intensity range to 0..255
+            "volume_low": 0.0 if card["config"].get("normalise") == "zero_one" else -1.0,
+        }
+        return self.runner.train(
+            runs,
+            "encoder",
+            self.encoder_key(card),
+            encoder_worker_loop,
+            loop_config,
+            lambda: encoder_datasets(ingested, t.encoder, t.validation, workers),
+            export,
+            flatten(t.encoder, "cldm.training.encoder")
+            | flatten(encoder, "cldm.encoder")
+            | flatten(t.validation, "cldm.training.validation"),
+        )
+
+    def stage_latents(self, runs, card: dict, encoder_folder: Path) -> dict:
+        from cohortcast.inference.study_latent_cache import build_study_latent_cache
+
+        c = self.cfg.cldm.training.latent_cache
+        run_id = runs.start_child("study_latents", flatten(c, "cldm.training.latent_cache"))
+        started = time.perf_counter()
+        try:
+            cache = build_study_latent_cache(
+                card["config"]["output"],
+                encoder_folder,
+                c.root,
+                actors=c.actors,
+                batch_size=c.batch_size,
+                use_gpu=self.cfg.training.scaling.use_gpu,
+            )
+        except BaseException:
+            runs.fail_child(run_id)
+            raise
+        runs.log_dict(run_id, {k: v for k, v in cache.items() if k != "reused"}, "latent_card.json")
+        rows = {f"rows_{d}d": n for d, n in cache["rows"].items()}
+        self.runner.report(
+            runs,
+            run_id,
+            StageReport(
+                "study_latents",
+                "up to date" if cache["reused"] else "built",
+                cache["path"],
+                time.perf_counter() - started,
+                metrics={"rows": sum(rows.values()), **rows},
+            ),
+        )
+        return cache
+
+    def run(self, runs, card: dict) -> tuple[Path, dict | None]:
+        """The stages after ingestion, in order: (encoder folder, latent cache card or None)."""
+        check_ingested_shapes(self.cfg.cldm.encoder, card)
+        encoder = self.stage_encoder(runs, card)
+        cache = self.stage_latents(runs, card, encoder) if "study_latents" in self.cfg.cldm.training.stages else None
+        return encoder, cache
+
+
+def run_cldm(cfg: CohortcastConfig) -> CLDMReport:
+    from cohortcast.data.prepare import prepare_cohort
+    from cohortcast.ray_runtime import ensure_ray
+    from cohortcast.tracking.job_runs import JobRuns, card_summary
+
+    cfg = resolve_paths(cfg)
+    ensure_ray(cfg.ray)
+    job = CLDMJob(cfg)
+    with JobRuns(cfg) as runs:
+        card = prepare_cohort(cfg)
+        runs.log_dict(runs.parent_id, card_summary(card), "dataset/ingest_card.json")
+        encoder, cache = job.run(runs, card)
+        if runs.enabled:
+            runs.client.set_tag(runs.parent_id, "cohortcast.encoder", str(encoder))
+            if cache:
+                runs.client.set_tag(runs.parent_id, "cohortcast.study_latents", cache["path"])
+        return CLDMReport(job.reports, str(encoder), cache["path"] if cache else None, runs.location(), runs.parent_id)
+
+
+def format_report(report: CLDMReport) -> str:
+    lines = ["CLDM job summary (part 1: encoder, study latents)", *format_stages(report.stages)]
+    if report.encoder:
+        lines.append(f"Encoder: {report.encoder}")
+    if report.latents:
+        lines.append(f"Study latents: {report.latents}")
+    lines.append(report.mlflow)
+    return "\n".join(lines)
