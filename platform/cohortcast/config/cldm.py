@@ -1,5 +1,6 @@
-"""CLDM configs (the `cldm` section): the universal 2D/3D encoder now; the temporal
-transformer, latent diffusion and the task decoders join it in part 2.
+"""CLDM configs (the `cldm` section): the universal 2D/3D encoder and the job's training
+stages (`cldm.training`: encoder pre-training, study latent cache) now; the temporal
+transformer, latent diffusion and the task decoders join them in part 2.
 
 Flavours as for `model` (config/presets.py): `cldm.encoder.flavor: <name>` picks the base
 the section's other keys override, resolved when the config is loaded (the loaded config
@@ -18,10 +19,11 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cohortcast.config.loader import ConfigError
 from cohortcast.config.loader import require as _require
+from cohortcast.config.training import LatentCacheConfig, StageConfig
 
 # Fields that decide the weights' shapes or what they compute. Input sizes, the mask ratio
 # and the loss normalisation do not (positional embeddings are fixed sin-cos, computed for
@@ -131,8 +133,87 @@ def encoder_flavor(name: str) -> EncoderConfig:
     return make()
 
 
+# ----- CLDM training (the job's stages; jobs/train_cldm.py) -----------------------------
+
+CLDM_STAGES = ("encoder", "study_latents")
+
+
+@dataclass
+class EncoderStageConfig(StageConfig):
+    """Stage `encoder`: masked-image-modelling pre-training of the universal encoder on
+    CT volumes and radiographs together (training/encoder_stage.py). The optimiser,
+    schedule, ZeRO stage, precision, checkpoints and logging are StageConfig's.
+
+    Every step takes, per worker, one batch of `micro_batch_3d` volumes and one of
+    `micro_batch_2d` radiographs (separate sizes: a volume costs far more than a
+    radiograph) and minimises `weight_3d * L3d + weight_2d * L2d`. A micro-batch of 0
+    leaves that kind out. `micro_batch_size` is derived (the step's samples, both kinds)
+    and must stay 0 here."""
+
+    micro_batch_size: int = 0
+    micro_batch_3d: int = 2
+    micro_batch_2d: int = 8
+    weight_3d: float = 1.0
+    weight_2d: float = 1.0
+
+    def validate(self) -> None:
+        _require(
+            self.micro_batch_size == 0,
+            "micro_batch_size",
+            "is derived for this stage (micro_batch_3d + micro_batch_2d); set those instead",
+        )
+        _require(min(self.micro_batch_3d, self.micro_batch_2d) >= 0, "micro_batch_3d", "batch sizes must be >= 0")
+        _require(
+            self.micro_batch_3d + self.micro_batch_2d >= 1,
+            "micro_batch_3d",
+            "micro_batch_3d and micro_batch_2d are both 0: nothing to train on",
+        )
+        _require(min(self.weight_3d, self.weight_2d) >= 0, "weight_3d", "loss weights must be >= 0")
+        StageConfig.validate(replace(self, micro_batch_size=self.micro_batch_3d + self.micro_batch_2d))
+
+
+@dataclass
+class EncoderValidationConfig:
+    """The encoder stage's validation on the `val` split (world rank 0), every
+    `every_epochs` epochs and at the end: the MIM loss per kind on up to `max_rows`
+    studies of each, under masks drawn from `seed` (the same every time, so the losses
+    compare across steps), and a reconstruction grid per kind (`cases` rows: masked input
+    | reconstruction | original; volumes by their middle slice) as PNG artifacts."""
+
+    every_epochs: int = 1
+    max_rows: int = 32
+    cases: int = 3
+    seed: int = 0
+
+    def validate(self) -> None:
+        _require(self.every_epochs >= 1, "every_epochs", "must be >= 1")
+        _require(self.max_rows >= 1 and self.cases >= 1, "max_rows", "max_rows and cases must be >= 1")
+
+
+@dataclass
+class CLDMTrainingConfig:
+    """The CLDM job's stages (part 1: `encoder`, `study_latents`), each skipped when its
+    output is valid. Ray Train workers, GPUs and checkpoint storage: `training.scaling`,
+    shared with the NAMD job. `stages` limits what trains; a stage left out must already
+    have an output (as `training.stages`)."""
+
+    output: str = "runs/cldm/train"
+    stages: tuple[str, ...] = CLDM_STAGES
+    encoder: EncoderStageConfig = field(default_factory=lambda: EncoderStageConfig(max_steps=20, lr=1e-3))
+    validation: EncoderValidationConfig = field(default_factory=EncoderValidationConfig)
+    latent_cache: LatentCacheConfig = field(
+        default_factory=lambda: LatentCacheConfig(root="runs/cldm/latents", actors=1, batch_size=16)
+    )
+
+    def validate(self) -> None:
+        unknown = [s for s in self.stages if s not in CLDM_STAGES]
+        _require(not unknown, "stages", f"unknown stage(s) {unknown}; choose from {list(CLDM_STAGES)}")
+
+
 @dataclass
 class CLDMConfig:
-    """The CLDM model (paper Sec. 3). Part 1: the universal encoder."""
+    """The CLDM model (paper Sec. 3). Part 1: the universal encoder, and the job's
+    training stages (`training`)."""
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    training: CLDMTrainingConfig = field(default_factory=CLDMTrainingConfig)
