@@ -66,6 +66,10 @@ def test_labeler_recovers_the_generators_findings_exactly():
         ("Possible small left pleural effusion.", "Pleural Effusion", UNCERTAIN, None),
         ("A small left pleural effusion cannot be excluded.", "Pleural Effusion", UNCERTAIN, None),
         ("Cannot exclude a small right effusion.", "Pleural Effusion", UNCERTAIN, None),
+        ("Can not exclude a small left pleural effusion.", "Pleural Effusion", UNCERTAIN, None),  # not a negation
+        ("It is not possible to exclude a small effusion.", "Pleural Effusion", UNCERTAIN, None),
+        ("Pleural effusion is not seen.", "Pleural Effusion", NEGATIVE, None),
+        ("The previously described nodule is not identified.", "Lung Lesion", NEGATIVE, None),
         (
             "Small bilateral effusions, likely layering.",
             "Pleural Effusion",
