@@ -2,9 +2,10 @@
 from new seed streams and are off by default, so today's `cohortcast synth` output must
 not move. One hash covers the four manifest tables (content) and every image file
 (NIfTI bytes after decompression, as the gzip header carries no content; DICOM data set
-bytes with the UIDs blanked: write_ct_series' UIDs are random UUIDs at every run, since
-pydicom's generate_uid ignores `entropy_srcs` when prefix is None, so they never were
-reproducible).
+bytes with the UIDs blanked: until issue 15 write_ct_series' UIDs were random UUIDs at
+every run, since pydicom's generate_uid ignores `entropy_srcs` when prefix is None; they
+are now hashed from the seed (tests/test_readers.py checks that), but the digest was
+taken before that fix).
 
 After a deliberate change of the NAMD cohort, rerun `python tests/test_synthetic_namd_golden.py`
 and paste the printed digest, saying in the commit why it moved."""

@@ -7,6 +7,7 @@ pseudonyms only."""
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,6 @@ from pydicom.uid import (
     CTImageStorage,
     DigitalXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
-    generate_uid,
 )
 
 from cohortcast.io.volume import Volume
@@ -40,7 +40,12 @@ class DicomIdentity:
 
 
 def _uid(*parts: object) -> str:
-    return generate_uid(prefix=None, entropy_srcs=[str(p) for p in parts])
+    """A UUID-derived UID (2.25.<128-bit integer>, PS3.5 B.2) hashed from `parts`, so a
+    cohort written twice with the same seed has the same UIDs. pydicom's
+    generate_uid(prefix=None, entropy_srcs=...) ignores the entropy and returns a random
+    UUID, which made every synthetic cohort's UIDs differ from run to run."""
+    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode()).digest()
+    return f"2.25.{int.from_bytes(digest[:16], 'big')}"
 
 
 def _dataset(sop_class: str, sop_uid: str, ident: DicomIdentity, modality: str) -> pydicom.Dataset:
