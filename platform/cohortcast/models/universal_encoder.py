@@ -168,10 +168,12 @@ class UniversalEncoder(nn.Module):
 
     @staticmethod
     def _normalised(target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Per-patch (target - mean) / std, with the mean and std (population variance, so a
-        one-pixel patch is defined; a flat patch's target is 0)."""
+        """Per-patch (target - mean) / sqrt(var + 1e-6), with the mean and std: MAE's
+        norm_pix_loss exactly (unbiased variance; a flat patch's target is 0). A one-pixel
+        patch has no unbiased variance, so it takes the population one (0)."""
         mean = target.mean(dim=-1, keepdim=True)
-        std = (target.var(dim=-1, keepdim=True, correction=0) + NORM_PIX_EPS).sqrt()
+        correction = 1 if target.shape[-1] > 1 else 0
+        std = (target.var(dim=-1, keepdim=True, correction=correction) + NORM_PIX_EPS).sqrt()
         return (target - mean) / std, mean, std
 
     def mim_loss(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
