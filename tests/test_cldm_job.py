@@ -32,11 +32,11 @@ def _config(tmp_path):
         "cldm.training.encoder.micro_batch_3d=1",
         "cldm.training.encoder.micro_batch_2d=3",
         "cldm.training.encoder.weight_2d=0.5",
-        "cldm.training.encoder.lr=3e-3",
+        "cldm.training.encoder.lr=0.003",
         "cldm.training.encoder.warmup_steps=1",
-        "cldm.training.encoder.checkpoint_every=3",
-        "cldm.training.encoder.log_every=1",
-        "cldm.training.validation.every_epochs=100",  # once, at the end
+        f"cldm.training.encoder.checkpoint_every={STEPS}",
+        "cldm.training.encoder.log_every=2",  # a Ray Train report costs ~1 s
+        "cldm.training.validation.every_epochs=100",  # before the first step and at the end
         "cldm.training.validation.cases=2",
         "cldm.training.latent_cache.actors=1",
         "cldm.training.latent_cache.batch_size=4",
@@ -69,12 +69,18 @@ def test_encoder_stage_and_study_latent_cache_train_build_and_are_reused(ray_ses
     for key in ("loss/total", "loss/mim_3d", "loss/mim_2d", "val/mim_3d", "val/mim_2d", "val/mim", "samples_per_s"):
         assert key in metrics, key
     history = runs.client.get_metric_history(child["encoder"].info.run_id, "loss/total")
-    assert sorted(m.step for m in history) == list(range(1, STEPS + 1))
+    assert sorted(m.step for m in history) == [2, 4, 6]
+    # validated before the first step (the untrained encoder's loss) and at the end
+    val_history = runs.client.get_metric_history(child["encoder"].info.run_id, "val/mim")
+    assert sorted(m.step for m in val_history) == [0, STEPS]
+    assert metrics["val/mim"] < metrics["val/mim_step0"], (metrics["val/mim_step0"], metrics["val/mim"])
+    assert metrics["val/mim_3d_baseline"] > 0 and metrics["val/mim_2d_baseline"] > 0
     report = next(r for r in job.reports if r.name == "encoder")
     assert report.last_loss < report.first_loss, (report.first_loss, report.last_loss)
     artifacts = {a.path for a in runs.client.list_artifacts(child["encoder"].info.run_id, "validation")}
-    assert any(p.endswith("reconstruction_3d.png") for p in artifacts), artifacts
-    assert any(p.endswith("reconstruction_2d.png") for p in artifacts), artifacts
+    for kind in ("3d", "2d"):  # CT slices and radiographs, before training and at the end
+        assert {f"validation/epoch000_step00000_reconstruction_{kind}.png"} < artifacts, artifacts
+        assert any(p.endswith(f"step{STEPS:05d}_reconstruction_{kind}.png") for p in artifacts), artifacts
 
     # The export loads and differs from the initial weights in both patch embeddings
     # and the shared blocks (the stage loop seeds with stage.seed before building).

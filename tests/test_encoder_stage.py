@@ -13,7 +13,7 @@ from cohortcast.config import ConfigError, load_config
 from cohortcast.config.cldm import CLDM_STAGES, EncoderConfig, EncoderStageConfig
 from cohortcast.config.training import ScalingSettings
 from cohortcast.pipeline.cldm import CLDMReport, check_ingested_shapes, format_report
-from cohortcast.training.encoder_stage import PairedBatches, validate_encoder
+from cohortcast.training.encoder_stage import PairedBatches, mean_patch_baseline, validate_encoder
 from cohortcast.training.stage_runner import StageNotAvailable, StageReport, StageRunner
 
 TINY = dict(dim=32, depth=1, heads=2, decoder_dim=16, decoder_heads=2, patch_2d=(4, 4), patch_3d=(2, 4, 4))
@@ -88,8 +88,14 @@ def test_validation_reports_each_kinds_loss_their_weighted_sum_and_grids():
         metrics, grids = validate_encoder(engine, batches, {3: 1.0, 2: 0.5}, cases=2, seed=5)
         again, _ = validate_encoder(engine, batches, {3: 1.0, 2: 0.5}, cases=2, seed=5)
     assert metrics == again  # the validation masks come from the seed: comparable across steps
-    assert set(metrics) == {"mim_3d", "mim_2d", "mim"} and all(np.isfinite(list(metrics.values())))
+    assert set(metrics) == {"mim_3d", "mim_2d", "mim", "mim_3d_baseline", "mim_2d_baseline"}
+    assert all(np.isfinite(list(metrics.values())))
     assert metrics["mim"] == pytest.approx(metrics["mim_3d"] + 0.5 * metrics["mim_2d"])
+    # Predicting each patch's mean scores (n - 1) / n on per-patch normalised targets
+    # (unbiased variance) for noise patches of n pixels, and 0 on flat ones.
+    assert metrics["mim_3d_baseline"] == pytest.approx(31 / 32, rel=1e-4)  # 2 x 4 x 4 patches
+    assert metrics["mim_2d_baseline"] == pytest.approx(15 / 16, rel=1e-4)  # 4 x 4 patches
+    assert mean_patch_baseline(engine.module, torch.zeros(2, 1, 8, 8)) == 0.0
     # masked input | reconstruction | original, 2 cases each; volumes by their middle slice
     assert grids["reconstruction_3d"].shape == (2 * 8 + 2, 3 * 8 + 4)
     assert grids["reconstruction_2d"].shape == (2 * 8 + 2, 3 * 8 + 4)
@@ -145,8 +151,8 @@ def test_a_cldm_stage_left_out_of_the_stages_needs_a_finished_output(tmp_path):
 def test_ingested_shapes_must_tile_into_the_patches():
     encoder = EncoderConfig(patch_2d=(8, 8), patch_3d=(4, 8, 8))
     check_ingested_shapes(encoder, {"tables": {"studies": {"volume": [16, 32, 32], "radiograph": [64, 64]}}})
-    with pytest.raises(ConfigError, match=r"ingest.volume_shape.*\[12, 32, 32\].*cldm.encoder.patch_3d"):
-        check_ingested_shapes(encoder, {"tables": {"studies": {"volume": [12, 32, 32]}}})
+    with pytest.raises(ConfigError, match=r"ingest.volume_shape.*\[10, 32, 32\].*cldm.encoder.patch_3d"):
+        check_ingested_shapes(encoder, {"tables": {"studies": {"volume": [10, 32, 32]}}})
     with pytest.raises(ConfigError, match="ingest.radiograph_size"):
         check_ingested_shapes(encoder, {"tables": {"studies": {"radiograph": [60, 60]}}})
 

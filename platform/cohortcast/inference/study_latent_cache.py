@@ -109,6 +109,7 @@ def build_study_latent_cache(
     """Returns the cache card (with "path" and "reused"): "rows" {dims: count} and
     "tokens" {dims: [N, dim]} for each dimensionality the cohort has."""
     import ray.data
+    from ray.data.expressions import col
 
     ingested = Path(ingested)
     key = cache_key(encoder_folder, ingested)
@@ -129,7 +130,7 @@ def build_study_latent_cache(
         }
         for dims, column in IMAGE_COLUMN.items():
             columns = [c for c in KEEP if c in available] + [column]
-            rows = ray.data.read_parquet(str(ingested / STUDIES), columns=columns).filter(expr=f"dims == {dims}")
+            rows = ray.data.read_parquet(str(ingested / STUDIES), columns=columns).filter(expr=col("dims") == dims)
             encoded = rows.map_batches(
                 StudyTokenEncoder,
                 fn_constructor_args=(str(encoder_folder), dims, "cuda" if use_gpu else "cpu"),

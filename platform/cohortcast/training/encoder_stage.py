@@ -51,12 +51,13 @@ def study_images(ingested: str | Path, split: str, dims: int, limit: int | None 
     materialised (the Train workers hold their CPUs: a lazy read could wait for one
     forever on a small machine); None when there are none."""
     import ray.data
+    from ray.data.expressions import col
 
     folder = Path(ingested) / "studies" / f"split={split}"
     if not folder.is_dir():
         return None
     column = IMAGE_COLUMN[dims]
-    ds = ray.data.read_parquet(str(folder), columns=["dims", column]).filter(expr=f"dims == {dims}")
+    ds = ray.data.read_parquet(str(folder), columns=["dims", column]).filter(expr=col("dims") == dims)
     if limit is not None:
         ds = ds.limit(limit)
     ds = ds.select_columns([column]).rename_columns({column: "image"}).materialize()
@@ -165,6 +166,23 @@ def reconstruction_grid(encoder, images, generator=None, low: float = -1.0) -> n
     return image_grid([middle_slices(t) for t in (masked, reconstruction, images)], low=low)
 
 
+def mean_patch_baseline(encoder, images) -> float:
+    """The MIM loss of the trivial prediction "every patch is its own mean", averaged over
+    all patches (what it is on a random mask, in expectation): for per-patch normalised
+    targets (`norm_pix_loss`) the loss of predicting 0, just under 1 (0 for flat
+    patches, e.g. a radiograph's padding); otherwise the patches' mean variance. A
+    validation loss below it means the encoder predicts a masked patch's structure from
+    the visible ones, not only its brightness."""
+    from cohortcast.models.patch_embed import patchify
+
+    patch = tuple(encoder.cfg.patch_3d if images.ndim == 5 else encoder.cfg.patch_2d)
+    target = patchify(images.float(), patch)
+    if encoder.cfg.norm_pix_loss:
+        # the encoder's own target normalisation (MAE's norm_pix), so the two compare exactly
+        return float(encoder._normalised(target)[0].pow(2).mean())
+    return float(target.var(dim=-1, correction=0).mean())
+
+
 def validate_encoder(
     engine,
     batches: Iterable[dict[str, np.ndarray]],
@@ -173,16 +191,18 @@ def validate_encoder(
     seed: int,
     low_3d: float = -1.0,
 ) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Mean MIM loss per kind on the validation rows, under masks drawn from `seed` (the
-    same masks at every validation: losses compare across steps), their weighted sum
-    ("mim", like the training loss) and a reconstruction grid per kind. `batches`:
-    {"image_3d": array} or {"image_2d": array} each."""
+    """Mean MIM loss per kind on the validation rows ("mim_3d", "mim_2d"), under masks
+    drawn from `seed` (the same masks at every validation: losses compare across steps),
+    their weighted sum ("mim", like the training loss), each kind's trivial baseline on
+    the same rows ("mim_3d_baseline", ...: mean_patch_baseline) and a reconstruction grid
+    per kind. `batches`: {"image_3d": array} or {"image_2d": array} each."""
     import torch
 
     module = engine.module
     device = next(module.parameters()).device
     generator = torch.Generator().manual_seed(seed)
     total: dict[int, float] = {}
+    baseline: dict[int, float] = {}
     seen: dict[int, int] = {}
     grids: dict[str, np.ndarray] = {}
     for batch in batches:
@@ -191,6 +211,7 @@ def validate_encoder(
             images = _images(array, device)
             loss = float(module.mim_loss(images, generator))
             total[dims] = total.get(dims, 0.0) + loss * images.shape[0]
+            baseline[dims] = baseline.get(dims, 0.0) + mean_patch_baseline(module, images) * images.shape[0]
             seen[dims] = seen.get(dims, 0) + images.shape[0]
             name = f"reconstruction_{dims}d"
             if name not in grids:
@@ -199,6 +220,7 @@ def validate_encoder(
     metrics = {f"mim_{d}d": total[d] / seen[d] for d in total}
     if metrics:
         metrics["mim"] = sum(weights[d] * metrics[f"mim_{d}d"] for d in total)
+    metrics.update({f"mim_{d}d_baseline": baseline[d] / seen[d] for d in baseline})
     return metrics, grids
 
 
@@ -238,14 +260,21 @@ def encoder_worker_loop(config: dict) -> None:
             for batch in shard.iter_batches(batch_size=max(1, sizes.get(dims, 1)), batch_format="numpy"):
                 yield {f"image_{dims}d": batch["image"]}
 
+    at_step0: dict[str, float] = {}
+
+    def validate(engine, batches):
+        metrics, grids = validate_encoder(engine, batches, weights, val.cases, val.seed, config.get("volume_low", -1.0))
+        if engine.global_steps == 0:  # the untrained encoder's losses travel with every later report
+            at_step0.update({f"{k}_step0": v for k, v in metrics.items() if not k.endswith("_baseline")})
+        return {**metrics, **at_step0}, grids
+
     hooks = StageHooks(
         tracking=config.get("tracking"),
         train_batches=paired.epoch,
         val_batches=val_batches,
         validate_every_epochs=val.every_epochs,
-        validate=lambda engine, batches: validate_encoder(
-            engine, batches, weights, val.cases, val.seed, config.get("volume_low", -1.0)
-        ),
+        validate=validate,
+        validate_at_start=True,
     )
     # The step's samples (what DeepSpeed and the samples/s figure count): both batches.
     step_stage = dataclasses.replace(stage, micro_batch_size=sum(sizes.values()))

@@ -52,6 +52,9 @@ class StageHooks:
     train_batches: Callable[[torch.device, np.random.Generator], Iterable[dict[str, Any]]] | None = None
     # Likewise the validation batches (rank 0) instead of the "val" shard's; None: "val".
     val_batches: Callable[[], Iterable[dict[str, np.ndarray]]] | None = None
+    # Validate once before the first step too (not on resume): the curve's start, what a
+    # self-supervised loss is judged against (the CLDM encoder's MIM loss).
+    validate_at_start: bool = False
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -175,6 +178,10 @@ def run_stage_loop(
             "stage set up in %.1f s (model, DeepSpeed engine, checkpoint restore, data shards)",
             time.perf_counter() - setup_started,
         )
+    if hooks.validate_at_start and engine.global_steps == 0:
+        start = validation()
+        if tracker and start:
+            tracker.log_metrics({**start, "epoch": epoch}, 0)
     samples, started = 0, time.perf_counter()
     progress = StageProgress.for_rank(rank, context.get_experiment_name(), stage.max_steps, resumed_from)
     while engine.global_steps < stage.max_steps:
