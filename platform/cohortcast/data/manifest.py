@@ -76,6 +76,7 @@ SCHEMA: dict[str, dict[str, Column]] = {
         "modality": Column("str", choices=MODALITIES),
         "path": Column("str"),
         "mask_path": Column("str", required=False),
+        "lung_mask_path": Column("str", required=False),
         "report_text": Column("str", required=False),
     },
     "findings": {
