@@ -51,6 +51,26 @@ class SynthConfig:
     noise_hu: float = 25.0
     nifti_fraction: float = 0.25
     fibrosis_fraction: float = 0.4
+    # CLDM cohort options (issue 15). Every default reproduces the NAMD cohort bit for bit:
+    # the new randomness comes from new seed streams, drawn only when an option is on.
+    # "linear": fibrosis grows without noise from 12% of the lung (the NAMD cohort);
+    # "trend": a per-patient trend plus per-exam noise: a stable group (rate 0) and
+    # progressors, baseline ~ U(fibrosis_baseline_range), rate ~ U(fibrosis_rate_range)
+    # in fraction of lung per year, N(0, fibrosis_noise_sd) per exam.
+    fibrosis_model: Literal["linear", "trend"] = "linear"
+    fibrosis_stable_fraction: float = 0.4
+    fibrosis_baseline_range: tuple[float, float] = (0.05, 0.25)
+    fibrosis_rate_range: tuple[float, float] = (0.01, 0.06)
+    fibrosis_noise_sd: float = 0.006
+    # A lung mask (NIfTI uint8 on the CT grid, the aerated lung) for every CT.
+    lung_masks: bool = False
+    # One chest radiograph (DX DICOM, a projection of the same phantom) + report per exam;
+    # the phantom then also has a heart (cardiomegaly) and pleural effusions.
+    radiographs: bool = False
+    radiograph_pixel_mm: float = 2.5
+    cardiomegaly_fraction: float = 0.3
+    effusion_onset: float = 0.2  # P(an effusion at an exam that follows one without)
+    effusion_resolve: float = 0.5  # P(an effusion is gone at the next exam)
 
     def validate(self) -> None:
         _require(self.patients >= 1, "patients", "must be >= 1")
@@ -62,6 +82,26 @@ class SynthConfig:
         _require(self.pixel_spacing_mm > 0 and self.slice_thickness_mm > 0, "pixel_spacing_mm", "spacings must be > 0")
         _require(0.0 <= self.nifti_fraction <= 1.0, "nifti_fraction", "must be in [0, 1]")
         _require(0.0 <= self.fibrosis_fraction <= 1.0, "fibrosis_fraction", "must be in [0, 1]")
+        _require(0.0 <= self.fibrosis_stable_fraction <= 1.0, "fibrosis_stable_fraction", "must be in [0, 1]")
+        lo, hi = self.fibrosis_baseline_range
+        _require(
+            0.0 < lo <= hi <= 0.5,
+            "fibrosis_baseline_range",
+            f"need 0 < low <= high <= 0.5 (fraction of lung), got {list(self.fibrosis_baseline_range)}",
+        )
+        lo, hi = self.fibrosis_rate_range
+        _require(
+            0.0 < lo <= hi <= 0.2,
+            "fibrosis_rate_range",
+            f"need 0 < low <= high <= 0.2 (fraction of lung per year), got {list(self.fibrosis_rate_range)}",
+        )
+        _require(0.0 <= self.fibrosis_noise_sd <= 0.05, "fibrosis_noise_sd", "must be in [0, 0.05] (fraction of lung)")
+        _require(
+            0.25 <= self.radiograph_pixel_mm <= 10.0, "radiograph_pixel_mm", "must be in [0.25, 10] mm (detector pitch)"
+        )
+        _require(0.0 <= self.cardiomegaly_fraction <= 1.0, "cardiomegaly_fraction", "must be in [0, 1]")
+        _require(0.0 <= self.effusion_onset <= 1.0, "effusion_onset", "must be in [0, 1]")
+        _require(0.0 <= self.effusion_resolve <= 1.0, "effusion_resolve", "must be in [0, 1]")
 
 
 @dataclass

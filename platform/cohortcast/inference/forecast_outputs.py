@@ -15,6 +15,7 @@ pseudonym, UIDs are derived from pseudonyms, no birth date, accession or institu
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -80,7 +81,9 @@ def write_case_images(
             accession="",
             institution="",
             study_date=target_date,
-            uid_seed=f"cohortcast-forecast:{case_key}",
+            # Content-addressed: a rerun of the same forecast keeps its UIDs, another
+            # model's forecast of the same case gets new ones.
+            uid_seed=f"cohortcast-forecast:{case_key}:{hashlib.sha256(np.ascontiguousarray(mean_hu).tobytes()).hexdigest()}",
             series_description="cohortcast forecast (mean of samples)",
             image_type=("DERIVED", "SECONDARY", plane),
             manufacturer="cohortcast",

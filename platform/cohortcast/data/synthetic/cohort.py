@@ -1,8 +1,11 @@
 """`cohortcast synth`: a seeded, deterministic synthetic longitudinal cohort written as
 real DICOM series and NIfTI files plus the manifest (see cohortcast.data.manifest).
 
-Each patient is generated from its own seed stream (cohort seed, patient index), so the
-output is identical whatever the number of worker processes.
+Each patient is generated from its own seed streams (cohort seed, patient index; see
+data.synthetic.plan), so the output is identical whatever the number of worker processes.
+The CLDM options (SynthConfig: fibrosis_model "trend", lung_masks, radiographs) add lung
+masks, noisy fibrosis trajectories, and per exam a DX radiograph with a CheXpert-style
+report; off (the defaults), the cohort is bit-identical to the NAMD one.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,19 +22,29 @@ from tqdm import tqdm
 
 from cohortcast.config import SynthConfig
 from cohortcast.data.manifest import write_tables
-from cohortcast.data.synthetic.clinical import Patient, lobe_of, make_patient
+from cohortcast.data.synthetic.chest import (
+    HU_FLUID,
+    effusion_region,
+    expose,
+    line_integral,
+    quantile_mask,
+    with_heart,
+)
+from cohortcast.data.synthetic.clinical import Patient, lobe_of
 from cohortcast.data.synthetic.phantom import (
     Grid,
     add_noise,
     fibrosis_mask,
+    fibrosis_score,
     make_anatomy,
     nodule_centre,
     render_fibrosis,
     render_nodule,
 )
+from cohortcast.data.synthetic.plan import plan_patient, streams
 from cohortcast.data.synthetic.reports import write_report
 from cohortcast.io.atomic import atomic_folder
-from cohortcast.io.dicom import DicomIdentity, write_ct_series
+from cohortcast.io.dicom import DicomIdentity, write_ct_series, write_dx_image
 from cohortcast.io.nifti import write_nifti
 from cohortcast.io.volume import Volume
 
@@ -43,19 +56,14 @@ def _fibrosis_extent(patient: Patient, years: float) -> float:
 
 
 def _generate_patient(cfg: SynthConfig, index: int, out: Path) -> dict[str, list[dict]]:
-    seq = np.random.SeedSequence([cfg.seed, index])
-    clinical_rng, anatomy_rng, image_rng = (np.random.default_rng(s) for s in seq.spawn(3))
-    patient = make_patient(
-        clinical_rng,
-        index,
-        cfg.min_exams,
-        cfg.max_exams,
-        cfg.max_nodules,
-        cfg.malignant_fraction,
-        cfg.fibrosis_fraction,
-    )
+    rngs = streams(cfg.seed, index)
+    plan = plan_patient(cfg, index, rngs)
+    patient = plan.patient
+    image_rng = rngs.image
     grid = Grid((cfg.num_slices, cfg.image_size, cfg.image_size), cfg.pixel_spacing_mm, cfg.slice_thickness_mm)
-    anatomy = make_anatomy(anatomy_rng, grid)
+    anatomy = make_anatomy(rngs.anatomy, grid)
+    if cfg.radiographs:
+        anatomy = with_heart(anatomy, grid, plan.ctr)
     rows: dict[str, list[dict]] = {"patients": [], "studies": [], "findings": [], "labels": []}
     rows["patients"].append(
         {
@@ -69,14 +77,22 @@ def _generate_patient(cfg: SynthConfig, index: int, out: Path) -> dict[str, list
     for nod in patient.nodules:
         rows["labels"].append({"patient_id": patient.mrn, "nodule_id": nod.nodule_id, "malignant": int(nod.malignant)})
 
-    lung_voxels = max(int(anatomy.lung.sum()), 1)
-    prior_fraction = None
+    score = fibrosis_score(patient.fibrosis_seed, anatomy, grid) if plan.fractions is not None else None
+    prior_fraction, prior_exam = None, None
     for k, date in enumerate(patient.exam_dates):
         years = (date - patient.exam_dates[0]).days / 365.25
         hu = anatomy.hu.copy()
+        # The aerated lung: pleural fluid (radiograph cohorts) displaces it at the bases.
+        fluid = effusion_region(anatomy, grid, *plan.effusions[k]) if cfg.radiographs else None
+        lung = anatomy.lung if fluid is None else anatomy.lung & ~fluid
         mask = None
-        if patient.fibrosis_rate > 0:
+        if score is not None:
+            mask = quantile_mask(score, lung, float(plan.fractions[k]))
+            render_fibrosis(hu, mask, image_rng)
+        elif patient.fibrosis_rate > 0:
             mask = fibrosis_mask(patient.fibrosis_seed, anatomy, grid, _fibrosis_extent(patient, years))
+            if fluid is not None:
+                mask &= lung
             render_fibrosis(hu, mask, image_rng)
         report_nodules = []
         study_id = f"{patient.mrn}-E{k + 1}"
@@ -102,48 +118,81 @@ def _generate_patient(cfg: SynthConfig, index: int, out: Path) -> dict[str, list
                     "SCT_EPI_LOC": lobe,
                 }
             )
+        if fluid is not None:
+            hu[fluid] = HU_FLUID
         volume = Volume(add_noise(hu, image_rng, cfg.noise_hu), grid.affine(), modality="CT")
         folder = f"images/p{index:05d}"
         as_nifti = bool(image_rng.random() < cfg.nifti_fraction)
         rel_path = f"{folder}/e{k + 1}.nii.gz" if as_nifti else f"{folder}/e{k + 1}_dicom"
+        identity = DicomIdentity(
+            patient_name=patient.name,
+            patient_id=patient.mrn,
+            birth_date=patient.birth_date,
+            sex=patient.gender[0],
+            accession=f"ACC{cfg.seed:03d}{index:05d}{k:02d}",
+            institution="Synthetic General Hospital",
+            study_date=date,
+            uid_seed=f"{cfg.seed}/{index}/{k}",
+        )
         if as_nifti:
             (out / folder).mkdir(parents=True, exist_ok=True)
             write_nifti(volume, out / rel_path)
         else:
-            write_ct_series(
-                volume,
-                out / rel_path,
-                DicomIdentity(
-                    patient_name=patient.name,
-                    patient_id=patient.mrn,
-                    birth_date=patient.birth_date,
-                    sex=patient.gender[0],
-                    accession=f"ACC{cfg.seed:03d}{index:05d}{k:02d}",
-                    institution="Synthetic General Hospital",
-                    study_date=date,
-                    uid_seed=f"{cfg.seed}/{index}/{k}",
-                ),
-            )
+            write_ct_series(volume, out / rel_path, identity)
         mask_path = None
-        fraction = float(mask.sum()) / lung_voxels if mask is not None else 0.0
+        fraction = float(mask.sum()) / max(int(lung.sum()), 1) if mask is not None else 0.0
         if mask is not None:
             mask_path = f"{folder}/e{k + 1}_fibrosis_mask.nii.gz"
             write_nifti(Volume(mask.astype(np.float32), grid.affine()), out / mask_path, dtype=np.uint8)
-        rows["studies"].append(
-            {
-                "study_id": study_id,
-                "patient_id": patient.mrn,
-                "study_date": date,
-                "modality": "CT",
-                "path": rel_path,
-                "mask_path": mask_path,
-                "report_text": write_report(
-                    date, patient.exam_dates[k - 1] if k else None, report_nodules, fraction, prior_fraction
-                ),
-            }
-        )
+        ct_row = {
+            "study_id": study_id,
+            "patient_id": patient.mrn,
+            "study_date": date,
+            "modality": "CT",
+            "path": rel_path,
+            "mask_path": mask_path,
+            "report_text": write_report(
+                date, patient.exam_dates[k - 1] if k else None, report_nodules, fraction, prior_fraction
+            ),
+        }
+        if cfg.lung_masks:
+            ct_row["lung_mask_path"] = f"{folder}/e{k + 1}_lung_mask.nii.gz"
+            write_nifti(Volume(lung.astype(np.float32), grid.affine()), out / ct_row["lung_mask_path"], dtype=np.uint8)
+        rows["studies"].append(ct_row)
+        if cfg.radiographs:
+            # The report reads the trajectory's fraction (trend) or the mask's (linear).
+            fibrosis = float(plan.fractions[k]) if plan.fractions is not None else fraction
+            reported = plan.radiograph_report(k, fibrosis, prior_exam)
+            rows["studies"].append(_radiograph(cfg, rngs, out, hu, grid, reported.text, k, identity, ct_row))
+            prior_exam = reported.exam
         prior_fraction = fraction
     return rows
+
+
+def _radiograph(cfg, rngs, out, hu, grid, text, k, identity, ct_row) -> dict:
+    """Expose the exam's (noise-free) phantom and write the DX file: its study row."""
+    pixels = expose(line_integral(hu, grid, cfg.radiograph_pixel_mm), rngs.xray)
+    rel_path = ct_row["path"].rsplit("/", 1)[0] + f"/e{k + 1}_dx.dcm"
+    dx_identity = replace(
+        identity,
+        accession=identity.accession + "X",
+        uid_seed=identity.uid_seed + "/dx",
+        series_description="Synthetic chest radiograph",
+        image_type=("ORIGINAL", "PRIMARY"),
+    )
+    write_dx_image(pixels, out / rel_path, dx_identity, (cfg.radiograph_pixel_mm,) * 2)
+    row = {
+        "study_id": f"{ct_row['study_id']}-DX",
+        "patient_id": ct_row["patient_id"],
+        "study_date": ct_row["study_date"],
+        "modality": "DX",
+        "path": rel_path,
+        "mask_path": None,
+        "report_text": text,
+    }
+    if cfg.lung_masks:
+        row["lung_mask_path"] = None
+    return row
 
 
 def _generate_one(args: tuple[SynthConfig, int, Path]) -> dict[str, list[dict]]:

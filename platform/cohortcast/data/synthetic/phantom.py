@@ -132,17 +132,23 @@ def render_nodule(hu: np.ndarray, grid: Grid, centre_mm: np.ndarray, nodule: Nod
     hu[sl[0], sl[1], sl[2]] = region * (1 - weight) + value * weight
 
 
-def fibrosis_mask(rng_seed: int, anatomy: Anatomy, grid: Grid, extent: float) -> np.ndarray:
-    """Fibrosis-like region: peripheral, basal, posterior lung, growing with `extent`
-    (0..1). The same random field with a lower threshold, so masks only grow."""
+def fibrosis_score(rng_seed: int, anatomy: Anatomy, grid: Grid) -> np.ndarray:
+    """Fibrosis propensity: a smooth random field biased to peripheral, basal, posterior
+    lung. A patient's fibrosis is a threshold of it at every exam."""
     rng = np.random.default_rng(rng_seed)
     field = ndimage.gaussian_filter(rng.standard_normal(grid.shape).astype(np.float32), sigma=2.0)
     field /= field.std() + 1e-6
     Z, Y, X = np.meshgrid(*[np.linspace(0, 1, n) for n in grid.shape], indexing="ij")
     peripheral = ndimage.distance_transform_edt(anatomy.lung, sampling=(grid.slice_mm, grid.pixel_mm, grid.pixel_mm))
     bias = 1.5 * (1 - Z) + 1.2 * Y - 0.08 * peripheral
+    return field + bias
+
+
+def fibrosis_mask(rng_seed: int, anatomy: Anatomy, grid: Grid, extent: float) -> np.ndarray:
+    """Fibrosis-like region growing with `extent` (0..1): the same random field with a
+    lower threshold, so masks only grow (the NAMD cohort's "linear" model)."""
     threshold = 2.6 - 3.0 * np.clip(extent, 0.0, 1.0)
-    return anatomy.lung & (field + bias > threshold)
+    return anatomy.lung & (fibrosis_score(rng_seed, anatomy, grid) > threshold)
 
 
 def render_fibrosis(hu: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> None:

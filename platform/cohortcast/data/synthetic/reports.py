@@ -50,7 +50,11 @@ def write_report(
         fib = f"Subpleural basal reticulation involving {100 * fibrosis_now:.0f}% of lung volume"
         if fibrosis_prior is not None:
             delta = fibrosis_now - fibrosis_prior
-            fib += ", progressed since prior" if delta > 0.005 else ", unchanged from prior"
+            # The linear model only grows; the trend model's per-exam noise can also shrink it.
+            if delta > 0.005:
+                fib += ", progressed since prior"
+            else:
+                fib += ", regressed since prior" if delta < -0.005 else ", unchanged from prior"
         lines.append(fib + ".")
     else:
         lines.append("No fibrotic lung disease.")
