@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 from pydicom.dataset import FileMetaDataset
-from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, DigitalXRayImagePresentationStorage, ExplicitVRLittleEndian
+from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, DigitalXRayImageStorageForPresentation, ExplicitVRLittleEndian
 
 _KEEP = object()  # write the default value
 
@@ -30,13 +30,13 @@ def write_dx(
     path.parent.mkdir(parents=True, exist_ok=True)
     sop_uid = pydicom.uid.generate_uid(entropy_srcs=[str(path.name), "sop"])
     meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = DigitalXRayImagePresentationStorage
+    meta.MediaStorageSOPClassUID = DigitalXRayImageStorageForPresentation
     meta.MediaStorageSOPInstanceUID = sop_uid
     meta.TransferSyntaxUID = ExplicitVRLittleEndian
     meta.ImplementationClassUID = PYDICOM_IMPLEMENTATION_UID
     ds = pydicom.Dataset()
     ds.file_meta = meta
-    ds.SOPClassUID, ds.SOPInstanceUID = DigitalXRayImagePresentationStorage, sop_uid
+    ds.SOPClassUID, ds.SOPInstanceUID = DigitalXRayImageStorageForPresentation, sop_uid
     ds.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(path.name), "study"])
     ds.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[str(path.name), "series"])
     ds.PatientName, ds.PatientID, ds.PatientBirthDate = "Film^Dx", "DX-MRN-001", "19500101"

@@ -315,6 +315,11 @@ def dx_no_imager_spacing(p: Path):
     write_dx(p, film(40, 32), imager_spacing=None)
 
 
+def dx_truncated_pixels(p: Path):
+    write_dx(p, film(40, 32))
+    p.write_bytes(p.read_bytes()[:-200])  # a transfer cut short: the header reads, the pixels do not
+
+
 def valid_dx(p: Path):
     write_dx(p, film(40, 32, markers=[(10, 8)]))
 
@@ -412,6 +417,7 @@ CASES = [
     ),
     Case("dx_bad_orientation", "hostile/dx_bad_orientation.dcm", "bad_geometry", dx_bad_orientation, modality="DX"),
     Case("dx_no_imager_spacing", "hostile/dx_no_spacing.dcm", "bad_geometry", dx_no_imager_spacing, modality="DX"),
+    Case("dx_truncated_pixels", "hostile/dx_truncated.dcm", "corrupt_file", dx_truncated_pixels, modality="DX"),
     Case("valid_non_utf8_names", "hostile/valid_non_utf8", None, valid_non_utf8_names),
     Case("valid_with_hidden_file", "hostile/valid_hidden", None, valid_with_hidden_file),
     Case("valid_nifti", "hostile/valid.nii.gz", None, valid_nifti),
@@ -560,6 +566,8 @@ def test_messages_say_what_and_where(hostile):
     assert "NaN or infinite" in message("hostile/nan.nii.gz")
     with pytest.raises(StudyError, match="PatientOrientation value 'X' is not made of distinct letters"):
         read_study(hostile / "hostile/dx_bad_orientation.dcm", modality="DX", limits=LIMITS)
+    with pytest.raises(StudyError, match="dx_truncated.dcm: pixel data is truncated"):
+        read_study(hostile / "hostile/dx_truncated.dcm", modality="DX", limits=LIMITS)
 
 
 def test_limits_refuse_from_the_header_before_reading_data(hostile, monkeypatch):
@@ -651,9 +659,13 @@ def test_process_study_quarantines_with_relative_messages(hostile):
         assert (result["status"], result["reason"]) == (QUARANTINED, reason)
         assert rel in result["message"] and str(hostile) not in result["message"]
         assert "ingest.max_" in result["message"] or reason != "too_large"
-    for rel in ("hostile/dx_bad_orientation.dcm", "hostile/dx_no_spacing.dcm"):
+    for rel, reason in (
+        ("hostile/dx_bad_orientation.dcm", "bad_geometry"),
+        ("hostile/dx_no_spacing.dcm", "bad_geometry"),
+        ("hostile/dx_truncated.dcm", "corrupt_file"),
+    ):
         result = process_study(_task(hostile, rel, modality="DX", dims=2), _cfg())
-        assert (result["status"], result["reason"]) == (QUARANTINED, "bad_geometry")
+        assert (result["status"], result["reason"]) == (QUARANTINED, reason)
         assert result["message"].startswith(rel + ": ") and str(hostile) not in result["message"]
     lung = "hostile/lung_bad/lung.nii.gz"
     task = _task(hostile, "hostile/lung_bad/image.nii.gz", lung_mask_path=str(hostile / lung), lung_mask_path_rel=lung)

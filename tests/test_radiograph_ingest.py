@@ -182,6 +182,24 @@ def test_ct_masks_and_their_volumes(tmp_path):
     assert row["has_lung_mask"] and row["lung_mask"].shape == (8, 16, 16)
 
 
+def test_one_slice_ct_is_a_dims_2_row_not_skipped(tmp_path):
+    """A one-slice CT (an axial NIfTI here) used to get no volume; now it is a 2D image
+    on its own plane: columns along +x, rows along +y (posterior), the study's masks unread."""
+    hu = np.full((1, 20, 30), -800.0, np.float32)
+    hu[0, 5:8, 20:23] = 400.0  # a bright spot right of centre, in the upper rows
+    affine = np.diag([0.8, 0.8, 2.0, 1.0])
+    write_nifti(Volume(hu, affine), tmp_path / "slice.nii.gz")
+    result = process_study(task(tmp_path / "slice.nii.gz", "slice.nii.gz", modality="CT"), cfg())
+    assert result["status"] == OK and int(result["dims"]) == 2
+    assert not result["volume"].any() and not result["volume_affine"].any() and not result["has_lung_mask"]
+    image, grid = result["radiograph"], np.asarray(result["radiograph_affine"]).reshape(4, 4)
+    spacing = 30 * 0.8 / R
+    np.testing.assert_allclose(grid[:3, 0], [spacing, 0, 0], atol=1e-9)
+    np.testing.assert_allclose(grid[:3, 1], [0, spacing, 0], atol=1e-9)
+    r, c = np.unravel_index(np.argmax(image), image.shape)
+    np.testing.assert_allclose(to_lps(grid, c, r)[:2], [21 * 0.8, 6 * 0.8], atol=spacing)
+
+
 def test_lung_mask_on_another_grid_is_quarantined_naming_it(tmp_path):
     volume = _ct(tmp_path)
     shifted = Volume(np.ones(volume.shape, np.float32), volume.affine.copy())

@@ -80,7 +80,7 @@ def test_axis_weights_are_scipys_gaussian_then_linear_interpolation():
     for sigma in (0.0, 0.5, 1.5, 3.5):
         filtered = ndimage.gaussian_filter1d(v, sigma, mode="nearest") if sigma else v
         expected = ndimage.map_coordinates(filtered, [coords], order=1, mode="nearest", prefilter=False)
-        np.testing.assert_allclose(axis_weights(37, coords, sigma) @ v, expected, atol=1e-12)
+        np.testing.assert_allclose(axis_weights(37, coords, sigma) @ v, expected, atol=1e-6)
     padded = axis_weights(37, np.array([-0.6, -0.4, 36.4, 36.6]), 1.0, pad=True)
     assert padded[[0, 3]].sum() == 0 and np.allclose(padded[[1, 2]].sum(axis=1), 1.0)
 

@@ -240,6 +240,12 @@ def study_row(result: dict[str, Any]) -> dict[str, Any]:
     return require_finite_row({k: result[k] for k in STUDY_COLUMNS}, STUDY_TENSORS)
 
 
+def narrow_study_types(batch: pa.Table) -> pa.Table:
+    """Ray Data stores a row's numpy scalars as int64/double: `dims` back to int8, as the
+    studies table declares it."""
+    return batch.set_column(batch.schema.get_field_index("dims"), "dims", batch["dims"].cast(pa.int8()))
+
+
 def quarantine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
     base = {"patient": result["patient"], "study": result["study"], "path": result["rel_path"]}
     if result["status"] == QUARANTINED:
@@ -353,7 +359,12 @@ def run_ingest(
     with atomic_folder(out, overwrite=True) as tmp:
         _write_table(results.flat_map(explode_nodules), tmp / "nodules", cfg, sum(nodule_counts.values()))
         _write_table(
-            results.filter(expr=f"status == '{OK}'").map(study_row), tmp / "studies", cfg, sum(study_counts.values())
+            results.filter(expr=f"status == '{OK}'")
+            .map(study_row)
+            .map_batches(narrow_study_types, batch_format="pyarrow"),
+            tmp / "studies",
+            cfg,
+            sum(study_counts.values()),
         )
         pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), tmp / "quarantine.parquet")
         card = _card(
