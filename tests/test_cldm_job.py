@@ -1,29 +1,56 @@
-"""The CLDM job's stages after ingestion on a tiny ingested cohort (tests/cldm_fixtures.py):
+"""The CLDM job end to end on a tiny CLDM cohort (`run_cldm`, what jobs/train_cldm.py
+runs): synthesised (CT + lung mask + radiograph per exam) and ingested for real, then
 the encoder pre-trains on Ray Train + DeepSpeed (ZeRO-2, 2 CPU workers) with separate
-volume and radiograph micro-batches, logs both losses, validation and reconstruction
-grids to its MLflow child run and exports a loadable encoder with new weights; the study
-latent cache is built on a Ray Data actor pool with one table per dimensionality; a
-rerun finds both up to date. The only test of issue 15's job that starts Ray."""
+volume and radiograph micro-batches, logs both losses, validation before the first step
+and at the end, and reconstruction grids (CT slices, radiographs) to its MLflow child
+run, and exports a loadable encoder with new weights; the study latent cache is built
+on a Ray Data actor pool with one table per dimensionality; a rerun skips everything.
+The only test of issue 15's job that starts Ray."""
 
 from __future__ import annotations
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from cldm_fixtures import write_ingested_studies
 
 from cohortcast.config import load_config
-from cohortcast.config.paths import resolve_paths
 from cohortcast.models.universal_encoder import UniversalEncoder
-from cohortcast.pipeline.cldm import CLDMJob
-from cohortcast.tracking.job_runs import JobRuns
+from cohortcast.pipeline.cldm import run_cldm
 from cohortcast.training.deepspeed_setup import seed_everything
 
 pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 STEPS = 6
-VOLUME, RADIOGRAPH = (8, 16, 16), 16
 TINY = ["dim=32", "depth=1", "heads=2", "decoder_dim=16", "decoder_heads=2", "patch_2d=[4,4]", "patch_3d=[4,8,8]"]
+# 5 patients x 2 exams (a CT and a radiograph each) on a 32 x 32 x 8 grid: 4 patients
+# train, 1 val (the split's seed); volumes 8 x 16 x 16, radiographs 16 x 16.
+COHORT = [
+    "synth.patients=5",
+    "synth.seed=3",
+    "synth.min_exams=2",
+    "synth.max_exams=2",
+    "synth.image_size=32",
+    "synth.num_slices=8",
+    "synth.pixel_spacing_mm=6.0",
+    "synth.slice_thickness_mm=8.0",
+    "synth.fibrosis_model=trend",
+    "synth.lung_masks=true",
+    "synth.radiographs=true",
+    "synth.radiograph_pixel_mm=4.0",
+    "synthesize_if_missing=true",
+    "ingest.manifest=cohort",
+    "ingest.output=ingested",
+    "ingest.crop_size=16",
+    "ingest.crop_spacing_mm=2.0",
+    "ingest.patch_size=8",
+    "ingest.volume_shape=[8,16,16]",
+    "ingest.radiograph_size=16",
+    "ingest.split.train=0.8",
+    "ingest.split.val=0.2",
+    "ingest.split.test=0.0",
+    "ingest.split.seed=1",
+]
 
 
 def _config(tmp_path):
@@ -44,64 +71,73 @@ def _config(tmp_path):
         f"workdir={tmp_path}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "mlflow.experiment=cldm-test",
+        *COHORT,
     ]
-    return resolve_paths(load_config(None, overrides))
+    return load_config(None, overrides)
 
 
-def _run(cfg, card):
-    job = CLDMJob(cfg)
-    with JobRuns(cfg) as runs:
-        encoder, cache = job.run(runs, card)
-    return job, runs, encoder, cache
+def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everything(ray_session, tmp_path, monkeypatch):
+    from mlflow import MlflowClient
 
-
-def test_encoder_stage_and_study_latent_cache_train_build_and_are_reused(ray_session, tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    card = write_ingested_studies(tmp_path / "ingested", VOLUME, RADIOGRAPH, {"train": 4, "val": 1}, exams=2)
     cfg = _config(tmp_path)
-    job, runs, encoder, cache = _run(cfg, card)
-    status = {r.name: r.status for r in job.reports}
-    assert status == {"encoder": "trained", "study_latents": "built"}
+    report = run_cldm(cfg)
+    assert {r.name: r.status for r in report.stages} == {"encoder": "trained", "study_latents": "built"}
 
-    # Both kinds trained, each from its own stream, under one loss; it fell.
-    child = {r.data.tags["mlflow.runName"]: r for r in runs.client.search_runs([runs.experiment_id])}
-    metrics = child["encoder"].data.metrics
+    # One parent run, a child per stage; the parent points at the encoder and the cache.
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("cldm-test").experiment_id
+    parent = client.get_run(report.parent_run_id)
+    assert parent.data.tags["cohortcast.encoder"] == report.encoder
+    assert parent.data.tags["cohortcast.study_latents"] == report.latents
+    children = {
+        r.data.tags["mlflow.runName"]: r
+        for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{report.parent_run_id}'")
+    }
+    assert set(children) == {"encoder", "study_latents"}
+    assert (
+        children["study_latents"].data.metrics["rows"] == 20
+        and "studies_per_s" in children["study_latents"].data.metrics
+    )
+
+    # Both kinds trained, each from its own stream, under one loss; it fell, and the
+    # validation loss fell below the untrained encoder's.
+    encoder_run = children["encoder"].info.run_id
+    metrics = children["encoder"].data.metrics
     for key in ("loss/total", "loss/mim_3d", "loss/mim_2d", "val/mim_3d", "val/mim_2d", "val/mim", "samples_per_s"):
         assert key in metrics, key
-    history = runs.client.get_metric_history(child["encoder"].info.run_id, "loss/total")
-    assert sorted(m.step for m in history) == [2, 4, 6]
-    # validated before the first step (the untrained encoder's loss) and at the end
-    val_history = runs.client.get_metric_history(child["encoder"].info.run_id, "val/mim")
-    assert sorted(m.step for m in val_history) == [0, STEPS]
+    assert sorted(m.step for m in client.get_metric_history(encoder_run, "loss/total")) == [2, 4, 6]
+    assert sorted(m.step for m in client.get_metric_history(encoder_run, "val/mim")) == [0, STEPS]
+    encoder_report = next(r for r in report.stages if r.name == "encoder")
+    assert encoder_report.last_loss < encoder_report.first_loss, (encoder_report.first_loss, encoder_report.last_loss)
     assert metrics["val/mim"] < metrics["val/mim_step0"], (metrics["val/mim_step0"], metrics["val/mim"])
     assert metrics["val/mim_3d_baseline"] > 0 and metrics["val/mim_2d_baseline"] > 0
-    report = next(r for r in job.reports if r.name == "encoder")
-    assert report.last_loss < report.first_loss, (report.first_loss, report.last_loss)
-    artifacts = {a.path for a in runs.client.list_artifacts(child["encoder"].info.run_id, "validation")}
+    artifacts = {a.path for a in client.list_artifacts(encoder_run, "validation")}
     for kind in ("3d", "2d"):  # CT slices and radiographs, before training and at the end
-        assert {f"validation/epoch000_step00000_reconstruction_{kind}.png"} < artifacts, artifacts
+        assert f"validation/epoch000_step00000_reconstruction_{kind}.png" in artifacts, artifacts
         assert any(p.endswith(f"step{STEPS:05d}_reconstruction_{kind}.png") for p in artifacts), artifacts
 
     # The export loads and differs from the initial weights in both patch embeddings
     # and the shared blocks (the stage loop seeds with stage.seed before building).
-    trained = UniversalEncoder.load(encoder)
+    trained = UniversalEncoder.load(report.encoder)
     seed_everything(cfg.cldm.training.encoder.seed)
     initial = UniversalEncoder(cfg.cldm.encoder).state_dict()
     for name in ("patch_embed_3d.proj.weight", "patch_embed_2d.proj.weight", "blocks.0.attn.qkv.weight"):
         assert not torch.equal(trained.state_dict()[name], initial[name]), name
 
     # One table per dimensionality, partitioned by split; ids, dates and measures kept.
-    studies = {d: pq.read_table(f"{cache['path']}/studies/dims={d}").to_pandas() for d in (3, 2)}
-    assert cache["rows"] == {"3": 10, "2": 10} and {d: len(t) for d, t in studies.items()} == {3: 10, 2: 10}
-    assert cache["tokens"] == {"3": [2 * 2 * 2, 32], "2": [4 * 4, 32]}  # (8, 16, 16) / (4, 8, 8); 16 / 4
+    studies = {d: pq.read_table(f"{report.latents}/studies/dims={d}").to_pandas() for d in (3, 2)}
+    assert {d: len(t) for d, t in studies.items()} == {3: 10, 2: 10}
+    assert {d: np.asarray(t.tokens.iloc[0]).shape for d, t in studies.items()} == {3: (2 * 2 * 2, 32), 2: (4 * 4, 32)}
     for dims, table in studies.items():
         assert set(table["split"]) == {"train", "val"}
         assert {"patient", "study", "study_date", "days_since_baseline", "exam_index", "modality"} <= set(table)
         assert {"has_mask", "lung_voxels", "mask_volume_ml", "lung_volume_ml", "report_text"} <= set(table)
         assert "volume" not in table and "radiograph" not in table
         assert set(table["modality"]) == ({"CT"} if dims == 3 else {"DX"})
+    assert (studies[3].lung_voxels > 0).all() and (studies[2].report_text.str.contains("IMPRESSION:")).all()
 
-    # A rerun: the encoder is up to date, the cache reused.
-    again, _, encoder_again, cache_again = _run(cfg, card)
-    assert {r.name: r.status for r in again.reports} == {"encoder": "up to date", "study_latents": "up to date"}
-    assert cache_again["reused"] and cache_again["path"] == cache["path"] and encoder_again == encoder
+    # A rerun: the cohort is there, the ingestion reused, the encoder up to date, the cache reused.
+    again = run_cldm(cfg)
+    assert {r.name: r.status for r in again.stages} == {"encoder": "up to date", "study_latents": "up to date"}
+    assert again.encoder == report.encoder and again.latents == report.latents

@@ -130,7 +130,9 @@ def build_study_latent_cache(
         }
         for dims, column in IMAGE_COLUMN.items():
             columns = [c for c in KEEP if c in available] + [column]
-            rows = ray.data.read_parquet(str(ingested / STUDIES), columns=columns).filter(expr=col("dims") == dims)
+            rows = (
+                ray.data.read_parquet(str(ingested / STUDIES)).select_columns(columns).filter(expr=col("dims") == dims)
+            )
             encoded = rows.map_batches(
                 StudyTokenEncoder,
                 fn_constructor_args=(str(encoder_folder), dims, "cuda" if use_gpu else "cpu"),

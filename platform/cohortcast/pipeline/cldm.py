@@ -133,8 +133,11 @@ class CLDMJob:
         except BaseException:
             runs.fail_child(run_id)
             raise
+        seconds = time.perf_counter() - started
         runs.log_dict(run_id, {k: v for k, v in cache.items() if k != "reused"}, "latent_card.json")
         rows = {f"rows_{d}d": n for d, n in cache["rows"].items()}
+        built = {} if cache["reused"] else {"studies_per_s": sum(rows.values()) / max(seconds, 1e-9)}
+        runs.log_metrics(run_id, {"rows": sum(rows.values()), **rows, **built, "seconds": seconds})
         self.runner.report(
             runs,
             run_id,
@@ -142,8 +145,8 @@ class CLDMJob:
                 "study_latents",
                 "up to date" if cache["reused"] else "built",
                 cache["path"],
-                time.perf_counter() - started,
-                metrics={"rows": sum(rows.values()), **rows},
+                seconds,
+                metrics={"rows": sum(rows.values()), **rows, **built},
             ),
         )
         return cache

@@ -57,7 +57,8 @@ def study_images(ingested: str | Path, split: str, dims: int, limit: int | None 
     if not folder.is_dir():
         return None
     column = IMAGE_COLUMN[dims]
-    ds = ray.data.read_parquet(str(folder), columns=["dims", column]).filter(expr=col("dims") == dims)
+    # select_columns before the filter: Ray Data pushes both into the read
+    ds = ray.data.read_parquet(str(folder)).select_columns(["dims", column]).filter(expr=col("dims") == dims)
     if limit is not None:
         ds = ds.limit(limit)
     ds = ds.select_columns([column]).rename_columns({column: "image"}).materialize()
@@ -257,7 +258,9 @@ def encoder_worker_loop(config: dict) -> None:
 
     def val_batches():
         for dims, shard in val_shards.items():
-            for batch in shard.iter_batches(batch_size=max(1, sizes.get(dims, 1)), batch_format="numpy"):
+            # the first batch of each kind fills its grid: at least `cases` rows
+            batch_size = max(val.cases, sizes.get(dims, 1))
+            for batch in shard.iter_batches(batch_size=batch_size, batch_format="numpy"):
                 yield {f"image_{dims}d": batch["image"]}
 
     at_step0: dict[str, float] = {}
