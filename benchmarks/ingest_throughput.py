@@ -3,6 +3,7 @@ same per-study work (cohortcast.data.study_processing.process_study), both writi
 Parquet, measured side by side in one run.
 
     python benchmarks/ingest_throughput.py [--patients 40] [--repeats 2] [--workdir /tmp/cc-bench]
+        [--no-antialias]   # resample volumes/radiographs without the Gaussian prefilter
 
 Prints studies/s and crops/s for both and the ratio. Not a test: record the figures
 and the machine in benchmarks/RESULTS.md.
@@ -61,6 +62,12 @@ def main() -> None:
     parser.add_argument("--patients", type=int, default=40, help="synthetic patients in the benchmark cohort")
     parser.add_argument("--repeats", type=int, default=2, help="timed repeats of each path (best is reported)")
     parser.add_argument("--workdir", default="/tmp/cohortcast-bench", help="scratch folder (cohort + outputs)")
+    parser.add_argument(
+        "--antialias",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="ingest.antialias: Gaussian prefilter before shrinking whole studies (default on)",
+    )
     args = parser.parse_args()
 
     import ray
@@ -82,6 +89,7 @@ def main() -> None:
         patch_size=32,
         patch_spacing_mm=1.0,
         volume_shape=(32, 64, 64),
+        antialias=args.antialias,
         overwrite=True,
     )
     privacy = PrivacyConfig()
@@ -105,7 +113,10 @@ def main() -> None:
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}, Ray {ray.__version__}"
     )
-    print(f"cohort: {args.patients} patients, {studies} studies, {crops} crops; best of {args.repeats}")
+    print(
+        f"cohort: {args.patients} patients, {studies} studies, {crops} crops; best of {args.repeats}; "
+        f"antialias {'on' if args.antialias else 'off'}"
+    )
     best = {k: min(v) for k, v in timings.items()}
     for name in ("plain", "ray"):
         print(

@@ -153,6 +153,17 @@ def test_study_volumes_masks_and_geometry(ingested):
     assert len(masked) > 0 and all(np.stack(masked["mask"].to_numpy()).reshape(len(masked), -1).max(axis=1) == 1)
     affine = np.asarray(studies.source_affine.iloc[0]).reshape(4, 4)
     assert affine[3, 3] == 1.0 and np.linalg.det(affine[:3, :3]) > 0
+    # Whole-study columns: lesion volumes on the source grid, zeros where a study has no
+    # such mask or image; exams numbered per patient and dims.
+    assert str(studies.dims.dtype) == "int8" and set(studies.dims) <= {2, 3}
+    assert (masked.mask_volume_ml > 0).any() and (studies.mask_volume_ml[~studies.has_mask] == 0).all()
+    assert (studies.lung_voxels[~studies.has_lung_mask] == 0).all()
+    assert np.stack(studies.radiograph.to_numpy()).shape[1:] == (64, 64)  # radiograph_size default
+    assert all(not np.asarray(r).any() for r in studies.radiograph[studies.dims == 3])
+    for _, exams in studies.groupby(["patient", "dims"]):
+        assert exams.exam_index.is_unique and (exams.exam_index < exams.num_exams).all()
+    card = ingested["card"]["tables"]["studies"]
+    assert card["lung_mask"] == [8, 16, 16] and card["radiograph"] == [64, 64] and card["antialias"] is True
 
 
 def test_no_identifiers_anywhere(ingested):
@@ -178,7 +189,19 @@ def test_no_identifiers_anywhere(ingested):
                 c
                 for c in table.column_names
                 if c
-                in {"crop", "crop_affine", "patch", "volume", "mask", "source_shape", "source_affine", "volume_affine"}
+                in {
+                    "crop",
+                    "crop_affine",
+                    "patch",
+                    "volume",
+                    "mask",
+                    "lung_mask",
+                    "radiograph",
+                    "radiograph_affine",
+                    "source_shape",
+                    "source_affine",
+                    "volume_affine",
+                }
             ]
         )
         texts.append(json.dumps(plain.to_pylist(), default=str))

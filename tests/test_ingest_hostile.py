@@ -22,10 +22,12 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pydicom
 import pytest
+from dx_fixture import film, write_dx
 
-from cohortcast.config import IngestConfig
+from cohortcast.config import IngestConfig, PrivacyConfig
 from cohortcast.data.errors import StudyError
 from cohortcast.data.manifest import EHR_FEATURES, load_manifest, write_tables
+from cohortcast.data.privacy import Pseudonymizer
 from cohortcast.data.readers import ReadLimits, read_study
 from cohortcast.io.dicom import DicomIdentity, write_ct_series
 from cohortcast.io.nifti import write_nifti
@@ -36,7 +38,19 @@ from cohortcast.io.volume import Volume
 MAX_VOXELS = 1_000_000
 MAX_MB = 16
 LIMITS = ReadLimits(max_voxels=MAX_VOXELS, max_uncompressed_bytes=MAX_MB * 2**20, config_section="ingest")
-TENSORS = ("crop", "crop_affine", "patch", "volume", "mask", "source_affine", "volume_affine")
+TENSORS = (
+    "crop",
+    "crop_affine",
+    "patch",
+    "volume",
+    "mask",
+    "lung_mask",
+    "radiograph",
+    "radiograph_affine",
+    "source_affine",
+    "volume_affine",
+)
+RADIOGRAPH = 16  # radiograph_size of the corpus run
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -292,14 +306,51 @@ def valid_nifti(p: Path):
     write_nifti(base_volume(3), p)
 
 
+# Radiographs (DX: PatientOrientation, ImagerPixelSpacing, no ImageOrientationPatient).
+def dx_bad_orientation(p: Path):
+    write_dx(p, film(40, 32), patient_orientation=["L", "X"])
+
+
+def dx_no_imager_spacing(p: Path):
+    write_dx(p, film(40, 32), imager_spacing=None)
+
+
+def dx_truncated_pixels(p: Path):
+    write_dx(p, film(40, 32))
+    p.write_bytes(p.read_bytes()[:-200])  # a transfer cut short: the header reads, the pixels do not
+
+
+def valid_dx(p: Path):
+    write_dx(p, film(40, 32, markers=[(10, 8)]))
+
+
+def _lung_mask(p: Path, shape) -> None:
+    """A lung mask on base_volume()'s spacing and origin, of the given shape."""
+    p.parent.mkdir(parents=True, exist_ok=True)
+    array = np.zeros(shape, np.float32)
+    array[1:-1, 2:-2, 2:-2] = 1
+    write_nifti(Volume(array, base_volume().affine), p, dtype=np.uint8)
+
+
+def lung_mask_wrong_grid(p: Path):
+    _lung_mask(p, (6, 8, 8))  # the image is 6 x 16 x 16
+
+
+def valid_lung_mask(p: Path):
+    _lung_mask(p, base_volume().shape)
+
+
 @dataclass
 class Case:
     name: str
     rel: str  # manifest-relative path
     reason: str | None  # None: a valid study
     build: Callable[[Path], None]
-    kind: str = "study"  # "mask": the study is valid, its mask is not
+    kind: str = "study"  # "mask" / "lung_mask": `rel` is the study's (lesion / lung) mask
     needs_non_root: bool = False
+    modality: str = "CT"
+    image: str | None = None  # a mask case's study image (itself valid)
+    grid_fault: bool = False  # the mask reads fine; only its grid contradicts the image's
 
 
 CASES = [
@@ -347,13 +398,39 @@ CASES = [
     Case("nifti_4d", "hostile/four_d.nii.gz", "bad_geometry", nifti_4d),
     Case("singular_affine", "hostile/singular.nii.gz", "bad_geometry", singular_affine),
     Case("zero_dimension", "hostile/zero_dim.nii.gz", "bad_geometry", zero_dimension),
-    Case("corrupt_mask", "hostile/mask_bad/mask.nii.gz", "corrupt_file", truncated_nifti_gz, kind="mask"),
+    Case(
+        "corrupt_mask",
+        "hostile/mask_bad/mask.nii.gz",
+        "corrupt_file",
+        truncated_nifti_gz,
+        kind="mask",
+        image="hostile/mask_bad/image.nii.gz",
+    ),
+    Case(
+        "lung_mask_wrong_grid",
+        "hostile/lung_bad/lung.nii.gz",
+        "bad_geometry",
+        lung_mask_wrong_grid,
+        kind="lung_mask",
+        image="hostile/lung_bad/image.nii.gz",
+        grid_fault=True,
+    ),
+    Case("dx_bad_orientation", "hostile/dx_bad_orientation.dcm", "bad_geometry", dx_bad_orientation, modality="DX"),
+    Case("dx_no_imager_spacing", "hostile/dx_no_spacing.dcm", "bad_geometry", dx_no_imager_spacing, modality="DX"),
+    Case("dx_truncated_pixels", "hostile/dx_truncated.dcm", "corrupt_file", dx_truncated_pixels, modality="DX"),
     Case("valid_non_utf8_names", "hostile/valid_non_utf8", None, valid_non_utf8_names),
     Case("valid_with_hidden_file", "hostile/valid_hidden", None, valid_with_hidden_file),
     Case("valid_nifti", "hostile/valid.nii.gz", None, valid_nifti),
+    Case("valid_dx", "hostile/valid_dx.dcm", None, valid_dx, modality="DX"),
+    Case(
+        "valid_lung_mask",
+        "hostile/lung_ok/lung.nii.gz",
+        None,
+        valid_lung_mask,
+        kind="lung_mask",
+        image="hostile/lung_ok/image.nii.gz",
+    ),
 ]
-# The study image a "mask" case's mask belongs to (itself valid).
-MASKED_IMAGE = "hostile/mask_bad/image.nii.gz"
 
 
 def active_cases() -> list[Case]:
@@ -375,7 +452,6 @@ def add_to_manifest(root: Path, cases: list[Case]) -> None:
     patients, studies, findings = [m.patients], [m.studies], [m.findings]
     for k, case in enumerate(cases):
         pid, sid = f"HOSTILE-{k:03d}", f"HOSTILE-ST-{k:03d}"
-        mask = case.rel if case.kind == "mask" else None
         patients.append(pd.DataFrame([{"patient_id": pid}]))
         studies.append(
             pd.DataFrame(
@@ -384,9 +460,10 @@ def add_to_manifest(root: Path, cases: list[Case]) -> None:
                         "study_id": sid,
                         "patient_id": pid,
                         "study_date": pd.Timestamp("2004-05-06").date(),
-                        "modality": "CT",
-                        "path": MASKED_IMAGE if mask else case.rel,
-                        "mask_path": mask,
+                        "modality": case.modality,
+                        "path": case.image or case.rel,
+                        "mask_path": case.rel if case.kind == "mask" else None,
+                        "lung_mask_path": case.rel if case.kind == "lung_mask" else None,
                         "report_text": "",
                     }
                 ]
@@ -438,8 +515,9 @@ def add_to_manifest(root: Path, cases: list[Case]) -> None:
 def hostile(tiny_cohort, tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile") / "manifest"
     shutil.copytree(tiny_cohort, root)
-    valid_nifti(root / MASKED_IMAGE)
     for case in active_cases():
+        if case.image:
+            valid_nifti(root / case.image)
         case.build(root / case.rel)
     add_to_manifest(root, active_cases())
     yield root
@@ -450,17 +528,19 @@ def hostile(tiny_cohort, tmp_path_factory):
 
 @pytest.mark.parametrize("case", active_cases(), ids=lambda c: c.name)
 def test_reader_names_the_fault(hostile, case):
-    path = hostile / (MASKED_IMAGE if case.kind == "mask" else case.rel)
-    if case.reason is None or case.kind == "mask":
-        volume = read_study(path, modality="CT", limits=LIMITS)
-        assert np.isfinite(volume.array).all() and volume.shape[0] > 1
-        if case.kind == "mask":
+    path = hostile / (case.image or case.rel)
+    if case.reason is None or case.image:
+        volume = read_study(path, modality=case.modality, limits=LIMITS)
+        assert np.isfinite(volume.array).all() and volume.shape[0] == (1 if case.modality == "DX" else 6)
+        if case.image and (case.reason is None or case.grid_fault):  # the mask itself reads
+            assert read_study(hostile / case.rel, modality="SEG", limits=LIMITS).shape[0] > 1
+        elif case.image:
             with pytest.raises(StudyError) as info:
                 read_study(hostile / case.rel, modality="SEG", limits=LIMITS)
             assert info.value.reason == case.reason
         return
     with pytest.raises(StudyError) as info:
-        read_study(path, modality="CT", limits=LIMITS)
+        read_study(path, modality=case.modality, limits=LIMITS)
     assert info.value.reason == case.reason, str(info.value)
     assert type(info.value) is not StudyError  # a named subclass, not the catch-all
 
@@ -484,6 +564,10 @@ def test_messages_say_what_and_where(hostile):
     assert "ingest.max_voxels" in message("hostile/dicom_huge")
     assert "decompresses to more than" in message("hostile/bomb.nii.gz")
     assert "NaN or infinite" in message("hostile/nan.nii.gz")
+    with pytest.raises(StudyError, match="PatientOrientation value 'X' is not made of distinct letters"):
+        read_study(hostile / "hostile/dx_bad_orientation.dcm", modality="DX", limits=LIMITS)
+    with pytest.raises(StudyError, match="dx_truncated.dcm: pixel data is truncated"):
+        read_study(hostile / "hostile/dx_truncated.dcm", modality="DX", limits=LIMITS)
 
 
 def test_limits_refuse_from_the_header_before_reading_data(hostile, monkeypatch):
@@ -555,6 +639,7 @@ def _cfg(**kw) -> IngestConfig:
         patch_size=8,
         patch_spacing_mm=3.0,
         volume_shape=(8, 16, 16),
+        radiograph_size=RADIOGRAPH,
         max_voxels=MAX_VOXELS,
         max_uncompressed_mb=MAX_MB,
         **kw,
@@ -574,6 +659,19 @@ def test_process_study_quarantines_with_relative_messages(hostile):
         assert (result["status"], result["reason"]) == (QUARANTINED, reason)
         assert rel in result["message"] and str(hostile) not in result["message"]
         assert "ingest.max_" in result["message"] or reason != "too_large"
+    for rel, reason in (
+        ("hostile/dx_bad_orientation.dcm", "bad_geometry"),
+        ("hostile/dx_no_spacing.dcm", "bad_geometry"),
+        ("hostile/dx_truncated.dcm", "corrupt_file"),
+    ):
+        result = process_study(_task(hostile, rel, modality="DX", dims=2), _cfg())
+        assert (result["status"], result["reason"]) == (QUARANTINED, reason)
+        assert result["message"].startswith(rel + ": ") and str(hostile) not in result["message"]
+    lung = "hostile/lung_bad/lung.nii.gz"
+    task = _task(hostile, "hostile/lung_bad/image.nii.gz", lung_mask_path=str(hostile / lung), lung_mask_path_rel=lung)
+    result = process_study(task, _cfg())
+    assert (result["status"], result["reason"]) == (QUARANTINED, "bad_geometry")
+    assert result["message"] == f"{lung}: lung mask grid (6, 8, 8) does not match the image grid (6, 16, 16)"
 
 
 def test_non_finite_tensor_is_quarantined_before_parquet(hostile, monkeypatch):
@@ -677,9 +775,7 @@ def test_ingestion_quarantines_each_hostile_study_with_its_reason(hostile, inges
     quarantine = pq.read_table(ingested["out"] / "quarantine.parquet").to_pandas()
     studies = quarantine[quarantine.nodule_id.isna()]
     got = dict(zip(studies.path, studies.reason))
-    m = load_manifest(hostile)
-    path_of = dict(zip(m.studies.mask_path.fillna(""), m.studies.path))
-    expected = {(path_of[c.rel] if c.kind == "mask" else c.rel): c.reason for c in active_cases() if c.reason}
+    expected = {(c.image or c.rel): c.reason for c in active_cases() if c.reason}
     assert got == expected
     assert len(studies) == len(expected)  # one row per study, nothing extra
     own = quarantine[quarantine.nodule_id.notna()]
@@ -689,7 +785,7 @@ def test_ingestion_quarantines_each_hostile_study_with_its_reason(hostile, inges
 @pytest.mark.ray
 def test_every_valid_study_is_ingested(hostile, ingested):
     m = load_manifest(hostile)
-    bad = {c.rel for c in active_cases() if c.reason and c.kind == "study"} | {MASKED_IMAGE}
+    bad = {c.image or c.rel for c in active_cases() if c.reason}
     valid = m.studies[~m.studies.path.isin(bad)]
     studies = pq.read_table(ingested["out"] / "studies").to_pandas()
     assert len(studies) == len(valid) == ingested["card"]["counts"]["studies_ingested"]
@@ -737,3 +833,33 @@ def test_nothing_half_written_and_counts_add_up(ingested):
         f"findings {c['findings']}: {c['findings_cropped']} cropped, {c['findings_with_quarantined_study']} "
         f"with their quarantined study, {c['findings_quarantined']} quarantined themselves"
     ) in summary
+
+
+@pytest.mark.ray
+def test_radiographs_and_lung_masks_reach_the_studies_table(hostile, ingested):
+    """Through Ray Data and Parquet: the DX is a dims-2 row with its image and grid, the
+    CTs dims-3 rows; the valid lung mask's counts and volume; zeros where absent."""
+    studies = pq.read_table(ingested["out"] / "studies").to_pandas()
+    m = load_manifest(hostile)
+    path_of = dict(zip(m.studies.study_id, m.studies.path))
+    pseudo = Pseudonymizer.from_config(PrivacyConfig())
+    studies["path"] = studies.study.map({pseudo(s, kind="study"): p for s, p in path_of.items()})
+    dx = studies[studies.path == "hostile/valid_dx.dcm"].iloc[0]
+    assert dx.dims == 2 and dx.modality == "DX" and (dx.exam_index, dx.num_exams) == (0, 1)
+    image = np.asarray(dx.radiograph)
+    assert image.shape == (RADIOGRAPH, RADIOGRAPH) and image.min() >= -1 and image.max() <= 1 and image.std() > 0
+    affine = np.asarray(dx.radiograph_affine).reshape(4, 4)
+    np.testing.assert_allclose(affine[:3, 1] / np.linalg.norm(affine[:3, 1]), [0, 0, -1])  # rows to the feet
+    assert not np.asarray(dx.volume).any() and not dx.has_lung_mask and dx.lung_voxels == 0
+    assert ((studies.dims == 2) == studies.modality.isin(["DX", "CR"])).all()
+    cts = studies[studies.dims == 3]
+    assert all(not np.asarray(r).any() for r in cts.radiograph)
+    lung = studies[studies.path == "hostile/lung_ok/image.nii.gz"].iloc[0]
+    assert lung.has_lung_mask and lung.lung_voxels == np.count_nonzero(np.asarray(lung.lung_mask)) > 0
+    assert lung.lung_volume_ml == pytest.approx(4 * 12 * 12 * 2 * 2 * 4 / 1000.0)
+    others = cts[cts.path.str.startswith("hostile/") & (cts.path != "hostile/lung_ok/image.nii.gz")]
+    assert not others.has_lung_mask.any() and (others.lung_voxels == 0).all() and (others.lung_volume_ml == 0).all()
+    assert (cts.mask_volume_ml[~cts.has_mask] == 0).all() and (cts.lung_voxels[~cts.has_lung_mask] == 0).all()
+    card = ingested["card"]
+    assert card["tables"]["studies"]["radiograph"] == [RADIOGRAPH, RADIOGRAPH]
+    assert card["counts"]["study_dims"] == {"volumes": len(cts), "radiographs": len(studies) - len(cts)}

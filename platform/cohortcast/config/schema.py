@@ -135,6 +135,11 @@ class IngestConfig:
     patch_spacing_mm: float = 1.0
     volume_shape: tuple[int, int, int] = (32, 64, 64)
     include_volumes: bool = True
+    # Whole-study resampling: a Gaussian prefilter (sigma (factor - 1) / 2 per axis,
+    # skimage's rule) before shrinking volumes and radiographs; masks stay nearest-neighbour.
+    antialias: bool = True
+    # Single-plane studies (DX/CR radiographs): a (R, R) image covering the longer side.
+    radiograph_size: int = 64
     split: SplitConfig = field(default_factory=SplitConfig)
     rows_per_file: int = 512
     # Read limits, checked from headers before anything is allocated or decompressed
@@ -154,6 +159,8 @@ class IngestConfig:
         _require(4 <= self.patch_size <= 256, "patch_size", "must be in 4..256 voxels")
         _require(self.patch_spacing_mm > 0, "patch_spacing_mm", "must be > 0")
         _require(all(4 <= s <= 512 for s in self.volume_shape), "volume_shape", "each size must be in 4..512")
+        _require(isinstance(self.antialias, bool), "antialias", f"must be true or false, got {self.antialias!r}")
+        _require(8 <= self.radiograph_size <= 2048, "radiograph_size", "must be in 8..2048 pixels")
         _require(self.rows_per_file >= 1, "rows_per_file", "must be >= 1")
         _require(self.max_voxels >= 1, "max_voxels", "must be >= 1")
         _require(self.max_uncompressed_mb >= 1, "max_uncompressed_mb", "must be >= 1 (MB)")

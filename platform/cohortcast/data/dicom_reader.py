@@ -4,7 +4,10 @@ A CT/MR series is a folder of single-frame files: slices are ordered by their po
 along the slice normal (never by file name or InstanceNumber, which scanners get
 wrong), and the series is rejected, with the reason, when it mixes series, lacks or
 duplicates slices, is unevenly spaced, or has no pixel data. A single file is a 2D
-image (CR/DX radiograph, or one CT slice): a volume with one slice.
+image (CR/DX radiograph, or one CT slice): a volume with one slice. Its orientation is
+ImageOrientationPatient when present, else derived from PatientOrientation's letters
+(what DX/CR objects carry; origin at 0 since they have no ImagePositionPatient), else
+axial.
 
 Every file is parsed once, its large values (pixel data included) deferred: nothing
 big is loaded until the series has been checked from headers alone: file by file (empty, not DICOM, truncated header),
@@ -74,8 +77,10 @@ class _Header:
     bits: int
     position: np.ndarray | None
     orientation: np.ndarray | None
+    patient_orientation: tuple[str, ...] | None  # (0020,0020) letters, read when there is no orientation
     spacing: tuple[float, ...] | None  # (row, column) mm, PixelSpacing or ImagerPixelSpacing
     thickness: float
+    photometric: str = "MONOCHROME2"
 
     @property
     def voxels(self) -> int:
@@ -100,6 +105,57 @@ def _floats(value, n: int) -> np.ndarray | None:
     return out if out.shape == (n,) else None
 
 
+def _strings(value) -> tuple[str, ...] | None:
+    """A multi-valued string element; an empty one (allowed for type 2 elements) is absent."""
+    if value is None:
+        return None
+    values = [value] if isinstance(value, str) else list(value)
+    values = tuple(str(v).strip().upper() for v in values)
+    return values if any(values) else None
+
+
+# PatientOrientation letters as LPS unit vectors (DICOM PS3.3 C.7.6.1.1.1).
+_PATIENT_AXES = {
+    "L": (1.0, 0.0, 0.0),
+    "R": (-1.0, 0.0, 0.0),
+    "P": (0.0, 1.0, 0.0),
+    "A": (0.0, -1.0, 0.0),
+    "H": (0.0, 0.0, 1.0),
+    "F": (0.0, 0.0, -1.0),
+}
+
+
+def _patient_direction(letters: str, path: Path) -> np.ndarray:
+    """One PatientOrientation value (e.g. "L", or "LF" for an oblique axis, the most
+    significant letter first) as a unit LPS vector. DICOM gives no angle for an
+    oblique value: its letters are weighted equally (45 degrees for two)."""
+    if not letters or any(c not in _PATIENT_AXES for c in letters) or len(set(letters)) != len(letters):
+        raise SliceGeometryError(
+            path, f"PatientOrientation value {letters!r} is not made of distinct letters from L, R, A, P, H, F"
+        )
+    vector = np.sum([_PATIENT_AXES[c] for c in letters], axis=0)
+    norm = np.linalg.norm(vector)
+    if norm < 1e-6:  # opposite letters ("LR") cancel out
+        raise SliceGeometryError(path, f"PatientOrientation value {letters!r} names opposite directions")
+    return vector / norm
+
+
+def orientation_from_patient_orientation(values: tuple[str, ...], path: Path) -> np.ndarray:
+    """PatientOrientation (direction of the rows, then of the columns: e.g. ["L", "F"]
+    for a PA chest film as displayed) -> the six ImageOrientationPatient cosines.
+    Projection radiographs (DX/CR) carry this instead of ImageOrientationPatient. The
+    column direction is made orthogonal to the row direction (oblique values are
+    approximate); parallel directions are refused."""
+    if len(values) != 2:
+        raise SliceGeometryError(path, f"PatientOrientation has {len(values)} value(s) {list(values)}, expected 2")
+    rows, columns = (_patient_direction(v, path) for v in values)
+    columns = columns - (columns @ rows) * rows
+    norm = np.linalg.norm(columns)
+    if norm < 1e-3:
+        raise SliceGeometryError(path, f"PatientOrientation {list(values)}: rows and columns run along the same axis")
+    return np.concatenate([rows, columns / norm])
+
+
 def _parse_header(ds: pydicom.Dataset, path: Path, in_series: bool) -> _Header:
     """pydicom converts values lazily, so a damaged value raises here, not at read."""
     required = ["Rows", "Columns"] + (["SeriesInstanceUID", "SOPInstanceUID"] if in_series else [])
@@ -120,8 +176,10 @@ def _parse_header(ds: pydicom.Dataset, path: Path, in_series: bool) -> _Header:
         bits=int(ds.get("BitsAllocated", 16) or 16),
         position=_floats(ds.get("ImagePositionPatient"), 3),
         orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        patient_orientation=_strings(ds.get("PatientOrientation")),
         spacing=tuple(float(v) for v in spacing) if spacing is not None else None,
         thickness=float(ds.get("SliceThickness", 1.0) or 1.0),
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2") or "MONOCHROME2").strip().upper(),
     )
 
 
@@ -232,16 +290,30 @@ def _check_single_frame(header: _Header) -> None:
         raise SliceGeometryError(header.path, f"empty image ({header.rows} x {header.columns})")
 
 
+def _single_orientation(header: _Header) -> np.ndarray:
+    """ImageOrientationPatient if present; else the PatientOrientation letters (DX/CR
+    objects have only those, and no ImagePositionPatient: the origin stays at 0); else
+    axial, the only guess left."""
+    if header.orientation is not None:
+        return header.orientation
+    if header.patient_orientation is not None:
+        return orientation_from_patient_orientation(header.patient_orientation, header.path)
+    return np.array([1.0, 0, 0, 0, 1, 0])
+
+
 def _read_single(header: _Header, limits: ReadLimits) -> Volume:
     _check_single_frame(header)
     limits.check(header.path, header.voxels, header.nbytes, "header declares")
     row_sp, col_sp = _spacing(header)
+    orientation = _single_orientation(header)  # from the header: refused before any pixel is read
     pixels = _pixels_hu(header)
-    orientation = header.orientation if header.orientation is not None else np.array([1.0, 0, 0, 0, 1, 0])
     position = header.position if header.position is not None else np.zeros(3)
     normal = np.cross(orientation[:3], orientation[3:])
     affine = affine_from_dicom(position, orientation, row_sp, col_sp, normal * header.thickness)
-    return Volume(pixels[None], affine, modality=header.modality or "OT", metadata={"source": "dicom", "slices": 1})
+    metadata = {"source": "dicom", "slices": 1}
+    if header.photometric == "MONOCHROME1":  # low values display white (many CR/DX): whoever displays must invert
+        metadata["photometric"] = header.photometric
+    return Volume(pixels[None], affine, modality=header.modality or "OT", metadata=metadata)
 
 
 def read_dicom_file(path: str | Path, modality: str | None = None, limits: ReadLimits | None = None) -> Volume:

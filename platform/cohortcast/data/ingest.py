@@ -6,8 +6,10 @@ Output folder (written under a temp name, renamed when complete):
                                  features, label, `crop` (H, W), `crop_affine` (its
                                  grid: (column, row, 0, 1) -> LPS mm, flattened 4x4),
                                  `patch` (P, P, P)
-    studies/split=*/...parquet   one row per study: `volume` (Z, Y, X), `mask`, report
-                                 text, source and resampled geometry
+    studies/split=*/...parquet   one row per study, CT and radiograph alike (`dims` 3 or
+                                 2): `volume` (Z, Y, X) with `mask` and `lung_mask`, or
+                                 `radiograph` (R, R) with `radiograph_affine`; lung and
+                                 lesion volumes, report text, source and resampled geometry
     quarantine.parquet           every study or finding that could not be used, and why
     card.json                    rows, shapes, manifest hash, config, counts
 
@@ -67,6 +69,33 @@ def _clean(value: Any) -> Any:
     return None if value is None or value != value else value  # NaN -> None
 
 
+# Modalities whose studies are single-plane images (the reader decides in the end: a
+# one-slice CT is read as 2D too).
+_PLANAR_MODALITIES = {"CR", "DX"}
+
+
+def listed_dims(modality: str) -> int:
+    return 2 if modality in _PLANAR_MODALITIES else 3
+
+
+def _exam_numbers(studies) -> tuple[list[int], dict[int, int]]:
+    """Per study (in date order) its index among the patient's studies of the same
+    dims, and the count per dims: a CT series and a radiograph are separate sequences
+    (a CT + DX exam pair share their exam_index)."""
+    dims = [listed_dims(m) for m in studies["modality"]]
+    seen: Counter = Counter()
+    index = []
+    for d in dims:
+        index.append(seen[d])
+        seen[d] += 1
+    return index, dict(seen)
+
+
+def _optional_path(manifest: Manifest, study: dict, key: str) -> dict[str, str]:
+    value = study.get(key) or ""
+    return {key: str(manifest.resolve(value)) if value else "", f"{key}_rel": value}
+
+
 def build_tasks(manifest: Manifest, pseudo: Pseudonymizer, cfg: IngestConfig) -> list[dict[str, Any]]:
     """One JSON-friendly task per study, already pseudonymised: the only thing that
     leaves the driver for the workers (besides file paths)."""
@@ -85,7 +114,9 @@ def build_tasks(manifest: Manifest, pseudo: Pseudonymizer, cfg: IngestConfig) ->
         split = assign_split(subject, cfg.split)
         ehr_patient = {k: _clean(patients.loc[patient_id, k]) for k in PATIENT_EHR}
         baseline = studies["study_date"].iloc[0]
-        for exam_index, study in enumerate(studies.to_dict("records")):
+        exam_index, num_exams = _exam_numbers(studies)
+        for k, study in enumerate(studies.to_dict("records")):
+            dims = listed_dims(study["modality"])
             findings = []
             for f in findings_by_study.get(study["study_id"], []):
                 findings.append(
@@ -105,14 +136,15 @@ def build_tasks(manifest: Manifest, pseudo: Pseudonymizer, cfg: IngestConfig) ->
                     "study": pseudo(study["study_id"], kind="study"),
                     "split": split,
                     "study_date": study["study_date"].isoformat(),
-                    "exam_index": exam_index,
-                    "num_exams": len(studies),
-                    "days_since_baseline": (study["study_date"] - baseline).days,
+                    "exam_index": exam_index[k],
+                    "num_exams": num_exams[dims],
+                    "days_since_baseline": (study["study_date"] - baseline).days,  # the patient's first study
                     "modality": study["modality"],
+                    "dims": dims,
                     "path": str(manifest.resolve(study["path"])),
                     "rel_path": study["path"],
-                    "mask_path": str(manifest.resolve(study["mask_path"])) if study.get("mask_path") else "",
-                    "mask_path_rel": study.get("mask_path") or "",
+                    **_optional_path(manifest, study, "mask_path"),
+                    **_optional_path(manifest, study, "lung_mask_path"),
                     "report_text": study.get("report_text") or "",
                     "findings_json": json.dumps(findings),
                 }
@@ -166,25 +198,52 @@ def explode_nodules(result: dict[str, Any]) -> Iterator[dict[str, Any]]:
         yield require_finite_row(row, ("crop", "crop_affine", "patch"))
 
 
+STUDY_COLUMNS = (
+    "patient",
+    "study",
+    "split",
+    "study_date",
+    "days_since_baseline",
+    "exam_index",
+    "num_exams",
+    "modality",
+    "dims",
+    "report_text",
+    "has_mask",
+    "has_lung_mask",
+    "lung_voxels",
+    "lung_volume_ml",
+    "mask_volume_ml",
+    "volume",
+    "mask",
+    "lung_mask",
+    "radiograph",
+    "radiograph_affine",
+    "source_shape",
+    "source_affine",
+    "volume_affine",
+)
+STUDY_TENSORS = (
+    "volume",
+    "mask",
+    "lung_mask",
+    "radiograph",
+    "radiograph_affine",
+    "source_affine",
+    "volume_affine",
+    "lung_volume_ml",
+    "mask_volume_ml",
+)
+
+
 def study_row(result: dict[str, Any]) -> dict[str, Any]:
-    keep = (
-        "patient",
-        "study",
-        "split",
-        "study_date",
-        "days_since_baseline",
-        "exam_index",
-        "num_exams",
-        "modality",
-        "report_text",
-        "has_mask",
-        "volume",
-        "mask",
-        "source_shape",
-        "source_affine",
-        "volume_affine",
-    )
-    return require_finite_row({k: result[k] for k in keep}, ("volume", "mask", "source_affine", "volume_affine"))
+    return require_finite_row({k: result[k] for k in STUDY_COLUMNS}, STUDY_TENSORS)
+
+
+def narrow_study_types(batch: pa.Table) -> pa.Table:
+    """Ray Data stores a row's numpy scalars as int64/double: `dims` back to int8, as the
+    studies table declares it."""
+    return batch.set_column(batch.schema.get_field_index("dims"), "dims", batch["dims"].cast(pa.int8()))
 
 
 def quarantine_rows(result: dict[str, Any]) -> list[dict[str, Any]]:
@@ -221,6 +280,12 @@ def _split_counts(summaries: list[dict[str, Any]]) -> tuple[dict[str, int], dict
             studies[r["split"]] += 1
             nodules[r["split"]] += sum(f["status"] == OK for f in json.loads(r["findings_json"]))
     return {s: nodules[s] for s in SPLITS}, {s: studies[s] for s in SPLITS}
+
+
+def _dims_counts(summaries: list[dict[str, Any]]) -> dict[str, int]:
+    """Ingested studies by kind: volumes (dims 3) and single-plane images (dims 2)."""
+    dims = Counter(int(r["dims"]) for r in summaries if r["status"] == OK)
+    return {"volumes": dims[3], "radiographs": dims[2]}
 
 
 def run_ingest(
@@ -269,7 +334,7 @@ def run_ingest(
     # Light columns only: the driver never holds image tensors.
     summaries = list(
         results.select_columns(
-            ["patient", "study", "split", "rel_path", "status", "reason", "message", "findings_json"]
+            ["patient", "study", "split", "rel_path", "status", "reason", "message", "findings_json", "dims"]
         ).iter_rows()
     )
     quarantine = [scrub_root(row, manifest.root) for r in summaries for row in quarantine_rows(r)]
@@ -294,10 +359,17 @@ def run_ingest(
     with atomic_folder(out, overwrite=True) as tmp:
         _write_table(results.flat_map(explode_nodules), tmp / "nodules", cfg, sum(nodule_counts.values()))
         _write_table(
-            results.filter(expr=f"status == '{OK}'").map(study_row), tmp / "studies", cfg, sum(study_counts.values())
+            results.filter(expr=f"status == '{OK}'")
+            .map(study_row)
+            .map_batches(narrow_study_types, batch_format="pyarrow"),
+            tmp / "studies",
+            cfg,
+            sum(study_counts.values()),
         )
         pq.write_table(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA), tmp / "quarantine.parquet")
-        card = _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts)
+        card = _card(
+            cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts, _dims_counts(summaries)
+        )
         write_text_atomic(tmp / CARD, json.dumps(card, indent=2))
     return {**card, "reused": False}
 
@@ -318,7 +390,7 @@ def finding_counts(
     }
 
 
-def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts) -> dict[str, Any]:
+def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_counts, study_dims) -> dict[str, Any]:
     bad_studies = sum(1 for q in quarantine if q["nodule_id"] is None)
     findings = finding_counts(tasks, quarantine, nodule_counts)
     if findings["findings"] != (
@@ -338,6 +410,7 @@ def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_co
             **findings,
             "nodule_rows": nodule_counts,
             "study_rows": study_counts,
+            "study_dims": study_dims,
         },
         "quarantine_reasons": dict(Counter(q["reason"] for q in quarantine)),
         "tables": {
@@ -347,7 +420,13 @@ def _card(cfg, manifest, fingerprint, tasks, quarantine, nodule_counts, study_co
                 "crop_spacing_mm": cfg.crop_spacing_mm,
                 "patch_spacing_mm": cfg.patch_spacing_mm,
             },
-            "studies": {"volume": list(cfg.volume_shape), "mask": list(cfg.volume_shape)},
+            "studies": {
+                "volume": list(cfg.volume_shape),
+                "mask": list(cfg.volume_shape),
+                "lung_mask": list(cfg.volume_shape),
+                "radiograph": [cfg.radiograph_size, cfg.radiograph_size],
+                "antialias": cfg.antialias,
+            },
             "intensity": {"hu_window": list(cfg.hu_window), "normalise": cfg.normalise},
         },
         "split": dataclasses.asdict(cfg.split),

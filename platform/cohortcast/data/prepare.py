@@ -49,6 +49,15 @@ def _findings_line(c: dict[str, Any]) -> str:
     )
 
 
+def _shapes_line(card: dict[str, Any]) -> str:
+    studies = card["tables"]["studies"]
+    line = f"  crop {card['tables']['nodules']['crop']}, patch {card['tables']['nodules']['patch']}, "
+    line += f"volume {studies['volume']}"
+    if "radiograph" in studies:  # cards from before radiographs were ingested lack it
+        line += f", radiograph {studies['radiograph']}"
+    return line
+
+
 def format_summary(card: dict[str, Any]) -> str:
     c = card["counts"]
     lines = [
@@ -58,9 +67,12 @@ def format_summary(card: dict[str, Any]) -> str:
         _findings_line(c),
         "  nodule rows by split: " + ", ".join(f"{k} {v}" for k, v in c["nodule_rows"].items()),
         "  study rows by split:  " + ", ".join(f"{k} {v}" for k, v in c["study_rows"].items()),
-        f"  crop {card['tables']['nodules']['crop']}, patch {card['tables']['nodules']['patch']}, "
-        f"volume {card['tables']['studies']['volume']}",
     ]
+    if "study_dims" in c:
+        lines.append(
+            f"  study rows by kind:   {c['study_dims']['volumes']} volumes, {c['study_dims']['radiographs']} radiographs"
+        )
+    lines.append(_shapes_line(card))
     if card.get("quarantine_reasons"):
         lines.append("  quarantine reasons: " + ", ".join(f"{k} {v}" for k, v in card["quarantine_reasons"].items()))
     lines.append(f"  manifest {card['manifest_fingerprint'][:12]}, output fingerprint {card['fingerprint'][:12]}")

@@ -1,5 +1,5 @@
 """Sampling in world coordinates: nodule-centred 2D crops (NAMD inputs), isotropic 3D
-patches and fixed-shape volumes (CLDM inputs), HU windowing.
+patches and fixed-shape volumes (CLDM inputs, anti-aliased), HU windowing.
 
 Crops are sampled on a grid laid out in patient space (mm) and mapped back into each
 image's voxel space through its affine, so studies with different spacing or
@@ -74,21 +74,82 @@ def patch_3d(volume: Volume, centre_lps: np.ndarray, size: int, spacing_mm: floa
     return _sample(volume, pts, order=1, cval=AIR_HU)
 
 
-def resample_to_shape(volume: Volume, shape: tuple[int, int, int], order: int = 1, cval: float = AIR_HU) -> Volume:
+def antialias_sigma(factor: float) -> float:
+    """Gaussian prefilter sigma (in source voxels) for shrinking an axis by `factor`:
+    skimage.transform.resize's rule. Without it, detail finer than the new spacing
+    aliases into false structure (a 512 -> 64 resample reads 1 voxel in 8)."""
+    return max(0.0, (float(factor) - 1.0) / 2.0)
+
+
+def axis_weights(size: int, coords: np.ndarray, sigma: float = 0.0, pad: bool = False) -> np.ndarray:
+    """(len(coords), size) matrix W such that W @ v is v smoothed along its one axis by
+    scipy.ndimage.gaussian_filter1d (sigma in voxels, mode="nearest": edges repeated),
+    then linearly interpolated at the continuous indices `coords` (clamped to the image,
+    like map_coordinates mode="nearest"). With `pad`, outputs whose coordinate lies
+    beyond the image's outer pixel edges (-0.5, size - 0.5) get all-zero rows.
+
+    scipy filters the identity here, not the image: column j of the result is its
+    response to an impulse at j, so the filter is scipy's own (kernel, truncation,
+    edges) while it costs size^2 per axis instead of the whole image's voxels. Applied
+    axis after axis (Gaussian and linear interpolation are both separable) as BLAS
+    products, a 512^2 x 300 CT -> 32 x 64^2 takes ~0.25 s instead of ~2.3 s for
+    gaussian_filter1d on the image (~4.5 s for a 3D gaussian_filter), same values."""
+    coords = np.asarray(coords, np.float64)
+    x = np.clip(coords, 0.0, size - 1.0)
+    lo = np.minimum(np.floor(x).astype(np.int64), size - 1)
+    hi = np.minimum(lo + 1, size - 1)
+    t = (x - lo)[:, None]
+    if sigma > 0:
+        smooth = ndimage.gaussian_filter1d(np.eye(size, dtype=np.float32), sigma, axis=0, mode="nearest")
+        weights = (1.0 - t) * smooth[lo] + t * smooth[hi]
+    else:  # interpolation only: two weights per row
+        weights = np.zeros((len(coords), size), np.float64)
+        rows = np.arange(len(coords))
+        np.add.at(weights, (rows, lo), 1.0 - t[:, 0])
+        np.add.at(weights, (rows, hi), t[:, 0])
+    if pad:
+        weights[(coords < -0.5) | (coords > size - 0.5)] = 0.0
+    return weights
+
+
+def apply_axis(array: np.ndarray, weights: np.ndarray, axis: int) -> np.ndarray:
+    """Resample one axis of `array` with an axis_weights matrix (a BLAS product)."""
+    out = np.tensordot(array, weights.astype(array.dtype, copy=False), axes=([axis], [1]))
+    return np.moveaxis(out, -1, axis)
+
+
+def resample_to_shape(
+    volume: Volume, shape: tuple[int, int, int], order: int = 1, cval: float = AIR_HU, antialias: bool = True
+) -> Volume:
     """Resample the whole image onto a (Z, Y, X) grid spanning the same physical
-    extent and orientation; the returned affine describes the new grid."""
+    extent and orientation; the returned affine describes the new grid.
+
+    order 1: trilinear, with (when `antialias`) a Gaussian prefilter of sigma
+    antialias_sigma(old / new) per axis, so shrinking averages instead of aliasing.
+    order 0 (label masks): nearest neighbour and never prefiltered (a blurred label is
+    no label)."""
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (linear), got {order}")
     old = np.array(volume.shape, dtype=float)
     new = np.array(shape, dtype=float)
     # Voxel-centre alignment: new index n maps to old index (n + 0.5) * old/new - 0.5.
     scale = old / new
     axes = [(np.arange(n) + 0.5) * s - 0.5 for n, s in zip(shape, scale)]
-    grid = np.meshgrid(*axes, indexing="ij")
-    data = ndimage.map_coordinates(volume.array, grid, order=order, mode="nearest", cval=cval, prefilter=False)
+    if order == 1:
+        data = np.asarray(volume.array, np.float32)
+        for axis in np.argsort(new / old):  # most-shrunk axis first: the later products are smaller
+            sigma = antialias_sigma(scale[axis]) if antialias else 0.0
+            data = apply_axis(data, axis_weights(volume.shape[axis], axes[axis], sigma), axis)
+    else:
+        grid = np.meshgrid(*axes, indexing="ij")
+        data = ndimage.map_coordinates(volume.array, grid, order=0, mode="nearest", cval=cval, prefilter=False)
     affine = volume.affine.copy()
     scale_ijk = scale[::-1]  # (i, j, k) order
     affine[:3, :3] = volume.affine[:3, :3] * scale_ijk
     affine[:3, 3] = volume.voxel_to_world(0.5 * scale_ijk - 0.5)[0]
-    return Volume(data.astype(np.float32), affine, modality=volume.modality, metadata=dict(volume.metadata))
+    return Volume(
+        np.ascontiguousarray(data, np.float32), affine, modality=volume.modality, metadata=dict(volume.metadata)
+    )
 
 
 def window(hu: np.ndarray, low: float, high: float, mode: str = "minus_one_one") -> np.ndarray:
