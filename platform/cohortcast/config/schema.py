@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from cohortcast.config.cldm import CLDMConfig
 from cohortcast.config.evaluation import EvaluationConfig
 from cohortcast.config.loader import require as _require
 from cohortcast.config.models import ForecasterConfig
@@ -195,6 +196,7 @@ class CohortcastConfig:
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     ray: RayConfig = field(default_factory=RayConfig)
     model: ForecasterConfig = field(default_factory=ForecasterConfig)
+    cldm: CLDMConfig = field(default_factory=CLDMConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
     forecast: ForecastJobConfig = field(default_factory=ForecastJobConfig)
