@@ -122,6 +122,36 @@ def patient_bootstrap(
     return Interval(float(low), float(high), len(values))
 
 
+def paired_bootstrap(
+    patients: Sequence[str],
+    statistic_a: Callable[[np.ndarray], float],
+    statistic_b: Callable[[np.ndarray], float],
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> Interval:
+    """CI of statistic_a - statistic_b, both evaluated on the same patient resample each
+    time, so the case mix the two methods share cancels out of the interval (a method
+    against itself gives exactly [0, 0])."""
+    return patient_bootstrap(patients, lambda idx: statistic_a(idx) - statistic_b(idx), n_boot, seed, level)
+
+
+def mean_of_cases(values) -> Callable[[np.ndarray], float]:
+    """A bootstrap statistic: the mean of per-case values over the resampled cases, NaN
+    (an undefined case, e.g. a Dice of two empty masks where that is undefined) left out.
+    A resample without any defined case raises ValueError, so patient_bootstrap skips it."""
+    values = np.asarray(values, np.float64)
+
+    def statistic(idx: np.ndarray) -> float:
+        chosen = values[idx]
+        chosen = chosen[~np.isnan(chosen)]
+        if chosen.size == 0:
+            raise ValueError("no defined case in this resample")
+        return float(chosen.mean())
+
+    return statistic
+
+
 @dataclass(frozen=True)
 class FrechetDistance:
     value: float

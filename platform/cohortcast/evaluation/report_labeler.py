@@ -278,9 +278,22 @@ class RuleLabeler:
 
     def binary(self, labels: ReportLabels, names: Sequence[str] | None = None) -> dict[str, int | None]:
         """positive -> 1, negative/not mentioned -> 0, uncertain by the policy."""
-        mapped = {"ones": 1, "zeros": 0, "ignore": None}[self.uncertain]
-        out: dict[str, int | None] = {}
-        for name in names or self.labels:
-            st = labels.status[name]
-            out[name] = 1 if st == POSITIVE else (mapped if st == UNCERTAIN else 0)
-        return out
+        return binary_labels(labels, names or self.labels, self.uncertain)
+
+
+UNCERTAIN_POLICIES = ("ones", "zeros", "ignore")
+
+
+def binary_labels(labels: ReportLabels, names: Sequence[str], uncertain: str = "ones") -> dict[str, int | None]:
+    """positive -> 1, negative/not mentioned -> 0, uncertain -> 1 ("ones"), 0 ("zeros") or
+    None ("ignore"); shared by every labeler so the metrics map labels one way."""
+    if uncertain not in UNCERTAIN_POLICIES:
+        raise ReportLabelError(f"uncertain: {uncertain!r} is not one of {list(UNCERTAIN_POLICIES)}")
+    mapped = {"ones": 1, "zeros": 0, "ignore": None}[uncertain]
+    out: dict[str, int | None] = {}
+    for name in names:
+        if name not in labels.status:
+            raise ReportLabelError(f"label {name!r} is not one the labeler produces ({sorted(labels.status)})")
+        st = labels.status[name]
+        out[name] = 1 if st == POSITIVE else (mapped if st == UNCERTAIN else 0)
+    return out

@@ -20,6 +20,7 @@ from cohortcast.evaluation.metrics import (
     frechet_distance_of_features,
     mean_auroc,
     over_seeds,
+    paired_bootstrap,
     patient_bootstrap,
 )
 
@@ -178,8 +179,7 @@ def _bootstrap_rows(
         r.auroc_ci = patient_bootstrap(patients, auroc_of(r.method), n_boot, seed)
     out = []
     for a, b in differences:
-        stat_a, stat_b = auroc_of(a), auroc_of(b)
-        interval = patient_bootstrap(patients, lambda idx, sa=stat_a, sb=stat_b: sa(idx) - sb(idx), n_boot, seed)
+        interval = paired_bootstrap(patients, auroc_of(a), auroc_of(b), n_boot, seed)
         out.append(PairedDifference(a, b, by_name[a].auroc.mean - by_name[b].auroc.mean, interval))
     return out
 
