@@ -5,6 +5,9 @@ case c starts from noise drawn from its own generator, seeded by a hash of
 (base seed, case id, k), on the CPU; with eta > 0 its per-step noise comes from its own
 generator too. So a sample's trajectory never depends on what else is in the batch:
 a case gives the same forecast alone or inside any batch.
+
+Latents may be any shape per case: (c, h, w) maps (NAMD's U-Net) or (1 + N, dim) study
+tokens (CLDM's token denoiser); the denoiser is anything with the Denoiser protocol.
 """
 
 from __future__ import annotations
@@ -12,11 +15,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from diffusers import DDIMScheduler
 
-from cohortcast.models.denoiser import ConditionalDenoiser
+
+class Denoiser(Protocol):
+    """What the sampler calls: models.denoiser.ConditionalDenoiser, models.token_denoiser.TokenDenoiser."""
+
+    def __call__(
+        self, noisy: torch.Tensor, timesteps: torch.Tensor, baseline: torch.Tensor, context: torch.Tensor
+    ) -> torch.Tensor: ...
+
+    def null(self, batch: int) -> torch.Tensor: ...
 
 
 def sample_seed(base_seed: int, case_id: str, k: int) -> int:
@@ -49,7 +61,7 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device, dtype) -> tor
 
 @torch.no_grad()
 def ddim_loop(
-    denoiser: ConditionalDenoiser,
+    denoiser: Denoiser,
     scheduler: DDIMScheduler,
     noise: torch.Tensor,
     baseline: torch.Tensor,
@@ -78,13 +90,13 @@ def ddim_loop(
 
 @dataclass
 class LatentForecast:
-    samples: torch.Tensor  # (B, N, c, h, w)
-    mean: torch.Tensor  # (B, c, h, w)
-    variance: torch.Tensor  # (B, c, h, w), pixel-wise over the N samples (unbiased when N > 1)
+    samples: torch.Tensor  # (B, N, *latent) e.g. (B, N, c, h, w)
+    mean: torch.Tensor  # (B, *latent)
+    variance: torch.Tensor  # (B, *latent), element-wise over the N samples (unbiased when N > 1)
 
 
 def forecast_latents(
-    denoiser: ConditionalDenoiser,
+    denoiser: Denoiser,
     scheduler: DDIMScheduler,
     baseline: torch.Tensor,
     context: torch.Tensor,
@@ -96,7 +108,7 @@ def forecast_latents(
     eta: float = 0.0,
     micro_batch: int | None = None,
 ) -> LatentForecast:
-    """baseline (B, c, h, w) and context (B, T, D) for B cases -> N samples each.
+    """baseline (B, *latent), e.g. (B, c, h, w), and context (B, T, D) for B cases -> N samples each.
     `base_seed`: one for all cases, or one per case (the service batches requests with
     different seeds). Pass a fixed `micro_batch` for batch-independent results (None:
     one batch of B*N)."""
