@@ -21,6 +21,13 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from cohortcast.config.cldm_models import CLDMModelsConfig
+from cohortcast.config.cldm_stages import (
+    DecoderStageConfig,
+    DiffusionStageConfig,
+    ForecastValidationConfig,
+    TinyLMConfig,
+)
 from cohortcast.config.loader import ConfigError
 from cohortcast.config.loader import require as _require
 from cohortcast.config.training import LatentCacheConfig, StageConfig
@@ -135,7 +142,7 @@ def encoder_flavor(name: str) -> EncoderConfig:
 
 # ----- CLDM training (the job's stages; jobs/train_cldm.py) -----------------------------
 
-CLDM_STAGES = ("encoder", "study_latents")
+CLDM_STAGES = ("encoder", "study_latents", "segmentation", "report", "diffusion", "regressor")
 
 
 @dataclass
@@ -192,10 +199,11 @@ class EncoderValidationConfig:
 
 @dataclass
 class CLDMTrainingConfig:
-    """The CLDM job's stages (part 1: `encoder`, `study_latents`), each skipped when its
-    output is valid. Ray Train workers, GPUs and checkpoint storage: `training.scaling`,
-    shared with the NAMD job. `stages` limits what trains; a stage left out must already
-    have an output (as `training.stages`)."""
+    """The CLDM job's stages in order: `encoder`, `study_latents` (part 1), then
+    `segmentation`, `report`, `diffusion`, `regressor` (part 2, config/cldm_stages.py),
+    each skipped when its output is valid. Ray Train workers, GPUs and checkpoint storage:
+    `training.scaling`, shared with the NAMD job. `stages` limits what trains; a stage
+    left out must already have an output (as `training.stages`)."""
 
     output: str = "runs/cldm/train"
     stages: tuple[str, ...] = CLDM_STAGES
@@ -204,6 +212,12 @@ class CLDMTrainingConfig:
     latent_cache: LatentCacheConfig = field(
         default_factory=lambda: LatentCacheConfig(root="runs/cldm/latents", actors=1, batch_size=16)
     )
+    segmentation: DecoderStageConfig = field(default_factory=DecoderStageConfig)
+    report: DecoderStageConfig = field(default_factory=DecoderStageConfig)
+    diffusion: DiffusionStageConfig = field(default_factory=DiffusionStageConfig)
+    regressor: DiffusionStageConfig = field(default_factory=DiffusionStageConfig)
+    forecast_validation: ForecastValidationConfig = field(default_factory=ForecastValidationConfig)
+    tiny_lm: TinyLMConfig = field(default_factory=TinyLMConfig)
 
     def validate(self) -> None:
         unknown = [s for s in self.stages if s not in CLDM_STAGES]
@@ -212,8 +226,31 @@ class CLDMTrainingConfig:
 
 @dataclass
 class CLDMConfig:
-    """The CLDM model (paper Sec. 3). Part 1: the universal encoder, and the job's
-    training stages (`training`)."""
+    """The CLDM model (paper Sec. 3): the universal encoder, the forecaster and decoders
+    over its study tokens (`models`, config/cldm_models.py; its token grids must be the
+    encoder's: see wired_models), and the job's training stages (`training`)."""
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    models: CLDMModelsConfig = field(default_factory=CLDMModelsConfig)
     training: CLDMTrainingConfig = field(default_factory=CLDMTrainingConfig)
+
+
+def wired_models(cldm: CLDMConfig) -> CLDMModelsConfig:
+    """`cldm.models` with its token latent taken from the encoder that writes the tokens
+    (dim, patches, and grids = the encoder's input sizes / patches), validated: the job,
+    the evaluation and serving build every CLDM model from this, so `models.latent`'s
+    sizes in a config file are not used (only its `dims`)."""
+    import copy
+
+    enc = cldm.encoder
+    models = copy.deepcopy(cldm.models)
+    lat = models.latent
+    lat.dim = enc.dim
+    lat.patch_2d, lat.patch_3d = tuple(enc.patch_2d), tuple(enc.patch_3d)
+    lat.grid_2d = tuple(s // p for s, p in zip(enc.image_2d, enc.patch_2d))
+    lat.grid_3d = tuple(s // p for s, p in zip(enc.volume_3d, enc.patch_3d))
+    try:
+        models.validate()
+    except ConfigError as exc:
+        raise ConfigError(f"cldm.models (token sizes from cldm.encoder): {exc}") from None
+    return models

@@ -19,6 +19,7 @@ PATH_FIELDS = (
     "cldm.encoder.pretrained_path",
     "cldm.training.output",
     "cldm.training.latent_cache.root",
+    "cldm.models.report.lm_path",
     "model.vae.pretrained_path",
     "model.vae.loss.perceptual_vgg_path",
     "model.vae.loss.perceptual_lpips_path",
