@@ -162,10 +162,14 @@ class SegmentationDecoderConfig:
 class ReportDecoderConfig:
     """A causal LM (GPT-2 architecture in tests, a local BioGPT-style model in production,
     `lm_path`: a Hugging Face folder, never the hub) conditioned by `num_prefix` vectors
-    attention-pooled from a study's tokens (models/report_decoder.py). `max_length`: report
+    attention-pooled from a study's tokens (models/report_decoder.py); with `use_prior`,
+    from the study's and the previous exam's tokens together (each marked by a learned
+    type embedding; a learned "no prior" token stands in where there is none or it is
+    dropped), so the LM can state change against the prior. `max_length`: report
     tokens kept for training; `max_new_tokens` / `num_beams`: generation (greedy when 1)."""
 
     lm_path: str | None = None
+    use_prior: bool = True
     num_prefix: int = 4
     pool_heads: int = 4
     max_length: int = 128

@@ -57,19 +57,49 @@ def lm_identity(lm, tokenizer) -> dict:
 
 class PrefixPooler(nn.Module):
     """(B, 1 + N, dim) study tokens -> (B, P, hidden): P learned queries attend over the
-    tokens (attention pooling), then an MLP to the LM's width."""
+    tokens (attention pooling), then an MLP to the LM's width. With `use_prior` the keys
+    are the study's tokens and the prior's (B, 1 + N', dim), each plus a learned type
+    embedding; a row without a prior (None, or `drop_prior` True) attends to one learned
+    "no prior" token in place of the prior's."""
 
-    def __init__(self, dim: int, hidden: int, num_prefix: int, heads: int):
+    def __init__(self, dim: int, hidden: int, num_prefix: int, heads: int, use_prior: bool = False):
         super().__init__()
         self.queries = nn.Parameter(torch.randn(num_prefix, dim) * 0.02)
         self.norm = nn.LayerNorm(dim)
         self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
         self.proj = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
+        self.use_prior = use_prior
+        if use_prior:
+            self.type_embedding = nn.Parameter(torch.randn(2, dim) * 0.02)  # [this study, prior]
+            self.no_prior = nn.Parameter(torch.randn(1, dim) * 0.02)
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, tokens: torch.Tensor, prior: torch.Tensor | None = None, drop_prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        b = tokens.shape[0]
         kv = self.norm(tokens)
-        q = self.queries.unsqueeze(0).expand(tokens.shape[0], -1, -1)
-        pooled, _ = self.attn(q, kv, kv, need_weights=False)
+        mask = None
+        if self.use_prior:
+            kv = kv + self.type_embedding[0]
+            none = self.no_prior.expand(b, 1, -1)
+            if prior is None:
+                prior_kv, mask = none, None
+            else:
+                prior_kv = self.norm(prior)
+                if drop_prior is not None:
+                    # Dropped rows see only the "no prior" token: the prior's slots are masked
+                    # out and the no-prior token is appended for every row (masked where kept).
+                    drop = drop_prior.to(torch.bool).reshape(b)
+                    prior_kv = torch.cat([prior_kv, none], dim=1)
+                    hide = torch.zeros(b, prior_kv.shape[1], dtype=torch.bool, device=tokens.device)
+                    hide[:, :-1] = drop[:, None]
+                    hide[:, -1] = ~drop
+                    mask = torch.cat([torch.zeros(b, kv.shape[1], dtype=torch.bool, device=tokens.device), hide], 1)
+            kv = torch.cat([kv, prior_kv + self.type_embedding[1]], dim=1)
+        elif prior is not None:
+            raise ValueError("this report decoder was built without use_prior: it takes no prior tokens")
+        q = self.queries.unsqueeze(0).expand(b, -1, -1)
+        pooled, _ = self.attn(q, kv, kv, key_padding_mask=mask, need_weights=False)
         return self.proj(pooled + q)
 
 
@@ -88,7 +118,9 @@ class ReportDecoder(nn.Module):
             raise ValueError("a tokenizer is needed with the LM")
         self.lm, self.tokenizer = lm, tokenizer
         r = cfg.report
-        self.pooler = PrefixPooler(cfg.latent.dim, lm.get_input_embeddings().embedding_dim, r.num_prefix, r.pool_heads)
+        self.pooler = PrefixPooler(
+            cfg.latent.dim, lm.get_input_embeddings().embedding_dim, r.num_prefix, r.pool_heads, r.use_prior
+        )
         if r.freeze_lm:
             self.lm.requires_grad_(False)
         eos = tokenizer.eos_token_id
@@ -98,9 +130,11 @@ class ReportDecoder(nn.Module):
         self.bos_id = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
 
-    def prefix(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(B, 1 + N, dim) -> (B, P, hidden) prefix embeddings."""
-        return self.pooler(tokens).to(self.lm.get_input_embeddings().weight.dtype)
+    def prefix(
+        self, tokens: torch.Tensor, prior: torch.Tensor | None = None, drop_prior: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """(B, 1 + N, dim) (+ the previous exam's (B, 1 + N, dim)) -> (B, P, hidden)."""
+        return self.pooler(tokens, prior, drop_prior).to(self.lm.get_input_embeddings().weight.dtype)
 
     def _embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(ids)
@@ -120,33 +154,53 @@ class ReportDecoder(nn.Module):
             mask[i, : len(row)] = 1
         return ids, mask
 
-    def loss(self, tokens: torch.Tensor, texts: list[str]) -> torch.Tensor:
-        """Mean token cross-entropy of the reports given the study tokens (B, 1 + N, dim)."""
+    def loss(
+        self,
+        tokens: torch.Tensor,
+        texts: list[str],
+        prior: torch.Tensor | None = None,
+        drop_prior: torch.Tensor | None = None,
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """Token cross-entropy of the reports given the study tokens (B, 1 + N, dim) and,
+        for a `use_prior` decoder, the previous exam's tokens (None or `drop_prior`: none).
+        `reduction` "mean" over all report tokens, or "none": (B,) each report's mean."""
         if len(texts) != tokens.shape[0]:
             raise ValueError(f"{len(texts)} reports for {tokens.shape[0]} studies")
         device = tokens.device
         ids, mask = (t.to(device) for t in self.encode_reports(texts))
-        prefix = self.prefix(tokens)
+        prefix = self.prefix(tokens, prior, drop_prior)
         b, p = prefix.shape[:2]
         labels = torch.where(mask.bool(), ids, IGNORE)
         labels[:, 0] = IGNORE  # <bos> is given, not predicted
         labels = torch.cat([torch.full((b, p), IGNORE, dtype=torch.long, device=device), labels], dim=1)
         attention = torch.cat([torch.ones(b, p, dtype=mask.dtype, device=device), mask], dim=1)
         embeds = torch.cat([prefix, self._embed(ids)], dim=1)
-        return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+        if reduction == "mean":
+            return self.lm(inputs_embeds=embeds, attention_mask=attention, labels=labels).loss
+        logits = self.lm(inputs_embeds=embeds, attention_mask=attention).logits[:, :-1].float()
+        shifted = labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), shifted, ignore_index=IGNORE, reduction="none")
+        counted = (shifted != IGNORE).sum(dim=1).clamp(min=1)
+        return ce.sum(dim=1) / counted
 
     @torch.no_grad()
     def generate(
-        self, tokens: torch.Tensor, max_new_tokens: int | None = None, num_beams: int | None = None
+        self,
+        tokens: torch.Tensor,
+        max_new_tokens: int | None = None,
+        num_beams: int | None = None,
+        prior: torch.Tensor | None = None,
     ) -> list[str]:
-        """One report per study: greedy (num_beams 1) or beam search, no sampling, so the
-        same tokens always give the same text."""
+        """One report per study (with the previous exam's tokens, `prior`, or without):
+        greedy (num_beams 1) or beam search, no sampling, so the same tokens always give
+        the same text."""
         from transformers import GenerationConfig
 
         r = self.cfg.report
         b = tokens.shape[0]
         bos = torch.full((b, 1), self.bos_id, dtype=torch.long, device=tokens.device)
-        embeds = torch.cat([self.prefix(tokens), self._embed(bos)], dim=1)
+        embeds = torch.cat([self.prefix(tokens, prior), self._embed(bos)], dim=1)
         config = GenerationConfig(
             max_new_tokens=max_new_tokens or r.max_new_tokens,
             num_beams=num_beams or r.num_beams,
@@ -180,7 +234,7 @@ class ReportDecoder(nn.Module):
         folder = Path(folder)
         meta = read_model_meta(folder, cls.KIND)
         if expected is not None:
-            fields = ("latent.dim", "report.num_prefix", "report.pool_heads")
+            fields = ("latent.dim", "report.num_prefix", "report.pool_heads", "report.use_prior")
             check_config(folder, meta["config"], expected, fields=fields)
         lm, tokenizer = load_lm(folder / LM_FOLDER, setting=f"{folder}/{LM_FOLDER}")
         if lm_identity(lm, tokenizer) != meta.get("lm"):
