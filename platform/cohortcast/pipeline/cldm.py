@@ -27,6 +27,22 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
+class CLDMOutputs:
+    """Where the job's stages put their results (None: the stage is not in
+    `cldm.training.stages` and has no output). Folders under `cldm.training.output`:
+    encoder/ (UniversalEncoder), segmentation/ (SegmentationDecoder), report/
+    (ReportDecoder, with its LM), diffusion/ (CLDMForecaster), regressor/ (StudyRegressor);
+    `latents` is the study latent cache folder (latents-<key>/)."""
+
+    encoder: Path
+    latents: Path | None = None
+    segmentation: Path | None = None
+    report: Path | None = None
+    diffusion: Path | None = None
+    regressor: Path | None = None
+
+
+@dataclass
 class CLDMReport:
     stages: list[StageReport]
     encoder: str | None
