@@ -114,11 +114,13 @@ def test_null_context_differs_and_guidance_one_is_the_conditional_output():
     assert not torch.allclose(later, context)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(eta):
+@pytest.mark.parametrize(("eta", "summary"), [(0.0, "cls"), (0.5, "cls"), (0.0, "pooled")])
+def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(eta, summary):
     """Bit-identical samples for a case whatever shares its call: other cases with more or
-    fewer priors (padded), more rows than one micro-batch (4 rows = 2 cases x 2 samples)."""
+    fewer priors (padded), more rows than one micro-batch (4 rows = 2 cases x 2 samples);
+    with the learned prior pool too (it runs inside the fixed micro-batches)."""
     cfg = tiny_config()
+    cfg.prior_summary = summary
     f = randomise(CLDMForecaster(cfg)).eval()
     tokens, days, mask = priors(cfg, 5, 4, seed=1)
     mask[0, :2] = False  # case 0 has 2 priors, the others 4

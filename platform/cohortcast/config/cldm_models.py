@@ -189,11 +189,12 @@ class CLDMModelsConfig:
     """All CLDM model sizes together. `prior_summary`: what represents a prior study in the
     temporal transformer: "cls" the encoder's [CLS] (the paper's z_d, a d-vector), or
     "cls_mean" [CLS] concatenated with the mean patch token (MAE-style pre-training trains
-    the patch tokens, not the [CLS], directly). A `flavor` key names the base the other
+    the patch tokens, not the [CLS], directly), or "pooled" a learned attention pool over
+    each prior's tokens (models/cldm_forecaster.PriorPool). A `flavor` key names the base the other
     keys override (see the module docstring)."""
 
     latent: TokenLatentConfig = field(default_factory=TokenLatentConfig)
-    prior_summary: Literal["cls", "cls_mean"] = "cls"
+    prior_summary: Literal["cls", "cls_mean", "pooled"] = "cls"
     temporal: TemporalConfig = field(default_factory=lambda: TemporalConfig(num_layers=4))
     denoiser: TokenDenoiserConfig = field(default_factory=TokenDenoiserConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)

@@ -71,12 +71,36 @@ class DiffusionLoss:
     timesteps: torch.Tensor  # (B,)
 
 
-def prior_features(prior_tokens: torch.Tensor, how: str) -> torch.Tensor:
+class PriorPool(nn.Module):
+    """`prior_summary: pooled`: one learned query attends over each prior's tokens ([CLS]
+    and patches), trained with the forecaster. MAE-style pre-training never trains the
+    [CLS] directly; on the debug cohort a ridge probe of the fibrotic fraction from [CLS]
+    (or the mean patch token) scored no better than predicting the mean, from all patch
+    tokens it did (README), so a summary that can weight the diseased patches is needed
+    for the priors' trend to reach the temporal transformer."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.query = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiheadAttention(dim, heads, batch_first=True)
+
+    def forward(self, prior_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, K, 1 + N, dim) -> (B, K, dim)."""
+        b, k = prior_tokens.shape[:2]
+        kv = self.norm(prior_tokens.flatten(0, 1))  # (B*K, 1 + N, dim)
+        pooled, _ = self.attn(self.query.expand(kv.shape[0], -1, -1), kv, kv, need_weights=False)
+        return (pooled[:, 0] + self.query[0, 0]).reshape(b, k, -1)
+
+
+def prior_features(prior_tokens: torch.Tensor, how: str, pool: PriorPool | None = None) -> torch.Tensor:
     """(B, K, 1 + N, dim) -> (B, K, F): one vector per prior for the temporal transformer."""
     if how == "cls":
         return prior_tokens[:, :, 0]
     if how == "cls_mean":
         return torch.cat([prior_tokens[:, :, 0], prior_tokens[:, :, 1:].mean(dim=2)], dim=-1)
+    if how == "pooled" and pool is not None:
+        return pool(prior_tokens)
     raise ValueError(f"unknown prior_summary {how!r}")
 
 
@@ -130,6 +154,7 @@ class CLDMForecaster(nn.Module):
         cfg.validate()
         self.cfg = cfg
         features = cfg.latent.dim * (2 if cfg.prior_summary == "cls_mean" else 1)
+        self.prior_pool = PriorPool(cfg.latent.dim, cfg.report.pool_heads) if cfg.prior_summary == "pooled" else None
         self.temporal = TemporalContextEncoder(cfg.temporal, features, cfg.denoiser.width)
         self.denoiser = TokenDenoiser(cfg.latent, cfg.denoiser)
         self._train_scheduler = train_scheduler(cfg.scheduler)
@@ -189,9 +214,13 @@ class CLDMForecaster(nn.Module):
         index = last_prior_index(days_before_target, exam_mask).to(prior_tokens.device)
         return prior_tokens[torch.arange(prior_tokens.shape[0], device=prior_tokens.device), index]
 
-    def _context_rows(self, features, days, mask, baseline, drop=None) -> torch.Tensor:
+    def summarise_priors(self, prior_tokens: torch.Tensor) -> torch.Tensor:
+        """(B, K, 1 + N, dim) -> (B, K, F) one vector per prior (`prior_summary`)."""
+        return prior_features(prior_tokens, self.cfg.prior_summary, self.prior_pool)
+
+    def _context_rows(self, prior_tokens, days, mask, baseline, drop=None) -> torch.Tensor:
         slots = self.cfg.temporal.max_exams
-        features, days, mask = canonical_priors(features, days, mask)
+        features, days, mask = canonical_priors(self.summarise_priors(prior_tokens), days, mask)
         days, mask = pad_exams(days, slots), pad_exams(mask, slots, value=False)
         horizon = torch.where(mask, days, torch.inf).min(dim=1).values  # the most recent prior to the target
         summary, target_date = self.temporal(pad_exams(features, slots), days, mask, horizon)
@@ -207,8 +236,7 @@ class CLDMForecaster(nn.Module):
         """((B, S, width) cross-attention context, (B, 1 + N, dim) baseline tokens)."""
         self._check(prior_tokens, days_before_target, exam_mask)
         baseline = self.baseline(prior_tokens, days_before_target, exam_mask)
-        features = prior_features(prior_tokens, self.cfg.prior_summary)
-        return self._context_rows(features, days_before_target, exam_mask, baseline, drop), baseline
+        return self._context_rows(prior_tokens, days_before_target, exam_mask, baseline, drop), baseline
 
     # ----- training --------------------------------------------------------------------
     def loss(
@@ -241,10 +269,9 @@ class CLDMForecaster(nn.Module):
         """Baseline and context of every case in fixed micro-batches (batch-independent bits)."""
         self._check(prior_tokens, days_before_target, exam_mask)
         baseline = self.baseline(prior_tokens, days_before_target, exam_mask)
-        features = prior_features(prior_tokens, self.cfg.prior_summary)
         slots = self.cfg.temporal.max_exams
         rows = [
-            pad_exams(features, slots),
+            pad_exams(prior_tokens, slots),
             pad_exams(days_before_target.float(), slots),
             pad_exams(exam_mask.bool(), slots, value=False),
             baseline,
