@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cohortcast.models.mask_anchoring import anchored_mask
 from cohortcast.training.study_trajectories import (
     StudyTrajectories,
     draw_examples,
@@ -207,9 +208,10 @@ def mask_dice(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 
 
 def validate_forecasts(objective: CLDMObjective, val: dict[int, StudyTrajectories], cfg, max_priors: int):
-    """Rank-0 validation: the val CT cases' mean-forecast masks (aVD, Dice) next to
-    copy-last's and the decoder's on the true target (the bound), and each kind's latent
-    error of the mean forecast next to no-change's."""
+    """Rank-0 validation: the val CT cases' mean-forecast masks anchored to the last
+    prior's mask (`avd`, `dice`: the selection metric; models/mask_anchoring) and decoded
+    alone (`decoded_*`), next to copy-last's and the decoder's on the true target (the
+    bound), and each kind's latent error of the mean forecast next to no-change's."""
     forecaster = objective.forecaster
     device = next(forecaster.parameters()).device
     metrics: dict[str, float] = {}
@@ -237,14 +239,19 @@ def validate_forecasts(objective: CLDMObjective, val: dict[int, StudyTrajectorie
             dtype = next(seg.parameters()).dtype
             b, s = forecast.samples.shape[:2]
             probs = torch.sigmoid(seg(forecast.samples.flatten(0, 1).to(dtype)).float()).reshape(b, s, -1)
-            pred = (probs.mean(1) >= 0.5).cpu().numpy()
+            mean_prob = probs.mean(1).cpu().numpy()
+            pred = mean_prob >= 0.5
             bound = (torch.sigmoid(seg(target.to(dtype)).float()) >= 0.5).flatten(1).cpu().numpy()
+            prior_prob = torch.sigmoid(seg(forecast.baseline.to(dtype)).float()).flatten(1).cpu().numpy()
             true = trajectories.masks[examples.target_row].reshape(b, -1)
             last = trajectories.masks[examples.last_prior_row].reshape(b, -1)
             lung = trajectories.lung_voxels[examples.target_row]
+            anchored = np.stack([anchored_mask(f, p, m) for f, p, m in zip(mean_prob, prior_prob, last)])
             metrics.update(
-                avd=float(mask_avd(pred, true, lung).mean()),
-                dice=float(mask_dice(pred, true).mean()),
+                avd=float(mask_avd(anchored, true, lung).mean()),
+                dice=float(mask_dice(anchored, true).mean()),
+                decoded_avd=float(mask_avd(pred, true, lung).mean()),
+                decoded_dice=float(mask_dice(pred, true).mean()),
                 copy_last_avd=float(mask_avd(last, true, lung).mean()),
                 copy_last_dice=float(mask_dice(last, true).mean()),
                 bound_avd=float(mask_avd(bound, true, lung).mean()),
