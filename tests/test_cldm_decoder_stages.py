@@ -337,7 +337,9 @@ def test_ensure_report_lm_writes_a_tiny_gpt2_from_the_training_reports_once(tmp_
     assert lm.config.n_embd == 16 and lm.config.n_layer == 1
     unk = tok.unk_token_id
     assert unk not in tok("FINDINGS: Zebroid opacities.", add_special_tokens=False)["input_ids"]  # the cohort's words
-    assert unk not in tok("FINDINGS: Normal heart size. No pleural effusion.", add_special_tokens=False)["input_ids"]  # the fallback's
+    assert (
+        unk not in tok("FINDINGS: Normal heart size. No pleural effusion.", add_special_tokens=False)["input_ids"]
+    )  # the fallback's
     monkeypatch.setattr("cohortcast.models.tiny_llm.write_tiny_gpt2", lambda *a, **k: pytest.fail("rewritten"))
     assert cldm_tiny_lm.ensure_report_lm(cfg, tmp_path / "cache") == path  # reused
 

@@ -97,9 +97,7 @@ def report_rows(trajectories: StudyTrajectories) -> np.ndarray:
     return np.asarray([i for i, text in enumerate(trajectories.reports) if text.strip()], np.int64)
 
 
-def report_batch(
-    trajectories: StudyTrajectories, rows: np.ndarray, drop: np.ndarray, device=None
-) -> dict[str, Any]:
+def report_batch(trajectories: StudyTrajectories, rows: np.ndarray, drop: np.ndarray, device=None) -> dict[str, Any]:
     """Model inputs for `rows` with their previous exams: {"tokens", "prior" (B, 1 + N,
     dim; zeros where dropped or absent), "drop_prior" (B,) bool, "prior_row" (B,) (-1:
     none used), "texts": list of B reports}. `drop`: (B,) rows trained without the prior
@@ -403,4 +401,3 @@ def export_report(models_cfg, source, folder: str | Path) -> None:
     if bad:
         raise DecoderDataError(f"{source}: not a report decoder checkpoint for this config (keys {bad[:5]} ...)")
     objective.decoder.save(folder)
-

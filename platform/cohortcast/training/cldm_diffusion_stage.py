@@ -219,8 +219,10 @@ def validate_forecasts(objective: CLDMObjective, val: dict[int, StudyTrajectorie
         examples = validation_cases(trajectories, max_priors, cfg.max_cases) if trajectories is not None else None
         if examples is None:
             continue
-        inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v
-                  for k, v in example_tensors(trajectories, examples, max_priors).items()}
+        inputs = {
+            k: v.to(device) if isinstance(v, torch.Tensor) else v
+            for k, v in example_tensors(trajectories, examples, max_priors).items()
+        }
         ids = [f"{trajectories.patients[t]}/{r}" for t, r in zip(examples.trajectory, examples.target_row)]
         forecast = forecaster.forecast(
             inputs[f"priors_{dims}d"],
