@@ -364,13 +364,14 @@ def test_config_validation_names_the_field():
 
 
 def test_tiny_models_saved_to_folders_run_end_to_end_and_a_rerun_reuses_the_cache(tmp_path, monkeypatch):
+    from test_cldm_models import tiny_config
+
     from cohortcast.models.cldm_forecaster import CLDMForecaster
     from cohortcast.models.report_decoder import ReportDecoder
     from cohortcast.models.segmentation_decoder import SegmentationDecoder
     from cohortcast.models.study_regressor import StudyRegressor
     from cohortcast.models.tiny_llm import write_tiny_gpt2
     from cohortcast.pipeline.cldm import CLDMOutputs
-    from test_cldm_models import tiny_config
 
     torch.manual_seed(0)
     cfg = tiny_config()
