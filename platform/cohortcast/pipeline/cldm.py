@@ -45,8 +45,7 @@ class CLDMOutputs:
 @dataclass
 class CLDMReport:
     stages: list[StageReport]
-    encoder: str | None
-    latents: str | None
+    outputs: CLDMOutputs
     mlflow: str
     parent_run_id: str | None
 
@@ -167,12 +166,33 @@ class CLDMJob:
         )
         return cache
 
-    def run(self, runs, card: dict) -> tuple[Path, dict | None]:
-        """The stages after ingestion, in order: (encoder folder, latent cache card or None)."""
+    def run(self, runs, card: dict) -> CLDMOutputs:
+        """The stages after ingestion, in order; each skipped when up to date. Part 2's
+        stages need the latent cache: they run when `study_latents` is listed or its
+        cache exists, and each of them is listed or has an output."""
+        from cohortcast.pipeline.cldm_forecast_stages import stage_forecaster
+
         check_ingested_shapes(self.cfg.cldm.encoder, card)
-        encoder = self.stage_encoder(runs, card)
-        cache = self.stage_latents(runs, card, encoder) if "study_latents" in self.cfg.cldm.training.stages else None
-        return encoder, cache
+        stages = self.cfg.cldm.training.stages
+        out = CLDMOutputs(encoder=self.stage_encoder(runs, card))
+        if "study_latents" not in stages:
+            return out
+        cache = self.stage_latents(runs, card, out.encoder)
+        out.latents = Path(cache["path"])
+        if "segmentation" in stages:
+            out.segmentation = self.stage_decoder(runs, card, "segmentation", out.latents)
+        if "report" in stages and 2 in self.cfg.cldm.models.latent.dims:
+            out.report = self.stage_decoder(runs, card, "report", out.latents)
+        for kind in ("diffusion", "regressor"):
+            if kind in stages:
+                folder = stage_forecaster(self, runs, card, kind, out.latents, out.segmentation, out.report)
+                setattr(out, kind, folder)
+        return out
+
+    def stage_decoder(self, runs, card: dict, name: str, cache: Path) -> Path:
+        from cohortcast.pipeline.cldm_decoder_stages import stage_report, stage_segmentation
+
+        return (stage_segmentation if name == "segmentation" else stage_report)(self, runs, card, cache)
 
 
 def run_cldm(cfg: CohortcastConfig) -> CLDMReport:
@@ -186,19 +206,19 @@ def run_cldm(cfg: CohortcastConfig) -> CLDMReport:
     with JobRuns(cfg) as runs:
         card = prepare_cohort(cfg)
         runs.log_dict(runs.parent_id, card_summary(card), "dataset/ingest_card.json")
-        encoder, cache = job.run(runs, card)
+        out = job.run(runs, card)
         if runs.enabled:
-            runs.client.set_tag(runs.parent_id, "cohortcast.encoder", str(encoder))
-            if cache:
-                runs.client.set_tag(runs.parent_id, "cohortcast.study_latents", cache["path"])
-        return CLDMReport(job.reports, str(encoder), cache["path"] if cache else None, runs.location(), runs.parent_id)
+            for name, folder in vars(out).items():
+                if folder is not None:
+                    tag = "study_latents" if name == "latents" else name
+                    runs.client.set_tag(runs.parent_id, f"cohortcast.{tag}", str(folder))
+        return CLDMReport(job.reports, out, runs.location(), runs.parent_id)
 
 
 def format_report(report: CLDMReport) -> str:
-    lines = ["CLDM job summary (part 1: encoder, study latents)", *format_stages(report.stages)]
-    if report.encoder:
-        lines.append(f"Encoder: {report.encoder}")
-    if report.latents:
-        lines.append(f"Study latents: {report.latents}")
+    lines = ["CLDM job summary", *format_stages(report.stages)]
+    for name, folder in vars(report.outputs).items():
+        if folder is not None:
+            lines.append(f"{name.replace('_', ' ').capitalize()}: {folder}")
     lines.append(report.mlflow)
     return "\n".join(lines)
