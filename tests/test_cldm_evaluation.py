@@ -5,6 +5,7 @@ oracle forecaster), and tiny random models saved to folders run end to end. No R
 from __future__ import annotations
 
 import dataclasses
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -363,7 +364,8 @@ def test_config_validation_names_the_field():
 # ----- tiny real models, from folders ------------------------------------------------------------
 
 
-def test_tiny_models_saved_to_folders_run_end_to_end_and_a_rerun_reuses_the_cache(tmp_path, monkeypatch):
+def save_tiny_models(tmp_path):
+    """Random-init tiny models saved to folders as the job's stages write them."""
     from test_cldm_models import tiny_config
 
     from cohortcast.models.cldm_forecaster import CLDMForecaster
@@ -371,7 +373,6 @@ def test_tiny_models_saved_to_folders_run_end_to_end_and_a_rerun_reuses_the_cach
     from cohortcast.models.segmentation_decoder import SegmentationDecoder
     from cohortcast.models.study_regressor import StudyRegressor
     from cohortcast.models.tiny_llm import write_tiny_gpt2
-    from cohortcast.pipeline.cldm import CLDMOutputs
 
     torch.manual_seed(0)
     cfg = tiny_config()
@@ -382,6 +383,14 @@ def test_tiny_models_saved_to_folders_run_end_to_end_and_a_rerun_reuses_the_cach
     StudyRegressor(cfg).save(folders["regressor"])
     SegmentationDecoder(cfg, dims=3).save(folders["segmentation"])
     ReportDecoder(cfg).save(folders["report"])
+    return cfg, folders
+
+
+def test_tiny_models_saved_to_folders_run_end_to_end_and_a_rerun_reuses_the_cache(tmp_path, monkeypatch):
+    from cohortcast.models.cldm_forecaster import CLDMForecaster
+    from cohortcast.pipeline.cldm import CLDMOutputs
+
+    cfg, folders = save_tiny_models(tmp_path)
     models = load_models(CLDMOutputs(encoder=tmp_path, latents=tmp_path, **folders), cfg)
     ct, dx = cohort(3, exams=(3, 5, 2, 4)), cohort(2, exams=(3, 5, 2, 4))
     e = settings(batch_size=3, max_targets=6)
@@ -400,3 +409,50 @@ def test_tiny_models_saved_to_folders_run_end_to_end_and_a_rerun_reuses_the_cach
     assert table_metrics(second.table1, second.table2) == table_metrics(first.table1, first.table2)
     with pytest.raises(CLDMEvaluationError, match="no report model"):
         load_models(CLDMOutputs(encoder=tmp_path, diffusion=folders["diffusion"]), cfg, ("report",))
+
+
+def test_the_job_loads_the_stage_outputs_and_logs_tables_and_report_to_mlflow(tmp_path, monkeypatch):
+    """run_cldm_evaluation's glue without Ray: the training stages, cohort preparation and
+    the latent cache are stubbed; models load from folders, MLflow is a local store."""
+    from mlflow.tracking import MlflowClient
+
+    import cohortcast.data.prepare as prepare
+    import cohortcast.ray_runtime as ray_runtime
+    import cohortcast.training.study_trajectories as st
+    from cohortcast.config.schema import CohortcastConfig
+    from cohortcast.evaluation.cldm_evaluation import run_cldm_evaluation
+    from cohortcast.pipeline.cldm import CLDMJob, CLDMOutputs
+    from cohortcast.tracking.job_runs import local_store
+
+    models_cfg, folders = save_tiny_models(tmp_path)
+    cfg = CohortcastConfig(workdir=str(tmp_path))
+    cfg.cldm.models = models_cfg  # the encoder below wires the same 16-wide token grids
+    enc = cfg.cldm.encoder
+    enc.dim, enc.volume_3d, enc.image_2d = 16, (8, 32, 32), (32, 32)
+    cfg.cldm.evaluation = settings(max_targets=4, batch_size=4, report="evaluation", cache="")
+    ct, dx = cohort(3, exams=(3, 5, 2, 4)), cohort(2, exams=(3, 5, 2, 4))
+    seen = {}
+    monkeypatch.setattr(ray_runtime, "ensure_ray", lambda *a, **k: None)
+    monkeypatch.setattr(prepare, "prepare_cohort", lambda cfg: {"config": {"output": str(tmp_path / "ingested")}})
+    monkeypatch.setattr(CLDMJob, "run", lambda self, runs, card: CLDMOutputs(tmp_path, tmp_path / "latents", **folders))
+
+    def trajectories(cache, split, dims, ingested=None):
+        seen[dims] = (Path(cache).name, split, ingested)
+        return ct if dims == 3 else dx
+
+    monkeypatch.setattr(st, "load_trajectories", trajectories)
+    result = run_cldm_evaluation(cfg)
+    assert seen == {3: ("latents", "test", str(tmp_path / "ingested")), 2: ("latents", "test", None)}
+    assert Path(result.report) == tmp_path / "evaluation" / "report.md" and Path(result.report).is_file()
+    client = MlflowClient(local_store(tmp_path)[0])
+    runs = client.search_runs([client.get_experiment_by_name(cfg.mlflow.experiment).experiment_id])
+    child = next(r for r in runs if r.info.run_name == "cldm_evaluation")
+    assert child.data.metrics["t1/current_exam_upper_bound/avd"] >= 0
+    assert "t2/copy_prior_report/bleu4" in child.data.metrics
+    assert child.data.params["cldm.evaluation.max_targets"] == "4"
+    assert [a.path for a in client.list_artifacts(child.info.run_id, "report")] == [
+        "report/report.md",
+        "report/tables.json",
+        "report/targets.csv",
+    ]
+    assert any(r.info.run_name == f"{cfg.run_name}-evaluation" for r in runs)  # the parent run
