@@ -88,7 +88,9 @@ def _keep_if_best(engine, value: float, best: dict, path: str) -> None:
     if not np.isfinite(value) or (best["value"] is not None and value >= best["value"]):
         return  # NaN compares False with everything: it would count as an improvement
     best.update(value=float(value), step=int(engine.global_steps))
-    state = {k: v.detach().float().contiguous().cpu() for k, v in engine.module.state_dict().items()}
+    # clone: tied weights (a Hugging Face LM's lm_head and input embeddings) share storage,
+    # which safetensors refuses to write; one copy per key loads back the same
+    state = {k: v.detach().float().cpu().clone().contiguous() for k, v in engine.module.state_dict().items()}
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     save_file(state, tmp)
