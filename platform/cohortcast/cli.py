@@ -117,6 +117,14 @@ def cmd_train_cldm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate_cldm(args: argparse.Namespace) -> int:
+    from cohortcast.evaluation.cldm_evaluation import format_result, run_cldm_evaluation
+
+    extra = [f"cldm.evaluation.split={args.split}"] if args.split else []
+    print(format_result(run_cldm_evaluation(_load(args, extra))))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from ray import serve
 
@@ -213,6 +221,15 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=cmd_train_cldm)
+
+    p = sub.add_parser(
+        "evaluate-cldm",
+        help="CLDM Tables 1-2 (jobs/evaluate_cldm.py): forecast ILD masks (Dice, aVD, progression Dice, "
+        "HD95) and reports (BLEU-4, ROUGE-L, label F1) with bootstrap CIs, claims, Markdown report",
+    )
+    _add_config_args(p)
+    p.add_argument("--split", choices=("train", "val", "test"), help="which split (cldm.evaluation.split)")
+    p.set_defaults(func=cmd_evaluate_cldm)
 
     p = sub.add_parser("serve", help="start the forecasting service (Ray Serve + FastAPI) and block")
     _add_config_args(p)

@@ -21,6 +21,7 @@ import difflib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
+from cohortcast.config.cldm_evaluation import CLDMEvaluationConfig
 from cohortcast.config.cldm_models import CLDMModelsConfig
 from cohortcast.config.cldm_stages import (
     DecoderStageConfig,
@@ -233,6 +234,7 @@ class CLDMConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     models: CLDMModelsConfig = field(default_factory=CLDMModelsConfig)
     training: CLDMTrainingConfig = field(default_factory=CLDMTrainingConfig)
+    evaluation: CLDMEvaluationConfig = field(default_factory=CLDMEvaluationConfig)
 
 
 def wired_models(cldm: CLDMConfig) -> CLDMModelsConfig:
