@@ -5,6 +5,8 @@ checks. tests/test_cldm_job.py runs the stage itself on Ray Train + DeepSpeed.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -12,7 +14,7 @@ import torch
 from cohortcast.config import ConfigError, load_config
 from cohortcast.config.cldm import CLDM_STAGES, EncoderConfig, EncoderStageConfig
 from cohortcast.config.training import ScalingSettings
-from cohortcast.pipeline.cldm import CLDMReport, check_ingested_shapes, format_report
+from cohortcast.pipeline.cldm import CLDMOutputs, CLDMReport, check_ingested_shapes, format_report
 from cohortcast.training.encoder_stage import PairedBatches, mean_patch_baseline, validate_encoder
 from cohortcast.training.stage_runner import StageNotAvailable, StageReport, StageRunner
 
@@ -113,7 +115,8 @@ def test_encoder_stage_config_batch_sizes_and_weights():
     )
     stage = cfg.cldm.training.encoder
     assert isinstance(stage, EncoderStageConfig) and (stage.micro_batch_3d, stage.micro_batch_2d) == (2, 16)
-    assert cfg.cldm.training.stages == CLDM_STAGES == ("encoder", "study_latents")
+    assert cfg.cldm.training.stages == CLDM_STAGES
+    assert CLDM_STAGES == ("encoder", "study_latents", "segmentation", "report", "diffusion", "regressor")
     for bad, message in (
         ("cldm.training.encoder.micro_batch_size=8", "micro_batch_size"),
         ("cldm.training.encoder.weight_3d=-1", "weight_3d"),
@@ -164,8 +167,7 @@ def test_job_summary_lists_the_stages_and_outputs():
                 StageReport("encoder", "trained", "/e", 30.0, 1.25, 0.5, {"val/mim_3d": 0.75}),
                 StageReport("study_latents", "built", "/l", 5.0, metrics={"rows": 12}),
             ],
-            "/e",
-            "/l",
+            CLDMOutputs(Path("/e"), Path("/l")),
             "MLflow: here",
             "r1",
         )
@@ -174,4 +176,4 @@ def test_job_summary_lists_the_stages_and_outputs():
     assert lines[0].startswith("CLDM job summary")
     assert any(line.startswith("encoder ") and "1.2500 -> 0.5000" in line for line in lines)
     assert any(line.startswith("study_latents built") for line in lines)
-    assert "mim_3d 0.7500" in text and "Encoder: /e" in text and "Study latents: /l" in text
+    assert "mim_3d 0.7500" in text and "Encoder: /e" in text and "Latents: /l" in text

@@ -357,7 +357,10 @@ def test_regression_forecaster_is_deterministic_and_batch_independent():
         baseline = f.vae.encode_for_diffusion(images[4:5])
         ctx = f.context(None, *f.encode_priors(baseline, horizon[4:5], None, None, None), horizon[4:5])
         direct = f.from_generated(f.regress(baseline, ctx), baseline)
-    torch.testing.assert_close(alone.latents[:, 0], direct, rtol=1e-5, atol=1e-6)
+    # `direct` runs one row, not the fixed micro-batch of 4: CPU kernels may reduce in
+    # another order (seen here: 1.5e-6 on 1 of 256 values, also on the commit before this
+    # one), so this is a closeness check; the bit-identity claims are the equal() above.
+    torch.testing.assert_close(alone.latents[:, 0], direct, rtol=1e-4, atol=1e-5)
 
 
 def test_fixed_chunks_have_one_memory_layout():
