@@ -28,6 +28,7 @@ from cohortcast.config.cldm_stages import (
     DiffusionStageConfig,
     ForecastValidationConfig,
     TinyLMConfig,
+    validate_paired_batches,
 )
 from cohortcast.config.loader import ConfigError
 from cohortcast.config.loader import require as _require
@@ -165,17 +166,7 @@ class EncoderStageConfig(StageConfig):
     weight_2d: float = 1.0
 
     def validate(self) -> None:
-        _require(
-            self.micro_batch_size == 0,
-            "micro_batch_size",
-            "is derived for this stage (micro_batch_3d + micro_batch_2d); set those instead",
-        )
-        _require(min(self.micro_batch_3d, self.micro_batch_2d) >= 0, "micro_batch_3d", "batch sizes must be >= 0")
-        _require(
-            self.micro_batch_3d + self.micro_batch_2d >= 1,
-            "micro_batch_3d",
-            "micro_batch_3d and micro_batch_2d are both 0: nothing to train on",
-        )
+        validate_paired_batches(self)
         _require(min(self.weight_3d, self.weight_2d) >= 0, "weight_3d", "loss weights must be >= 0")
         StageConfig.validate(replace(self, micro_batch_size=self.micro_batch_3d + self.micro_batch_2d))
 

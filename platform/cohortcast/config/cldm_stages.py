@@ -22,6 +22,22 @@ from cohortcast.config.loader import require as _require
 from cohortcast.config.training import StageConfig
 
 
+def validate_paired_batches(stage) -> None:
+    """A stage stepping on one CT and one radiograph batch (encoder, diffusion, regressor):
+    `micro_batch_size` is derived from the two sizes and must stay 0; one size must be > 0."""
+    _require(
+        stage.micro_batch_size == 0,
+        "micro_batch_size",
+        "is derived for this stage (micro_batch_3d + micro_batch_2d); set those instead",
+    )
+    _require(min(stage.micro_batch_3d, stage.micro_batch_2d) >= 0, "micro_batch_3d", "batch sizes must be >= 0")
+    _require(
+        stage.micro_batch_3d + stage.micro_batch_2d >= 1,
+        "micro_batch_3d",
+        "micro_batch_3d and micro_batch_2d are both 0: nothing to train on",
+    )
+
+
 @dataclass
 class DecoderStageConfig(StageConfig):
     """A decoder stage (`segmentation` or `report`) on current-exam latents: the
@@ -65,17 +81,7 @@ class DiffusionStageConfig(StageConfig):
     truncate_priors: bool = True
 
     def validate(self) -> None:
-        _require(
-            self.micro_batch_size == 0,
-            "micro_batch_size",
-            "is derived for this stage (micro_batch_3d + micro_batch_2d); set those instead",
-        )
-        _require(min(self.micro_batch_3d, self.micro_batch_2d) >= 0, "micro_batch_3d", "batch sizes must be >= 0")
-        _require(
-            self.micro_batch_3d + self.micro_batch_2d >= 1,
-            "micro_batch_3d",
-            "micro_batch_3d and micro_batch_2d are both 0: nothing to train on",
-        )
+        validate_paired_batches(self)
         _require(self.task_weight >= 0, "task_weight", "must be >= 0")
         StageConfig.validate(replace(self, micro_batch_size=self.micro_batch_3d + self.micro_batch_2d))
 
