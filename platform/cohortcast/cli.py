@@ -105,7 +105,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_tune(args: argparse.Namespace) -> int:
     from cohortcast.tuning.sweep import format_sweep, run_sweep
 
-    extra = ["tune.asha.enabled=true"] if args.asha else []
+    extra = ([f"tune.job={args.job}"] if args.job else []) + (["tune.asha.enabled=true"] if args.asha else [])
     print(format_sweep(run_sweep(_load(args, extra))))
     return 0
 
@@ -211,6 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
         "Train run per trial, summary table and best config in MLflow; reruns resume",
     )
     _add_config_args(p)
+    p.add_argument(
+        "--job",
+        choices=("namd", "cldm"),
+        help="whose stage the trials train (tune.job): namd's conditional LDM or cldm's diffusion stage",
+    )
     p.add_argument("--asha", action="store_true", help="stop poor trials early with ASHA (tune.asha.enabled)")
     p.set_defaults(func=cmd_tune)
 

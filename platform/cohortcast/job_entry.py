@@ -12,8 +12,11 @@ from typing import Any
 from cohortcast.errors import USER_ERRORS
 
 
-def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str) -> int:
-    """Parse the command line, run `job(config)`, print `show(result)`; returns the exit status."""
+def run_job(
+    doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], example: str, defaults: tuple[str, ...] = ()
+) -> int:
+    """Parse the command line, run `job(config)`, print `show(result)`; returns the exit
+    status. `defaults`: overrides applied before the command line's own (`tune.job=cldm`)."""
     from cohortcast.config import load_config
     from cohortcast.console import configure_logging
 
@@ -32,7 +35,7 @@ def run_job(doc: str, job: Callable[[Any], Any], show: Callable[[Any], str], exa
     args = parser.parse_args()
     configure_logging()
     try:
-        result = job(load_config(args.config, args.overrides))
+        result = job(load_config(args.config, [*defaults, *args.overrides]))
     except USER_ERRORS as exc:  # CohortcastError and missing/existing paths (see cohortcast.errors)
         print(f"error: {exc}", file=sys.stderr)
         return 2

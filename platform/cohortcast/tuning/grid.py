@@ -1,6 +1,6 @@
 """The sweep's grid as configs: one validated CohortcastConfig per grid point, the
-upstream (VAE, latent cache, unconditional LDM) each point needs, readable trial names,
-and how many trials the cluster runs at once."""
+upstream each point needs (its job's shared stages, tuning/jobs.py), readable trial
+names, and how many trials the cluster runs at once."""
 
 from __future__ import annotations
 
@@ -52,27 +52,31 @@ def trial_name(values: dict[str, Any]) -> str:
 
 
 def upstream_key(cfg: CohortcastConfig) -> str:
-    """What stages a-c depend on besides the cohort: trials with equal keys share one VAE,
-    latent cache and unconditional LDM (a lambda-only grid trains each once)."""
-    from cohortcast.io.stage_outputs import stage_key
+    """What the job's shared stages depend on besides the cohort (tuning/jobs.py): trials
+    with equal keys share one upstream (NAMD: VAE, latent cache, unconditional LDM; CLDM:
+    encoder, study latent cache, decoders), so a lambda-only grid trains each once."""
+    from cohortcast.tuning.jobs import sweep_job
 
-    t, m = cfg.training, cfg.model
-    return stage_key(
-        "upstream", t.vae, m.vae, t.latent_cache, t.ldm_uncond, m.denoiser, m.scheduler, t.scaling.num_workers
-    )
+    return sweep_job(cfg).upstream_key(cfg)
 
 
 def upstream_config(cfg: CohortcastConfig) -> CohortcastConfig:
     """The config that trains a trial's upstream, into `<tune.output>/shared/<key>`."""
+    from cohortcast.tuning.jobs import sweep_job
+
+    job = sweep_job(cfg)
     out = copy.deepcopy(cfg)
-    out.training.output = str(Path(cfg.tune.output) / "shared" / upstream_key(cfg))
-    return out
+    job.set_output(out, str(Path(cfg.tune.output) / "shared" / upstream_key(cfg)))
+    return job.upstream_config(out)
 
 
 def trial_config(base: CohortcastConfig, values: dict[str, Any]) -> CohortcastConfig:
-    """A grid point's config; its conditional stage writes to `<tune.output>/trials/<name>`."""
+    """A grid point's config; its trial stage writes to `<tune.output>/trials/<name>`
+    (`training.output` for NAMD, `cldm.training.output` for CLDM)."""
+    from cohortcast.tuning.jobs import sweep_job
+
     cfg = with_values(base, values)
-    cfg.training.output = str(Path(base.tune.output) / "trials" / trial_name(values))
+    sweep_job(cfg).set_output(cfg, str(Path(base.tune.output) / "trials" / trial_name(values)))
     cfg.run_name = f"{base.run_name}:{trial_name(values)}"
     return cfg
 

@@ -1,7 +1,10 @@
-"""The sweep job: cohort -> ingest once -> for each distinct upstream (VAE settings such
-as tau_f, tau_z): VAE, latent cache and unconditional LDM once -> a Ray Tune grid over
-`tune.grid`, each trial the conditional stage as its own Ray Train run -> a summary
-table and the best configuration as a ready-to-run train_namd config, all in MLflow.
+"""The sweep job, for the job `tune.job` names (tuning/jobs.py): cohort -> ingest once
+-> for each distinct upstream (NAMD: VAE settings such as tau_f, tau_z; CLDM: encoder
+and decoder settings) the job's shared stages once (NAMD: VAE, latent cache and
+unconditional LDM; CLDM: encoder, study latent cache, segmentation and report decoders)
+-> a Ray Tune grid over `tune.grid`, each trial the job's trial stage (NAMD: the
+conditional LDM; CLDM: the diffusion stage) as its own Ray Train run -> a summary table
+and the best configuration as a ready-to-run train_namd / train_cldm config, all in MLflow.
 
 Resuming: a rerun with the same `tune.output` restores the Tune experiment (finished
 trials are kept, unfinished and errored ones run again, resuming their Ray Train
@@ -31,7 +34,8 @@ from cohortcast.tuning.grid import (
     upstream_key,
     with_values,
 )
-from cohortcast.tuning.trial import TRIAL_TAG, SweepContext, namd_trial
+from cohortcast.tuning.jobs import JOBS, sweep_job
+from cohortcast.tuning.trial import TRIAL_TAG, SweepContext, sweep_trial
 
 log = logging.getLogger(__name__)
 SWEEP_STATE = "sweep.json"  # the MLflow parent run id, for a resumed sweep
@@ -52,41 +56,25 @@ class SweepReport:
     max_concurrent_trials: int
     metric: str
     mlflow: str
+    job: str = "namd"
 
 
 def prepare_upstreams(cfg: CohortcastConfig, runs, card: dict, trials: list[CohortcastConfig]) -> dict[str, dict]:
-    """Stages a-c once per distinct upstream key (sequential: each is itself a
-    distributed Ray Train run); reruns find them up to date."""
-    from cohortcast.pipeline.namd import NAMDJob
-
+    """The job's shared stages once per distinct upstream key (sequential: each is itself
+    a distributed Ray Train run); reruns find them up to date."""
+    job = sweep_job(cfg)
     upstream: dict[str, dict] = {}
     for trial in trials:
         key = upstream_key(trial)
-        if key in upstream:
-            continue
-        job = NAMDJob(upstream_config(trial))
-        vae = job.stage_vae(runs, card)
-        cache = job.stage_latents(runs, card, vae)
-        denoiser = job.stage_ldm_uncond(runs, cache)
-        upstream[key] = {"vae": str(vae), "cache": cache, "denoiser": str(denoiser)}
+        if key not in upstream:
+            upstream[key] = job.prepare_upstream(upstream_config(trial), runs, card)
     return upstream
 
 
 def shared_datasets(trials: list[CohortcastConfig], upstream: dict[str, dict]) -> dict[tuple, dict]:
-    """The trajectory datasets of every upstream that a not-yet-finished trial needs,
-    materialized once (a resumed sweep whose trials all finished builds none)."""
-    from cohortcast.io import stage_outputs as outputs
-    from cohortcast.pipeline.namd import NAMDJob, trajectory_datasets
-
-    built: dict[tuple, dict] = {}
-    for trial in trials:
-        key = (upstream_key(trial), trial.model.temporal.max_exams)
-        up = upstream[key[0]]
-        job = NAMDJob(trial)
-        done = outputs.is_valid(job.output / "ldm_cond", job.ldm_cond_key(up["cache"], Path(up["denoiser"])))
-        if key not in built and not done:
-            built[key] = trajectory_datasets(up["cache"], key[1])
-    return built
+    """Datasets every not-yet-finished trial of an upstream shares, built once (NAMD's
+    trajectory datasets; a CLDM trial's workers read the latent cache themselves)."""
+    return sweep_job(trials[0]).shared_datasets(trials, upstream) if trials else {}
 
 
 def asha_scheduler(cfg: CohortcastConfig):
@@ -101,7 +89,7 @@ def asha_scheduler(cfg: CohortcastConfig):
         time_attr="training_iteration",
         metric=asha.metric,
         mode="min",
-        max_t=max(cfg.training.ldm_cond.max_steps, asha.grace_period),
+        max_t=max(sweep_job(cfg).max_steps(cfg), asha.grace_period),
         grace_period=asha.grace_period,
         reduction_factor=asha.reduction_factor,
     )
@@ -113,7 +101,7 @@ def run_trials(cfg: CohortcastConfig, context: SweepContext, concurrency: int):
 
     # The trial only drives a Ray Train run (its workers reserve the CPUs/GPUs); Tune
     # refuses an empty request, so the driver reserves one byte of memory.
-    trainable = tune.with_resources(tune.with_parameters(namd_trial, context=context), {"CPU": 0, "memory": 1})
+    trainable = tune.with_resources(tune.with_parameters(sweep_trial, context=context), {"CPU": 0, "memory": 1})
     path = Path(cfg.tune.output) / "ray_tune" / cfg.tune.name
     if tune.Tuner.can_restore(str(path)):
         log.info("resuming the sweep at %s (finished trials are kept)", path)
@@ -172,7 +160,8 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
 
 def write_outputs(user_cfg: CohortcastConfig, rows, best, folder: Path) -> str | None:
     """summary.csv, summary.md and best_config.yaml (the user's config + the best grid
-    values: `python jobs/train_namd.py --config <it>`), each written atomically."""
+    values: `python jobs/train_namd.py --config <it>`, or train_cldm.py), each written
+    atomically."""
     import pandas as pd
 
     from cohortcast.io.atomic import write_text_atomic
@@ -187,7 +176,7 @@ def write_outputs(user_cfg: CohortcastConfig, rows, best, folder: Path) -> str |
     header = (
         f"# Best of sweep {user_cfg.tune.name!r} by {user_cfg.tune.metric} ({user_cfg.tune.mode}): "
         f"{best['trial']} -> {best[user_cfg.tune.metric]:.6g}\n"
-        f"# Run it: python jobs/train_namd.py --config {folder / 'best_config.yaml'}\n"
+        f"# Run it: python {sweep_job(user_cfg).train_script} --config {folder / 'best_config.yaml'}\n"
     )
     write_text_atomic(folder / "best_config.yaml", header + yaml.safe_dump(to_dict(best_cfg), sort_keys=False))
     return str(folder / "best_config.yaml")
@@ -213,13 +202,15 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
 
     from cohortcast.data.prepare import prepare_cohort
     from cohortcast.io.atomic import write_text_atomic
-    from cohortcast.pipeline.tiny_llm_setup import ensure_debug_llm
     from cohortcast.ray_runtime import ensure_ray
     from cohortcast.tracking.job_runs import JobRuns, card_summary
 
     cfg = resolve_paths(user_cfg)
+    job = sweep_job(cfg)
     points = grid_points(cfg.tune.grid)
     trials = [trial_config(cfg, p) for p in points]  # every grid point validated before any work
+    for trial in trials:
+        job.check(trial)
     ensure_ray(cfg.ray)
     folder = Path(cfg.tune.output)
     folder.mkdir(parents=True, exist_ok=True)
@@ -237,6 +228,7 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
         runs.log_dict(
             runs.parent_id,
             {
+                "job": cfg.tune.job,
                 "grid": cfg.tune.grid,
                 "trials": len(points),
                 "metric": cfg.tune.metric,
@@ -245,7 +237,7 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
             },
             "sweep/grid.json",
         )
-        ensure_debug_llm(cfg, card)
+        job.before_upstreams(cfg, card)
         upstream = prepare_upstreams(cfg, runs, card, trials)
         log.info("%d trial(s), %d upstream(s), up to %d at once", len(points), len(upstream), concurrency)
         context = SweepContext(copy.deepcopy(cfg), runs.parent_id, upstream, shared_datasets(trials, upstream))
@@ -262,7 +254,9 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
             runs.log_dict(
                 runs.parent_id, {"trial": best["trial"], **{k: best[k] for k in cfg.tune.grid}}, "sweep/best.json"
             )
-        report = SweepReport(rows, best, best_config, len(upstream), concurrency, cfg.tune.metric, runs.location())
+        report = SweepReport(
+            rows, best, best_config, len(upstream), concurrency, cfg.tune.metric, runs.location(), cfg.tune.job
+        )
         if best is None:
             raise SweepFailed("no trial finished with a value for " + cfg.tune.metric + ":\n" + format_sweep(report))
         return report
@@ -278,9 +272,10 @@ def user_cfg_with_output(user_cfg: CohortcastConfig, resolved: CohortcastConfig)
 
 def format_sweep(report: SweepReport) -> str:
     columns = ["trial", "status", report.metric]
+    job = JOBS[report.job]
     lines = [
-        f"NAMD sweep: {len(report.rows)} trial(s), {report.upstreams} upstream(s) (VAE + latent cache + "
-        f"unconditional LDM), up to {report.max_concurrent_trials} trial(s) at once",
+        f"{job.title} sweep: {len(report.rows)} trial(s), {report.upstreams} upstream(s) ({job.upstream_what}), "
+        f"up to {report.max_concurrent_trials} trial(s) at once",
         markdown_table(report.rows, columns),
     ]
     if report.best:
