@@ -220,8 +220,15 @@ def test_copy_last_row_equals_a_hand_computation_and_the_bound_is_perfect():
         "CLDM (1 prior)",
         "CLDM (3 priors)",
         tables.CLDM_ALL,
+        tables.CLDM_ALL_ANCHORED,
+        tables.NO_DIFFUSION_ANCHORED,
         tables.BOUND,
     ]
+    # a forecast that decodes like its last prior, anchored, is copy-last exactly
+    anchored = t1.row(tables.CLDM_ALL_ANCHORED)
+    for metric in ("dice", "avd", "progression_dice"):
+        assert np.array_equal(anchored.per_case[metric], copy.per_case[metric], equal_nan=True)
+    assert t1.anchored_difference.mean == 0.0
 
 
 def test_truncated_rows_pass_the_k_most_recent_priors_to_the_same_model():
@@ -267,6 +274,10 @@ def test_ordering_subset_and_claims_follow_the_numbers():
     assert ordering.holds and t1.ordering[tables.CLDM_ALL] == 0.0
     assert t1.ordering["CLDM (1 prior)"] > 0
     assert t1.difference.interval.high < 0
+    # anchored to the last prior's mask, the oracle's decoded change gives the true volume
+    keep = targets.num_priors >= 4
+    assert np.allclose(t1.row(tables.CLDM_ALL_ANCHORED).per_case["avd"][keep], 0.0, atol=1.5 / LUNG)
+    assert holds[f"(our addition) {tables.CLDM_ALL_ANCHORED} aVD < {tables.COPY_LAST}, paired 95% CI excluding 0"]
 
     # the same table with the ordering's numbers swapped: the claim flips
     flipped = dataclasses.replace(t1, ordering={k: -v for k, v in t1.ordering.items()})
@@ -399,7 +410,7 @@ def test_tiny_models_saved_to_folders_run_end_to_end_and_a_rerun_reuses_the_cach
     monkeypatch.setattr(CLDMForecaster, "forecast", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
     first = evaluate_cldm(e, models, ct=ct, dx=dx, cache_folder=tmp_path / "cache")
     assert calls and first.table1.targets == 6 and first.table2.targets == 6
-    assert len(first.table1.rows) == 6 and len(first.table2.rows) == 5
+    assert len(first.table1.rows) == 8 and len(first.table2.rows) == 5  # 6 + the two anchored rows
     assert first.table1.row(tables.BOUND).per_seed["dice"].n == 1
     assert first.table1.row(tables.CLDM_ALL).per_seed["dice"].n == 3
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 4 + 3

@@ -22,11 +22,13 @@ from cohortcast.evaluation.cldm_tables import (
     BOUND,
     BOUND_PRIOR,
     CLDM_ALL,
+    CLDM_ALL_ANCHORED,
     CLDM_NO_PRIOR,
     CLDM_PRIOR,
     COPY_LAST,
     COPY_PRIOR,
     NO_DIFFUSION,
+    NO_DIFFUSION_ANCHORED,
     NO_DIFFUSION_PRIOR,
     REPORT_METRICS,
     ReportDifference,
@@ -50,9 +52,11 @@ from cohortcast.evaluation.segmentation_metrics import (
     SegmentationTarget,
     grid_spacing_mm,
     paired_difference,
+    mask_metrics,
     score_case,
     summarise,
 )
+from cohortcast.models.mask_anchoring import anchored_mask
 
 
 @dataclass
@@ -126,22 +130,34 @@ def _check_grid(probs: np.ndarray, target: SegmentationTarget) -> None:
         )
 
 
-def _arrays(cases: list[CaseScores]) -> dict[str, np.ndarray]:
+def _arrays(cases: list[CaseScores], prefix: str = "") -> dict[str, np.ndarray]:
     return {
-        "mean": np.array([[c.mean_forecast[k] for k in METRICS] for c in cases], np.float64),
-        "per_sample": np.array([np.stack([c.per_sample[k] for k in METRICS], -1) for c in cases], np.float64),
+        f"{prefix}mean": np.array([[c.mean_forecast[k] for k in METRICS] for c in cases], np.float64),
+        f"{prefix}per_sample": np.array([np.stack([c.per_sample[k] for k in METRICS], -1) for c in cases], np.float64),
     }
 
 
-def _cases(arrays: dict[str, np.ndarray]) -> list[CaseScores]:
+def _cases(arrays: dict[str, np.ndarray], prefix: str = "") -> list[CaseScores]:
     return [
         CaseScores(dict(zip(METRICS, map(float, m))), {k: p[:, j] for j, k in enumerate(METRICS)})
-        for m, p in zip(arrays["mean"], arrays["per_sample"])
+        for m, p in zip(arrays[f"{prefix}mean"], arrays[f"{prefix}per_sample"])
     ]
 
 
+def anchored_case(samples: np.ndarray, prior_prob: np.ndarray, target: SegmentationTarget) -> CaseScores:
+    """A forecast anchored to the last prior's true mask (models.mask_anchoring): the mean
+    forecast anchors the samples' mean probability, each sample anchors its own."""
+    prior = target.last_prior
+    mean = mask_metrics(anchored_mask(samples.mean(axis=0), prior_prob, prior), target)
+    per = [mask_metrics(anchored_mask(p, prior_prob, prior), target) for p in samples]
+    return CaseScores(mean, {k: np.array([x[k] for x in per]) for k in METRICS})
+
+
 def _model_scores(e, model, decoder, targets: Targets, seg_targets, examples, num_samples, label) -> dict:
+    """The model's forecasts decoded alone and anchored to the last prior's mask."""
     cases: list[CaseScores] = []
+    anchored: list[CaseScores] = []
+    prior_tokens = targets.trajectories.tokens[examples.last_prior_row]
     for idx, forecast in forecast_batches(
         model, targets, examples, num_samples, e.seed, e.inference_steps, e.batch_size, label
     ):
@@ -150,8 +166,10 @@ def _model_scores(e, model, decoder, targets: Targets, seg_targets, examples, nu
         probs = decode_probabilities(decoder, samples.reshape(b * s, *samples.shape[2:]))
         _check_grid(probs, seg_targets[idx[0]])
         probs = probs.reshape(b, s, *probs.shape[1:])
+        prior_probs = decode_probabilities(decoder, prior_tokens[list(idx)])
         cases += [score_case(probs[j], seg_targets[i]) for j, i in enumerate(idx)]
-    return _arrays(cases)
+        anchored += [anchored_case(probs[j], prior_probs[j], seg_targets[i]) for j, i in enumerate(idx)]
+    return {**_arrays(cases), **_arrays(anchored, "anchored_")}
 
 
 def segmentation_table(e, models: CLDMModels, targets: Targets, cache: ResultCache) -> Table1:
@@ -160,7 +178,7 @@ def segmentation_table(e, models: CLDMModels, targets: Targets, cache: ResultCac
         raise CLDMEvaluationError("Table 1 needs the segmentation decoder (stage 'segmentation')")
     seg = [segmentation_target(targets, i) for i in range(len(targets))]
     patients, t = targets.patients, targets.trajectories
-    settings = {"num_samples": e.num_samples, "steps": e.inference_steps, "seed": e.seed}
+    settings = {"num_samples": e.num_samples, "steps": e.inference_steps, "seed": e.seed, "anchored": True}
     scored: dict[str, list[CaseScores]] = {}
     notes: dict[str, str] = {}
 
@@ -168,11 +186,10 @@ def segmentation_table(e, models: CLDMModels, targets: Targets, cache: ResultCac
     scored[COPY_LAST] = [score_case(c, s) for c, s in zip(copy, seg)]
     notes[COPY_LAST] = "the last prior's true mask; deterministic (std 0)"
     if models.regressor is not None:
-        scored[NO_DIFFUSION] = _cases(
-            _cached(cache, models, NO_DIFFUSION, ["regressor", "segmentation"], targets, settings,
-                    lambda: _model_scores(e, models.regressor, models.segmentation, targets, seg,
-                                          targets.examples, 1, NO_DIFFUSION))
-        )  # fmt: skip
+        regressor = _cached(cache, models, NO_DIFFUSION, ["regressor", "segmentation"], targets, settings,
+                            lambda: _model_scores(e, models.regressor, models.segmentation, targets, seg,
+                                                  targets.examples, 1, NO_DIFFUSION))  # fmt: skip
+        scored[NO_DIFFUSION] = _cases(regressor)
         notes[NO_DIFFUSION] = "regressor tokens (all priors) -> segmentation decoder; deterministic"
     for k in e.truncated_priors:
         name = cldm_k(k)
@@ -182,12 +199,17 @@ def segmentation_table(e, models: CLDMModels, targets: Targets, cache: ResultCac
                                                          targets.truncated(k), e.num_samples, name))
         )  # fmt: skip
         notes[name] = f"the same model, context cut to the {k} most recent prior(s) (fewer where fewer exist)"
-    scored[CLDM_ALL] = _cases(
-        _cached(cache, models, CLDM_ALL, ["forecaster", "segmentation"], targets, {**settings, "priors": "all"},
-                lambda: _model_scores(e, models.forecaster, models.segmentation, targets, seg, targets.examples,
-                                      e.num_samples, CLDM_ALL))
-    )  # fmt: skip
+    cldm_all = _cached(cache, models, CLDM_ALL, ["forecaster", "segmentation"], targets, {**settings, "priors": "all"},
+                       lambda: _model_scores(e, models.forecaster, models.segmentation, targets, seg,
+                                             targets.examples, e.num_samples, CLDM_ALL))  # fmt: skip
+    scored[CLDM_ALL] = _cases(cldm_all)
     notes[CLDM_ALL] = f"every prior (at most temporal.max_exams = {models.max_priors})"
+    # our addition (models/mask_anchoring.py): the same forecasts anchored to the last prior's true mask
+    scored[CLDM_ALL_ANCHORED] = _cases(cldm_all, "anchored_")
+    notes[CLDM_ALL_ANCHORED] = "the same forecasts: the last prior's true mask edited by the decoded change"
+    if models.regressor is not None:
+        scored[NO_DIFFUSION_ANCHORED] = _cases(regressor, "anchored_")
+        notes[NO_DIFFUSION_ANCHORED] = "the regressor's forecast anchored the same way"
     rows_tokens = t.tokens[targets.examples.target_row]
     bound = decode_probabilities(models.segmentation, rows_tokens)
     _check_grid(bound, seg[0])
@@ -197,12 +219,13 @@ def segmentation_table(e, models: CLDMModels, targets: Targets, cache: ResultCac
     rows = [summarise(m, c, patients, e.bootstrap, e.seed) for m, c in scored.items()]
     by = {r.method: r for r in rows}
     difference = paired_difference(by[CLDM_ALL], by[COPY_LAST], "avd", patients, e.bootstrap, e.seed)
+    anchored_difference = paired_difference(by[CLDM_ALL_ANCHORED], by[COPY_LAST], "avd", patients, e.bootstrap, e.seed)
     keep = targets.num_priors >= e.ordering_min_priors
     order = [CLDM_ALL, *[cldm_k(k) for k in reversed(e.truncated_priors)]]
     ordering = {m: float(np.nanmean(by[m].per_case["avd"][keep])) if keep.any() else float("nan") for m in order}
     return Table1(
         rows, difference, ordering, int(keep.sum()), len({p for p, k in zip(patients, keep) if k}),
-        e.ordering_min_priors, len(targets), len(set(patients)), notes,
+        e.ordering_min_priors, len(targets), len(set(patients)), notes, anchored_difference,
     )  # fmt: skip
 
 
@@ -239,7 +262,7 @@ def report_table(e, models: CLDMModels, targets: Targets, labeler, cache: Result
         raise CLDMEvaluationError("Table 2 needs the report decoder (stage 'report')")
     t, ex, patients = targets.trajectories, targets.examples, targets.patients
     use_prior = bool(models.report.cfg.report.use_prior)
-    settings = {"num_samples": e.num_samples, "steps": e.inference_steps, "seed": e.seed}
+    settings = {"num_samples": e.num_samples, "steps": e.inference_steps, "seed": e.seed, "anchored": True}
     references = [t.reports[int(r)] for r in ex.target_row]
     hyps: dict[str, tuple[list[str], bool, str]] = {}
     hyps[COPY_PRIOR] = ([t.reports[int(r)] for r in ex.last_prior_row], True, "the previous exam's report")

@@ -16,6 +16,8 @@ from cohortcast.evaluation.table import Claim
 COPY_LAST = "Copy last mask"
 NO_DIFFUSION = "No diffusion (regressor)"
 CLDM_ALL = "CLDM (all priors)"
+CLDM_ALL_ANCHORED = "CLDM (all priors), anchored"  # our addition: models/mask_anchoring.py
+NO_DIFFUSION_ANCHORED = "No diffusion, anchored"
 BOUND = "Current exam (upper bound)"
 COPY_PRIOR = "Copy prior report"
 CLDM_PRIOR = "CLDM + prior"
@@ -53,6 +55,7 @@ class Table1:
     targets: int
     patients: int
     notes: dict[str, str] = field(default_factory=dict)
+    anchored_difference: MetricDifference | None = None  # aVD CLDM(all), anchored - copy-last
 
     def row(self, method: str) -> SegmentationSummary | None:
         return next((r for r in self.rows if r.method == method), None)
@@ -71,9 +74,10 @@ class Table1:
                 f"| {r.method} | {_num(m['dice'])}{_ci(ci['dice'])} | {_num(m['avd'], '.4f')}{_ci(ci['avd'])} "
                 f"| {s['dice']} | {avd_seeds} | {prog} | {_num(m['hd95'], '.1f')} |"
             )
-        if self.difference is not None:
-            d = self.difference
-            lines += ["", f"Paired aVD {d.a} − {d.b}: {_num(d.mean, '+.4f')} {_minus(str(d.interval))} (95% CI)."]
+        lines.append("")
+        for d in (self.difference, self.anchored_difference):
+            if d is not None:
+                lines.append(f"Paired aVD {d.a} − {d.b}: {_num(d.mean, '+.4f')} {_minus(str(d.interval))} (95% CI).")
         if self.ordering:
             parts = ", ".join(f"{m} {v:.4f}" for m, v in self.ordering.items())
             lines.append(
@@ -169,6 +173,16 @@ def segmentation_claims(t: Table1, dice_margin: float) -> list[Claim]:
     if reg is not None:
         r = reg.mean_forecast["avd"]
         out.append(Claim(f"{CLDM_ALL} aVD < {NO_DIFFUSION}", a < r, f"aVD {a:.4f} vs {r:.4f}"))
+    anchored, d = t.row(CLDM_ALL_ANCHORED), t.anchored_difference
+    if anchored is not None and d is not None:
+        x = anchored.mean_forecast["avd"]
+        out.append(
+            Claim(
+                f"(our addition) {CLDM_ALL_ANCHORED} aVD < {COPY_LAST}, paired 95% CI excluding 0",
+                x < c and d.interval.high < 0,
+                f"aVD {x:.4f} vs {c:.4f}, difference {_num(d.mean, '+.4f')} {_minus(str(d.interval))}",
+            )
+        )
     return out
 
 
