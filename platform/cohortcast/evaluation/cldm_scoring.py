@@ -51,8 +51,8 @@ from cohortcast.evaluation.segmentation_metrics import (
     CaseScores,
     SegmentationTarget,
     grid_spacing_mm,
-    paired_difference,
     mask_metrics,
+    paired_difference,
     score_case,
     summarise,
 )
