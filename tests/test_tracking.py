@@ -54,6 +54,25 @@ def test_default_is_a_local_store_under_the_workdir(tmp_path, monkeypatch):
     assert list((tmp_path / "mlruns" / "artifacts").rglob("grid.png"))  # artifacts under the workdir too
 
 
+def test_a_job_leaves_no_tracking_uri_behind_for_the_next_job_in_its_process(tmp_path, monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI; in a reused Ray worker the
+    next job (a sweep's next trial) then logged to the previous job's store (CI saw a
+    sweep whose trials were missing from its own store)."""
+    import os
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    first = resolve_paths(CohortcastConfig(workdir=str(tmp_path / "first")))
+    with JobRuns(first) as runs:
+        assert runs.uri == local_store(tmp_path / "first")[0]
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    second = resolve_paths(CohortcastConfig(workdir=str(tmp_path / "second")))
+    with JobRuns(second) as runs:
+        assert runs.uri == local_store(tmp_path / "second")[0]
+    explicit = local_store(tmp_path / "sweep")[0]
+    with JobRuns(second, tracking_uri=explicit) as runs:  # a trial logs where its sweep does
+        assert MlflowClient(explicit).get_run(runs.parent_id).info.run_id == runs.parent_id
+
+
 @pytest.mark.timeout(300)
 def test_remote_server_through_the_environment(mlflow_server, tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)

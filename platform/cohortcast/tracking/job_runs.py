@@ -40,11 +40,26 @@ def _params(values: dict[str, Any]) -> dict[str, str]:
     return {k: str(v)[:MAX_PARAM_CHARS] for k, v in values.items()}
 
 
+def _set_tracking_uri_without_leaking(mlflow, uri: str) -> None:
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI to this process's
+    environment. In a reused Ray worker that export outlives the task and would make
+    the next job in that worker log to the previous job's store (MLFLOW_TRACKING_URI
+    wins in resolve_tracking_uri), so the environment is put back as it was."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 class JobRuns:
     """Context manager: the parent run is active inside `with`; stages open children.
     `nested_in`: open the job's run as a child of that run (a sweep trial under its
     sweep); `run_name` and `tags` default to the config's run name and none;
-    `resume_run_id`: reopen that run (a resumed sweep keeps one parent run)."""
+    `resume_run_id`: reopen that run (a resumed sweep keeps one parent run);
+    `tracking_uri`: log there instead of resolving it (a sweep's trials, run in Ray
+    worker processes, log where their sweep does)."""
 
     def __init__(
         self,
@@ -53,6 +68,7 @@ class JobRuns:
         run_name: str | None = None,
         tags: dict[str, str] | None = None,
         resume_run_id: str | None = None,
+        tracking_uri: str | None = None,
     ):
         import mlflow
         from mlflow.tracking import MlflowClient
@@ -61,12 +77,12 @@ class JobRuns:
         self.nested_in, self.run_name, self.tags = nested_in, run_name or cfg.run_name, dict(tags or {})
         self.resume_run_id = resume_run_id
         self.enabled = cfg.mlflow.enabled
-        self.uri = resolve_tracking_uri(cfg)
+        self.uri = tracking_uri or resolve_tracking_uri(cfg)
         self.parent_id: str | None = None
         if not self.enabled:
             return
         self.mlflow = mlflow
-        mlflow.set_tracking_uri(self.uri)
+        _set_tracking_uri_without_leaking(mlflow, self.uri)
         self.client = MlflowClient(self.uri)
         experiment = self.client.get_experiment_by_name(cfg.mlflow.experiment)
         if experiment is None:

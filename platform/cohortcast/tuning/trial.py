@@ -24,6 +24,7 @@ class SweepContext:
     # NAMD: (upstream key, temporal.max_exams) -> materialized {"train", "val"} trajectory
     # datasets, built once by the sweep (a groupby shuffle each) instead of once per trial
     datasets: dict[tuple, dict]
+    tracking_uri: str | None = None  # the sweep's MLflow store: trials log there too
 
 
 def trial_stage(values: dict[str, Any], context: SweepContext, callbacks: list) -> dict[str, Any]:
@@ -37,7 +38,10 @@ def trial_stage(values: dict[str, Any], context: SweepContext, callbacks: list) 
     job = sweep_job(cfg)
     upstream = context.upstream[upstream_key(cfg)]
     name = trial_name(values)
-    with JobRuns(cfg, nested_in=context.sweep_run_id, run_name=name, tags={TRIAL_TAG: name}) as runs:
+    tags = {TRIAL_TAG: name}
+    with JobRuns(
+        cfg, nested_in=context.sweep_run_id, run_name=name, tags=tags, tracking_uri=context.tracking_uri
+    ) as runs:
         runs.log_params(runs.parent_id, {f"trial.{k}": v for k, v in values.items()})
         folder, stage = job.train_trial(cfg, runs, upstream, context, callbacks)
         runs.log_metrics(runs.parent_id, stage.metrics)
