@@ -1,8 +1,10 @@
 """API fuzzing from the service's own OpenAPI schema (schemathesis), in process: every
 operation gets generated valid and invalid requests (examples, boundary coverage and
 random fuzzing, bounded), and every answer must be free of 5xx and match the documented
-status codes and response schemas (ErrorBody for every refusal). The model is a fake
-that answers instantly; cohort jobs go to a fake job client."""
+status codes and response schemas (ErrorBody for every refusal). The NAMD model is a
+fake that answers instantly; the CLDM routes run a tiny random CLDM bundle (called
+directly: schemathesis runs each call on its own event loop); cohort jobs go to a fake
+job client."""
 
 import atexit
 import json
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from cldm_fixtures import write_tiny_bundle
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import response_schema_conformance, status_code_conformance
@@ -20,6 +23,8 @@ from schemathesis.specs.openapi.checks import response_schema_conformance, statu
 from serving_fakes import CFG, SIDE, FakeDeployment, FakeJobs
 
 from cohortcast.config import IngestConfig
+from cohortcast.models.cldm_bundle import CLDMBundle
+from cohortcast.serving.cldm_model import run_cldm_batch
 from cohortcast.serving.local import local_app
 
 pytestmark = pytest.mark.timeout(300)
@@ -30,6 +35,19 @@ atexit.register(shutil.rmtree, ROOT, True)
 (ROOT / "cohort" / "card.json").write_text(json.dumps({}))
 
 
+class DirectCLDM:
+    """The CLDM deployment without `@serve.batch` (its queue keeps to one event loop)."""
+
+    def __init__(self, bundle: CLDMBundle):
+        self.bundle = bundle
+
+    def info(self):
+        return self.bundle.info()
+
+    def forecast(self, item):
+        return run_cldm_batch(self.bundle, [item])[0]
+
+
 def _app():
     app = local_app(
         FakeDeployment(),
@@ -37,6 +55,7 @@ def _app():
             CFG, cohort_roots=[str(ROOT)], cohort_output=str(ROOT / "out"), max_upload_mb=1.0, max_uncompressed_mb=4.0
         ),
         ingest=IngestConfig(crop_size=SIDE, crop_spacing_mm=1.5),
+        cldm=DirectCLDM(CLDMBundle.load(write_tiny_bundle(ROOT / "cldm"))),
     )
     app.state.api._jobs = FakeJobs()
     return app

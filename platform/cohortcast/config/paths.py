@@ -44,6 +44,7 @@ PATH_FIELDS = (
     "serve.forecaster",
     "serve.cohort_output",
     "serve.evaluator",
+    "serve.cldm_model",
     "tune.output",
 )
 # Path-list fields: every entry resolves like a path field.

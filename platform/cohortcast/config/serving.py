@@ -41,6 +41,9 @@ class ServeConfig:
     of `micro_batch` rows."""
 
     forecaster: str = "runs/demo/train/ldm_cond"
+    # A CLDM training output (cldm.training.output: encoder/, diffusion/, decoders):
+    # served at /v1/cldm/* next to the NAMD routes; None = no CLDM routes (404).
+    cldm_model: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     route_prefix: str = "/"

@@ -167,9 +167,15 @@ class CLDMBundle:
             "token_dim": int(self.encoder.cfg.dim),
             "max_priors": self.max_priors,
             "segmentation": self.segmentation is not None,
+            # kinds whose forecasts decode to a mask (and can be anchored to a known prior mask)
+            "anchoring_kinds": [k for k in self.kinds() if self._segments(k)],
             "report": self.report is not None,
             "regressor": self.regressor is not None,
         }
+
+    def _segments(self, kind: str) -> bool:
+        """Whether forecasts of `kind` decode to a mask."""
+        return self.segmentation is not None and self.segmentation.dims == KIND_DIMS[kind]
 
     def _check(self, priors, case_ids, kind: str, prior_masks=None) -> None:
         if kind not in self.kinds():
@@ -184,7 +190,7 @@ class CLDMBundle:
                 if tuple(np.shape(image)) != shape:
                     raise ValueError(f"case {i}: a {kind} prior must be {shape}, got {tuple(np.shape(image))}")
         if prior_masks is not None:
-            if self.segmentation is None or self.segmentation.dims != KIND_DIMS[kind]:
+            if not self._segments(kind):
                 raise ValueError(f"prior_masks: anchoring needs a {kind} segmentation decoder; this bundle has none")
             if len(prior_masks) != len(priors):
                 raise ValueError(f"{len(prior_masks)} prior masks for {len(priors)} cases")
@@ -245,7 +251,7 @@ class CLDMBundle:
             CaseForecast(kind, out.mean[i].float().cpu().numpy(), out.variance[i].float().cpu().numpy())
             for i in range(b)
         ]
-        if self.segmentation is not None and self.segmentation.dims == KIND_DIMS[kind]:
+        if self._segments(kind):
             self._segment(cases, out.samples, voxel_ml)
             if prior_masks is not None:
                 self._anchor(cases, out.baseline, prior_masks, voxel_ml)

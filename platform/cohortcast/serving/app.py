@@ -8,6 +8,11 @@
                          study's patient-space grid
     POST /v1/cohorts     an ingested cohort -> a job id (a Ray job runs the batch forecast)
     GET  /v1/cohorts/ID  the job's status and where its results are
+    GET  /v1/cldm/model  the served CLDM bundle (when serve.cldm_model is set): study
+                         kinds and shapes, max priors, which decoders, limits
+    POST /v1/cldm/forecast  prior studies of one kind + days before the target + samples,
+                         steps, seed (+ the last prior's mask) -> forecast ILD mask, its
+                         volume, per-sample spread, a generated report (radiographs)
     GET  /docs           OpenAPI documentation
 
 Errors: every refused request answers {"error", "field"} (ErrorBody) with a 4xx naming
@@ -39,6 +44,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cohortcast import __version__
 from cohortcast.config.serving import ServeConfig
 from cohortcast.errors import CohortcastError
+from cohortcast.serving.cldm_requests import CLDMForecastAnswer, CLDMForecastRequest, cldm_answer, prepare_cldm
 from cohortcast.serving.cohort_jobs import (
     CohortJob,
     CohortRequest,
@@ -87,7 +93,7 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
         400: "a field is invalid",
         401: "missing or wrong bearer token (when the service has one)",
         403: "not allowed on this service",
-        404: "no such job",
+        404: "no such job, or no such model on this service",
         413: "the upload or what it unpacks to is over a limit",
         422: "the request does not match the schema",
         503: "a dependency (the model, Ray's job server) is unavailable, or the service is overloaded",
@@ -235,9 +241,11 @@ LIVE_SETTINGS = (
 
 @serve.ingress(app)
 class ForecastAPI:
-    def __init__(self, model, cfg: ServeConfig, token: str | None, llm_path: str | None, ingest):
+    def __init__(self, model, cfg: ServeConfig, token: str | None, llm_path: str | None, ingest, cldm=None):
         self.model, self.cfg, self.token, self.llm_path, self.ingest = model, cfg, token, llm_path, ingest
+        self.cldm = cldm  # the CLDM deployment's handle, None when the service serves none
         self._info: dict[str, Any] | None = None
+        self._cldm_info: dict[str, Any] | None = None
         self._jobs = None
 
     def reconfigure(self, config: dict[str, Any]) -> None:
@@ -265,9 +273,20 @@ class ForecastAPI:
             self._info = await self._model_call("info")
         return self._info
 
-    async def _model_call(self, method: str, *args):
+    async def cldm_info(self) -> dict[str, Any]:
+        if self.cldm is None:
+            raise RequestError(None, "this service serves no CLDM model (serve.cldm_model)", status=404)
+        if self._cldm_info is None:
+            self._cldm_info = await self._model_call("info", deployment=self.cldm)
+        return self._cldm_info
+
+    def _limits(self) -> dict[str, Any]:
+        names = ("max_samples", "max_steps", "max_horizon_days", "max_upload_mb", "max_uncompressed_mb", "max_voxels")
+        return {name: getattr(self.cfg, name) for name in names}
+
+    async def _model_call(self, method: str, *args, deployment=None):
         try:
-            return await getattr(self.model, method).remote(*args)
+            return await getattr(deployment or self.model, method).remote(*args)
         except Exception as exc:
             if _unavailable(exc):
                 raise RequestError(None, "the model deployment is unavailable; retry later", status=503) from None
@@ -279,18 +298,22 @@ class ForecastAPI:
 
     @app.get("/v1/model", responses=_errors(401, 422, 503), dependencies=AUTHORIZED)
     async def model_info(self) -> dict[str, Any]:
-        limits = {
-            name: getattr(self.cfg, name)
-            for name in (
-                "max_samples",
-                "max_steps",
-                "max_horizon_days",
-                "max_upload_mb",
-                "max_uncompressed_mb",
-                "max_voxels",
-            )
-        }
-        return {**await self.info(), "cohortcast_version": __version__, "limits": limits}
+        return {**await self.info(), "cohortcast_version": __version__, "limits": self._limits()}
+
+    @app.get("/v1/cldm/model", responses=_errors(401, 404, 422, 503), dependencies=AUTHORIZED)
+    async def cldm_model_info(self) -> dict[str, Any]:
+        return {**await self.cldm_info(), "cohortcast_version": __version__, "limits": self._limits()}
+
+    @app.post(
+        "/v1/cldm/forecast",
+        responses={200: {"model": CLDMForecastAnswer}, **_errors(400, 401, 404, 413, 422, 503)},
+        dependencies=AUTHORIZED,
+    )
+    async def cldm_forecast(self, request: CLDMForecastRequest):
+        info = await self.cldm_info()
+        item = await run_in_threadpool(prepare_cldm, request, info, self.cfg)
+        forecast = await self._model_call("forecast", item, deployment=self.cldm)
+        return await run_in_threadpool(cldm_answer, item, forecast)
 
     @app.post(
         "/v1/forecast",
@@ -377,7 +400,8 @@ class ForecastAPI:
 
 
 def build_app(cfg: ServeConfig, llm_path: str | None = None, token: str | None = None, ingest=None):
-    """The Serve application: ForecastAPI (ingress) -> ForecastModel (batching).
+    """The Serve application: ForecastAPI (ingress) -> ForecastModel (batching), and
+    CLDMModel (batching) when `cfg.cldm_model` names a CLDM training output.
     `ingest`: how uploaded studies are cropped for a Forecaster saved without its own
     crop preprocessing (format 2; IngestConfig, default: the factory settings)."""
     from cohortcast.config import IngestConfig
@@ -388,18 +412,20 @@ def build_app(cfg: ServeConfig, llm_path: str | None = None, token: str | None =
         if cfg.autoscaling.enabled
         else {"num_replicas": cfg.num_replicas}
     )
-    model = (
-        serve.deployment(ForecastModel, name="ForecastModel")
-        .options(
-            ray_actor_options={"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
-            max_ongoing_requests=max(cfg.max_batch_size * 2, cfg.max_ongoing_requests),
-            **scaling,
-        )
-        .bind(cfg.forecaster, llm_path, cfg)
-    )
+    options = {
+        "ray_actor_options": {"num_cpus": cfg.num_cpus, "num_gpus": cfg.num_gpus},
+        "max_ongoing_requests": max(cfg.max_batch_size * 2, cfg.max_ongoing_requests),
+        **scaling,
+    }
+    model = serve.deployment(ForecastModel, name="ForecastModel").options(**options).bind(cfg.forecaster, llm_path, cfg)
+    cldm = None
+    if cfg.cldm_model:
+        from cohortcast.serving.cldm_model import CLDMModel
+
+        cldm = serve.deployment(CLDMModel, name="CLDMModel").options(**options).bind(cfg.cldm_model, cfg)
     front = serve.deployment(ForecastAPI, name="ForecastAPI").options(
         ray_actor_options={"num_cpus": 0},
         max_ongoing_requests=cfg.max_ongoing_requests,
         max_queued_requests=cfg.max_queued_requests,
     )
-    return front.bind(model, cfg, token, llm_path, ingest or IngestConfig())
+    return front.bind(model, cfg, token, llm_path, ingest or IngestConfig(), cldm)

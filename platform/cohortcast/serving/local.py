@@ -61,17 +61,23 @@ def _servable_dependency(routers: list):
     raise RuntimeError("no class-based routes found on the app")
 
 
-def local_app(model: Any, cfg, token: str | None = None, llm_path: str | None = None, ingest=None) -> FastAPI:
+def local_app(
+    model: Any, cfg, token: str | None = None, llm_path: str | None = None, ingest=None, cldm: Any = None
+) -> FastAPI:
     """A FastAPI app serving ForecastAPI(`model`) in this process. `model`: an object
-    with `info()` and `forecast(item)` (a ForecastModel, or a fake), or a handle."""
+    with `info()` and `forecast(item)` (a ForecastModel, or a fake), or a handle;
+    `cldm` the same for the CLDM routes (a CLDMModel), None: the service has none."""
     from cohortcast.config import IngestConfig
     from cohortcast.serving.app import ForecastAPI, app, current_api
 
-    handle = model if hasattr(getattr(model, "info", None), "remote") else LocalHandle(model)
+    def handle_of(target):
+        return target if hasattr(getattr(target, "info", None), "remote") else LocalHandle(target)
+
+    handle = handle_of(model)
     # The class @serve.ingress wrapped, not the wrapper: its async __init__ (and __del__)
     # need a Serve replica.
     routes_class = next(c for c in ForecastAPI.__mro__ if "healthz" in c.__dict__)
-    instance = routes_class(handle, cfg, token, llm_path, ingest or IngestConfig())
+    instance = routes_class(handle, cfg, token, llm_path, ingest or IngestConfig(), handle_of(cldm) if cldm else None)
     local = FastAPI(
         title=app.title, version=app.version, description=app.description, redirect_slashes=app.router.redirect_slashes
     )

@@ -104,14 +104,21 @@ def _npy_header(buffer: io.BytesIO) -> tuple[tuple[int, ...], np.dtype]:
     return tuple(shape), np.dtype(dtype)
 
 
-def decode_npy(text: str, field: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """base64 of a .npy file -> a finite real float array (of `shape` when given);
-    anything else raises RequestError naming `field`."""
+def read_npy(text: str, field: str) -> tuple[bytes, tuple[int, ...], np.dtype]:
+    """base64 of a .npy file -> (its bytes, shape, dtype), the header read before any
+    array is allocated; RequestError naming `field` when it is not one."""
     try:
         raw = base64.b64decode(text, validate=True)
         header_shape, dtype = _npy_header(io.BytesIO(raw))
     except Exception as exc:  # binascii.Error, ValueError, EOFError...: all "not a .npy"
         raise RequestError(field, f"not base64 of a .npy file ({type(exc).__name__})") from None
+    return raw, header_shape, dtype
+
+
+def decode_npy(text: str, field: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """base64 of a .npy file -> a finite real float array (of `shape` when given);
+    anything else raises RequestError naming `field`."""
+    raw, header_shape, dtype = read_npy(text, field)
     if dtype.kind != "f":  # complex, integer, bool, structured, object: not an image in the ingestion scale
         raise RequestError(field, f"dtype {dtype.str!r}; expected a real float array (float16/32/64)")
     if shape is not None and header_shape != tuple(shape):
@@ -239,14 +246,14 @@ def prepare(request: ForecastRequest, crop_shape: tuple[int, int], cfg, uses_ehr
     )
 
 
-def check_horizon(horizon_days: Any, cfg) -> float:
+def check_horizon(horizon_days: Any, cfg, field: str = "horizon_days") -> float:
     """Finite, > 0 and within the service's limit (pydantic checks the first two for
     JSON; a request built in code gets the same answer)."""
     number = _finite_number(horizon_days)
     if number is None or number <= 0:
-        raise RequestError("horizon_days", f"{shown(horizon_days)} is not a finite number of days > 0")
+        raise RequestError(field, f"{shown(horizon_days)} is not a finite number of days > 0")
     if number > cfg.max_horizon_days:
-        raise RequestError("horizon_days", f"{shown(horizon_days)} exceeds the limit {cfg.max_horizon_days}")
+        raise RequestError(field, f"{shown(horizon_days)} exceeds the limit {cfg.max_horizon_days}")
     return number
 
 
