@@ -4,8 +4,10 @@ the encoder pre-trains on Ray Train + DeepSpeed (ZeRO-2, 2 CPU workers) with sep
 volume and radiograph micro-batches, logs both losses, validation before the first step
 and at the end, and reconstruction grids (CT slices, radiographs) to its MLflow child
 run, and exports a loadable encoder with new weights; the study latent cache is built
-on a Ray Data actor pool with one table per dimensionality; a rerun skips everything.
-The only test of issue 15's job that starts Ray."""
+on a Ray Data actor pool with one table per dimensionality; then part 2 (issue 16): the
+segmentation and report decoders, the diffusion forecaster and the regressor train a few
+steps each, the output loads as one CLDMBundle and forecasts, and the evaluation job
+scores it (Tables 1-2) without retraining; a rerun skips everything."""
 
 from __future__ import annotations
 
@@ -15,6 +17,8 @@ import pytest
 import torch
 
 from cohortcast.config import load_config
+from cohortcast.evaluation.cldm_evaluation import run_cldm_evaluation
+from cohortcast.models.cldm_bundle import CLDMBundle
 from cohortcast.models.universal_encoder import UniversalEncoder
 from cohortcast.pipeline.cldm import run_cldm
 from cohortcast.training.deepspeed_setup import seed_everything
@@ -98,9 +102,12 @@ def _config(tmp_path):
         "cldm.training.latent_cache.actors=1",
         "cldm.training.latent_cache.batch_size=4",
         *PART2,
-        # Part 2's stages run end to end in the acceptance run (README); in CI this test
-        # keeps to part 1 until its part-2 assertions have been seen to pass here.
-        "cldm.training.stages=[encoder,study_latents]",
+        "cldm.evaluation.split=val",
+        "cldm.evaluation.num_samples=2",
+        "cldm.evaluation.inference_steps=2",
+        "cldm.evaluation.bootstrap=100",
+        f"cldm.evaluation.report={tmp_path / 'evaluation'}",
+        f"cldm.evaluation.cache={tmp_path / 'evaluation_cache'}",
         "training.scaling.num_workers=2",
         f"workdir={tmp_path}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -119,6 +126,7 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
     assert {r.name: r.status for r in report.stages} == {
         "encoder": "trained",
         "study_latents": "built",
+        **{name: "trained" for name in PART2_STAGES},
     }
     out = report.outputs
 
@@ -132,7 +140,7 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
         r.data.tags["mlflow.runName"]: r
         for r in client.search_runs([experiment], f"tags.mlflow.parentRunId = '{report.parent_run_id}'")
     }
-    assert set(children) == {"encoder", "study_latents"}
+    assert set(children) == {"encoder", "study_latents", *PART2_STAGES}
     assert (
         children["study_latents"].data.metrics["rows"] == 20
         and "studies_per_s" in children["study_latents"].data.metrics
@@ -175,7 +183,30 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
         assert set(table["modality"]) == ({"CT"} if dims == 3 else {"DX"})
     assert (studies[3].lung_voxels > 0).all() and (studies[2].report_text.str.contains("IMPRESSION:")).all()
 
+    # Part 2: every stage wrote its model and validated; the training output is one
+    # forecaster (what serving and the cohort job load) that forecasts a mask and a report.
+    for name in PART2_STAGES:
+        assert getattr(out, name).is_dir(), name
+    diffusion = children["diffusion"].data.metrics
+    for key in ("loss/diffusion_3d", "loss/diffusion_2d", "val/best_avd", "val/avd", "val/copy_last_avd"):
+        assert key in diffusion, (key, sorted(diffusion))
+    bundle = CLDMBundle.load(out.diffusion.parent)
+    assert bundle.info()["segmentation"] and bundle.info()["report"] and bundle.info()["regressor"]
+    rng = np.random.default_rng(0)
+    ct = bundle.forecast([[(rng.uniform(-1, 1, (8, 16, 16)).astype(np.float32), 200.0)]], ["c"], 2, steps=2)[0]
+    assert ct.mask.shape == (8, 16, 16) and ct.sample_voxels.shape == (2,)
+    dx = bundle.forecast(
+        [[(rng.uniform(-1, 1, (16, 16)).astype(np.float32), 200.0)]], ["r"], 2, steps=2, kind="radiograph"
+    )
+    assert isinstance(dx[0].report, str)
+
+    # The evaluation job on the trained models: nothing retrained, Tables 1-2 and claims.
+    evaluation = run_cldm_evaluation(cfg)
+    assert evaluation.table1.targets >= 1 and evaluation.table2.targets >= 1
+    assert evaluation.table1.row("CLDM (all priors)") is not None and evaluation.claims
+    assert "## Table 1" in (tmp_path / "evaluation" / "report.md").read_text()
+
     # A rerun: the cohort is there, the ingestion reused, every stage up to date.
     again = run_cldm(cfg)
-    assert {r.name: r.status for r in again.stages} == {name: "up to date" for name in ("encoder", "study_latents")}
+    assert {r.name: r.status for r in again.stages} == {name: "up to date" for name in {r.name for r in report.stages}}
     assert again.outputs == out

@@ -88,6 +88,9 @@ def test_serve_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert "COHORTCAST_NO_SUCH_TOKEN" in one_line(capsys.readouterr().err)
     assert main(model + ["--evaluator", str(tmp_path / "no-evaluator")]) == 2
     assert "serve.evaluator" in one_line(capsys.readouterr().err)
+    (tmp_path / "cldm" / "encoder").mkdir(parents=True)
+    assert main(model + ["--cldm-model", str(tmp_path / "cldm")]) == 2
+    assert "serve.cldm_model" in (line := one_line(capsys.readouterr().err)) and "diffusion/" in line
     assert main(model + ["--set", f"serve.cohort_roots=[{tmp_path / 'nowhere'}]"]) == 2
     assert "serve.cohort_roots[0]" in one_line(capsys.readouterr().err)
     assert main(model + ["--set", "serve.max_voxels=0"]) == 2

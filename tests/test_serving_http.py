@@ -30,6 +30,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 def service(ray_session, tmp_path_factory):
     from ray import serve
 
+    from cldm_fixtures import write_tiny_bundle
     from conftest import forecaster_config, free_port
 
     from cohortcast.serving.app import build_app
@@ -62,7 +63,7 @@ def service(ray_session, tmp_path_factory):
     )  # where the tiny_ingested fixture writes
     serve.run(
         build_app(
-            ServeConfig(**base, evaluator=str(root / "evaluator")),
+            ServeConfig(**base, evaluator=str(root / "evaluator"), cldm_model=str(write_tiny_bundle(root / "cldm"))),
             ingest=IngestConfig(crop_size=32, crop_spacing_mm=1.5),
         ),
         name="open",
@@ -98,6 +99,35 @@ def test_health_model_info_and_docs(service):
     paths = requests.get(f"{service}/open/openapi.json", timeout=30).json()["paths"]
     assert {"/v1/forecast", "/v1/forecast/study", "/v1/cohorts", "/v1/cohorts/{job_id}"} <= set(paths)
     assert requests.get(f"{service}/open/docs", timeout=30).status_code == 200
+
+
+def test_cldm_routes_through_serve(service):
+    from cldm_fixtures import VOLUME, random_priors
+
+    info = requests.get(f"{service}/open/v1/cldm/model", timeout=30).json()
+    assert info["image_shapes"]["ct"] == list(VOLUME) and info["limits"]["max_samples"] == 4
+    priors = random_priors("ct", 1, 2, seed=0)[0]
+    request = {
+        "kind": "ct",
+        "priors": [{"image_npy_b64": encode_npy(image), "days_before_target": days} for image, days in priors],
+        "num_samples": 2,
+        "steps": 2,
+        "seed": 3,
+    }
+    with ThreadPoolExecutor(4) as pool:  # batched together on the replica, answered as alone
+        answers = list(
+            pool.map(lambda _: requests.post(f"{service}/open/v1/cldm/forecast", json=request, timeout=120), range(4))
+        )
+    assert all(a.status_code == 200 for a in answers), answers[0].text
+    assert all(a.json() == answers[0].json() for a in answers)
+    out = answers[0].json()
+    assert decode_npy(out["probability_npy_b64"], "p").shape == VOLUME and len(out["sample_voxels"]) == 2
+    assert (
+        requests.get(
+            f"{service}/secure/v1/cldm/model", headers={"Authorization": "Bearer s3cret"}, timeout=30
+        ).status_code
+        == 404
+    )
 
 
 def test_forecast_is_reproducible_by_seed(service):

@@ -136,6 +136,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         for k, v in (
             ("forecaster", args.forecaster),
             ("evaluator", args.evaluator),
+            ("cldm_model", args.cldm_model),
             ("host", args.host),
             ("port", args.port),
         )
@@ -247,6 +248,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluator",
         metavar="DIR",
         help="evaluator folder: per-sample malignancy probabilities in answers (serve.evaluator)",
+    )
+    p.add_argument(
+        "--cldm-model",
+        metavar="DIR",
+        help="a CLDM training output (encoder/, diffusion/, decoders): adds /v1/cldm/* (serve.cldm_model)",
     )
     p.add_argument("--host", help="address to listen on (serve.host)")
     p.add_argument("--port", type=int, help="port (serve.port)")

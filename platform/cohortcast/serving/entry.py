@@ -34,7 +34,8 @@ def application(cfg):
 def check_before_start(cfg) -> None:
     """What `cohortcast serve` checks before starting Ray, so a user error is one line
     (ConfigError) instead of a replica's traceback: the token variable is set, a local
-    serve.forecaster / serve.evaluator is a folder, every serve.cohort_roots entry an
+    serve.forecaster / serve.evaluator is a folder, a serve.cldm_model holds encoder/
+    and diffusion/, every serve.cohort_roots entry an
     existing folder. (A Serve config file builds the app on the cluster, where these
     paths live: there Serve reports them.)"""
     from cohortcast.config import ConfigError
@@ -49,6 +50,12 @@ def check_before_start(cfg) -> None:
         )
     if serve.evaluator and not Path(serve.evaluator).is_dir():
         raise ConfigError(f"serve.evaluator: {serve.evaluator} is not an evaluator folder")
+    if serve.cldm_model:
+        missing = [part for part in ("encoder", "diffusion") if not (Path(serve.cldm_model) / part).is_dir()]
+        if missing:
+            raise ConfigError(
+                f"serve.cldm_model: {serve.cldm_model} is not a CLDM training output (no {'/, '.join(missing)}/)"
+            )
     for i, root in enumerate(serve.cohort_roots):
         if not Path(root).is_dir():
             raise ConfigError(f"serve.cohort_roots[{i}]: {root} is not a folder")
