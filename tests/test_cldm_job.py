@@ -27,6 +27,7 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 STEPS = 6
 TINY = ["dim=32", "depth=1", "heads=2", "decoder_dim=16", "decoder_heads=2", "patch_2d=[4,4]", "patch_3d=[4,8,8]"]
+TINY += ["volume_3d=[8,16,16]", "image_2d=[16,16]"]  # what the cohort below ingests
 # 5 patients x 2 exams (a CT and a radiograph each) on a 32 x 32 x 8 grid: 4 patients
 # train, 1 val (the split's seed); volumes 8 x 16 x 16, radiographs 16 x 16.
 COHORT = [

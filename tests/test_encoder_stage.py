@@ -151,13 +151,19 @@ def test_a_cldm_stage_left_out_of_the_stages_needs_a_finished_output(tmp_path):
     assert runs.failed == ["encoder"]
 
 
-def test_ingested_shapes_must_tile_into_the_patches():
+def test_ingested_shapes_must_tile_into_the_patches_and_be_the_encoders_sizes():
     encoder = EncoderConfig(patch_2d=(8, 8), patch_3d=(4, 8, 8))
     check_ingested_shapes(encoder, {"tables": {"studies": {"volume": [16, 32, 32], "radiograph": [64, 64]}}})
     with pytest.raises(ConfigError, match=r"ingest.volume_shape.*\[10, 32, 32\].*cldm.encoder.patch_3d"):
         check_ingested_shapes(encoder, {"tables": {"studies": {"volume": [10, 32, 32]}}})
     with pytest.raises(ConfigError, match="ingest.radiograph_size"):
         check_ingested_shapes(encoder, {"tables": {"studies": {"radiograph": [60, 60]}}})
+    with pytest.raises(
+        ConfigError, match=r"ingest.volume_shape.*\[8, 16, 16\].*cldm.encoder.volume_3d is \[16, 32, 32\]"
+    ):
+        check_ingested_shapes(encoder, {"tables": {"studies": {"volume": [8, 16, 16]}}})
+    with pytest.raises(ConfigError, match=r"cldm.encoder.image_2d"):
+        check_ingested_shapes(encoder, {"tables": {"studies": {"radiograph": [32, 32]}}})
 
 
 def test_job_summary_lists_the_stages_and_outputs():

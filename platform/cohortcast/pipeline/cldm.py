@@ -58,12 +58,13 @@ def without_pretrained(encoder: EncoderConfig) -> EncoderConfig:
 
 
 def check_ingested_shapes(encoder: EncoderConfig, card: dict) -> None:
-    """The ingested volumes and radiographs must tile into the encoder's patches: say so
-    before any training starts, naming the settings to change."""
+    """The ingested volumes and radiographs must tile into the encoder's patches and be
+    the encoder's sizes (the part-2 models' token grids come from those): say so before
+    any training starts, naming the settings to change."""
     tables = card.get("tables", {}).get("studies", {})
-    for name, patch, setting in (
-        ("volume", encoder.patch_3d, "ingest.volume_shape"),
-        ("radiograph", encoder.patch_2d, "ingest.radiograph_size"),
+    for name, patch, size, setting in (
+        ("volume", encoder.patch_3d, encoder.volume_3d, "ingest.volume_shape"),
+        ("radiograph", encoder.patch_2d, encoder.image_2d, "ingest.radiograph_size"),
     ):
         shape = tables.get(name)
         if shape and any(s % p or s < p for s, p in zip(shape, patch)):
@@ -71,6 +72,12 @@ def check_ingested_shapes(encoder: EncoderConfig, card: dict) -> None:
             raise ConfigError(
                 f"{setting}: the ingested {name}s are {list(shape)}, not a multiple of the encoder's patch "
                 f"{list(patch)} on every axis ({patch_setting})"
+            )
+        if shape and tuple(shape) != tuple(size):
+            size_setting = "cldm.encoder.volume_3d" if name == "volume" else "cldm.encoder.image_2d"
+            raise ConfigError(
+                f"{setting}: the ingested {name}s are {list(shape)} but {size_setting} is {list(size)}; the "
+                "CLDM models' token grids follow the encoder's sizes, so set them equal"
             )
 
 
