@@ -18,6 +18,7 @@ import torch
 
 from cohortcast.config import load_config
 from cohortcast.evaluation.cldm_evaluation import run_cldm_evaluation
+from cohortcast.inference.cldm_cohort_forecast import read_cldm_forecasts, run_cldm_cohort_forecast
 from cohortcast.models.cldm_bundle import CLDMBundle
 from cohortcast.models.universal_encoder import UniversalEncoder
 from cohortcast.pipeline.cldm import run_cldm
@@ -206,6 +207,15 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
     assert evaluation.table1.targets >= 1 and evaluation.table2.targets >= 1
     assert evaluation.table1.row("CLDM (all priors)") is not None and evaluation.claims
     assert "## Table 1" in (tmp_path / "evaluation" / "report.md").read_text()
+
+    # The cohort forecasting job on the real ingested table: every val follow-up of both kinds.
+    job = cfg.cldm.forecast
+    job.model, job.ingested, job.output = str(out.diffusion.parent), str(tmp_path / "ingested"), str(tmp_path / "forecasts")
+    job.split, job.num_samples, job.inference_steps = "val", 2, 2
+    summary = run_cldm_cohort_forecast(job)
+    assert summary["cases_by_kind"] == {"ct": 1, "radiograph": 1} and summary["finished"] == 2
+    forecasts = read_cldm_forecasts(job.output)
+    assert forecasts["ct"].column("target_voxels")[0].as_py() > 0 and forecasts["radiograph"].column("report")[0].as_py()
 
     # A rerun: the cohort is there, the ingestion reused, every stage up to date.
     again = run_cldm(cfg)

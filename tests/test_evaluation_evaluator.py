@@ -87,7 +87,7 @@ def test_a_one_class_split_is_a_clear_error(tmp_path):
 
     from cohortcast.config import load_config
     from cohortcast.evaluation.namd_evaluation import EvaluationError, score
-    from cohortcast.inference.cohort_forecast import CASE_FILE, _tensor_column
+    from cohortcast.inference.cohort_forecast import CASE_FILE, tensor_column
 
     MalignancyEvaluator.build(EvaluatorConfig(), image_size=8).save(tmp_path / "evaluator")
     for i in range(3):
@@ -100,10 +100,10 @@ def test_a_one_class_split_is_a_clear_error(tmp_path):
                 "malignant": [0],
                 "target_diameter_mm": [6.0],
                 **{
-                    k: _tensor_column(crop) for k in ("baseline", "target", "mean", "variance", "target_reconstruction")
+                    k: tensor_column(crop) for k in ("baseline", "target", "mean", "variance", "target_reconstruction")
                 },
-                **{k: _tensor_column(latent) for k in ("mean_latent", "baseline_latent", "target_latent")},
-                "samples": _tensor_column(np.zeros((1, 2, 8, 8), np.float32)),
+                **{k: tensor_column(latent) for k in ("mean_latent", "baseline_latent", "target_latent")},
+                "samples": tensor_column(np.zeros((1, 2, 8, 8), np.float32)),
             }
         )
         (tmp_path / "forecasts" / "cases" / f"k{i}").mkdir(parents=True)

@@ -28,9 +28,9 @@ pytestmark = [pytest.mark.ray, pytest.mark.timeout(600)]
 
 @pytest.fixture(scope="module")
 def service(ray_session, tmp_path_factory):
+    from cldm_fixtures import write_tiny_bundle
     from ray import serve
 
-    from cldm_fixtures import write_tiny_bundle
     from conftest import forecaster_config, free_port
 
     from cohortcast.serving.app import build_app

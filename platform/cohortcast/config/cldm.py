@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 from cohortcast.config.cldm_evaluation import CLDMEvaluationConfig
+from cohortcast.config.cldm_forecast import CLDMForecastJobConfig
 from cohortcast.config.cldm_models import CLDMModelsConfig
 from cohortcast.config.cldm_stages import (
     DecoderStageConfig,
@@ -220,12 +221,14 @@ class CLDMTrainingConfig:
 class CLDMConfig:
     """The CLDM model (paper Sec. 3): the universal encoder, the forecaster and decoders
     over its study tokens (`models`, config/cldm_models.py; its token grids must be the
-    encoder's: see wired_models), and the job's training stages (`training`)."""
+    encoder's: see wired_models), the job's training stages (`training`), its evaluation
+    and its cohort forecasting job (`forecast`)."""
 
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     models: CLDMModelsConfig = field(default_factory=CLDMModelsConfig)
     training: CLDMTrainingConfig = field(default_factory=CLDMTrainingConfig)
     evaluation: CLDMEvaluationConfig = field(default_factory=CLDMEvaluationConfig)
+    forecast: CLDMForecastJobConfig = field(default_factory=CLDMForecastJobConfig)
 
 
 def wired_models(cldm: CLDMConfig) -> CLDMModelsConfig:

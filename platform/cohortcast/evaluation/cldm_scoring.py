@@ -42,7 +42,6 @@ from cohortcast.evaluation.cldm_targets import (
     ResultCache,
     Targets,
     cache_key,
-    folder_digest,
     forecast_batches,
 )
 from cohortcast.evaluation.metrics import paired_bootstrap, patient_bootstrap
@@ -56,6 +55,7 @@ from cohortcast.evaluation.segmentation_metrics import (
     score_case,
     summarise,
 )
+from cohortcast.io.stage_outputs import folder_digest
 from cohortcast.models.mask_anchoring import anchored_mask
 
 

@@ -162,19 +162,6 @@ def forecast_batches(
 # ----- the per-method cache ---------------------------------------------------------------
 
 
-def folder_digest(folder: str | Path | None) -> str:
-    """sha256 over a model folder's files (relative names and contents)."""
-    if folder is None:
-        return "none"
-    root, h = Path(folder), hashlib.sha256()
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        h.update(str(path.relative_to(root)).encode() + b"\0")
-        with open(path, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
-    return h.hexdigest()
-
-
 def cache_key(method: str, folders: list[str], case_ids: list[str], settings: dict) -> str:
     payload = json.dumps({"method": method, "models": folders, "cases": case_ids, "settings": settings}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]

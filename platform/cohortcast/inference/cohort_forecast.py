@@ -188,7 +188,7 @@ def case_grid(crop_affine, centre_lps, size: int, spacing_mm: float) -> np.ndarr
     return affine if np.isfinite(affine).all() else axial_grid_affine(centre_lps, size, spacing_mm)
 
 
-def _tensor_column(array: np.ndarray):
+def tensor_column(array: np.ndarray):
     import pyarrow as pa
 
     # A fresh C-order copy: views such as x[None] are "contiguous" with a 0 stride on the
@@ -283,12 +283,12 @@ class CaseForecaster:
                     "seed": [self.job.seed],
                     "num_samples": [self.job.num_samples],
                     "inference_steps": [self.job.inference_steps],
-                    "baseline": _tensor_column(np.asarray(batch["baseline"][i : i + 1], np.float32)),
-                    "target": _tensor_column(np.asarray(batch["target"][i : i + 1], np.float32)),
-                    "mean": _tensor_column(mean[None]),
-                    "variance": _tensor_column(variance[None]),
-                    "samples": _tensor_column(samples[None]),
-                    **{k: _tensor_column(v[None]) for k, v in extra.items()},
+                    "baseline": tensor_column(np.asarray(batch["baseline"][i : i + 1], np.float32)),
+                    "target": tensor_column(np.asarray(batch["target"][i : i + 1], np.float32)),
+                    "mean": tensor_column(mean[None]),
+                    "variance": tensor_column(variance[None]),
+                    "samples": tensor_column(samples[None]),
+                    **{k: tensor_column(v[None]) for k, v in extra.items()},
                 }
             )
             pq.write_table(table, tmp / CASE_FILE)

@@ -43,3 +43,17 @@ def invalidate(folder: str | Path) -> None:
 
 def write_marker(folder: str | Path, key: str, summary: dict[str, Any]) -> None:
     write_text_atomic(Path(folder) / MARKER, json.dumps({"key": key, **summary}, indent=2, default=str))
+
+
+def folder_digest(folder: str | Path | None) -> str:
+    """sha256 over a model folder's files (relative names and contents): what a cached
+    result or a finished forecast was computed with."""
+    if folder is None:
+        return "none"
+    root, h = Path(folder), hashlib.sha256()
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        h.update(str(path.relative_to(root)).encode() + b"\0")
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()
