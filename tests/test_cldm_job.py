@@ -210,12 +210,18 @@ def test_cldm_job_synthesises_ingests_pretrains_caches_and_a_rerun_skips_everyth
 
     # The cohort forecasting job on the real ingested table: every val follow-up of both kinds.
     job = cfg.cldm.forecast
-    job.model, job.ingested, job.output = str(out.diffusion.parent), str(tmp_path / "ingested"), str(tmp_path / "forecasts")
+    job.model, job.ingested, job.output = (
+        str(out.diffusion.parent),
+        str(tmp_path / "ingested"),
+        str(tmp_path / "forecasts"),
+    )
     job.split, job.num_samples, job.inference_steps = "val", 2, 2
     summary = run_cldm_cohort_forecast(job)
     assert summary["cases_by_kind"] == {"ct": 1, "radiograph": 1} and summary["finished"] == 2
     forecasts = read_cldm_forecasts(job.output)
-    assert forecasts["ct"].column("target_voxels")[0].as_py() > 0 and forecasts["radiograph"].column("report")[0].as_py()
+    assert (
+        forecasts["ct"].column("target_voxels")[0].as_py() > 0 and forecasts["radiograph"].column("report")[0].as_py()
+    )
 
     # A rerun: the cohort is there, the ingestion reused, every stage up to date.
     again = run_cldm(cfg)

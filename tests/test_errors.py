@@ -182,7 +182,9 @@ def test_every_route_but_health_and_docs_needs_the_token():
                 assert answer.status_code == 401, (method, path, headers, answer.text)
                 assert answer.json() == {"error": "missing or wrong bearer token", "field": "Authorization"}
             checked += 1
-    assert checked == 7  # /v1/model, /v1/forecast, /v1/forecast/study, /v1/cohorts (2), /v1/cldm/model, /v1/cldm/forecast
+    assert (
+        checked == 7
+    )  # /v1/model, /v1/forecast, /v1/forecast/study, /v1/cohorts (2), /v1/cldm/model, /v1/cldm/forecast
     good = {"Authorization": "Bearer s3cret"}
     assert client.get("/v1/model", headers=good).status_code == 200
     assert client.post("/v1/forecast", json=crop_body(), headers=good).status_code == 200

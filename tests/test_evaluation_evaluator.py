@@ -99,9 +99,7 @@ def test_a_one_class_split_is_a_clear_error(tmp_path):
                 "patient": [f"sub-{i}"],
                 "malignant": [0],
                 "target_diameter_mm": [6.0],
-                **{
-                    k: tensor_column(crop) for k in ("baseline", "target", "mean", "variance", "target_reconstruction")
-                },
+                **{k: tensor_column(crop) for k in ("baseline", "target", "mean", "variance", "target_reconstruction")},
                 **{k: tensor_column(latent) for k in ("mean_latent", "baseline_latent", "target_latent")},
                 "samples": tensor_column(np.zeros((1, 2, 8, 8), np.float32)),
             }
