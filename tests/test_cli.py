@@ -97,6 +97,17 @@ def test_serve_user_errors_exit_2_with_one_line(tmp_path, capsys, monkeypatch):
     assert "max_voxels" in one_line(capsys.readouterr().err)
 
 
+def test_cldm_forecast_user_errors_exit_2_with_one_line(tmp_path, capsys):
+    """Checked before Ray starts: no ingested cohort, then no CLDM model."""
+    args = ["forecast", "--job", "cldm", "--ingested", str(tmp_path / "ingested"), "--out", str(tmp_path / "out")]
+    assert main(args) == 2
+    assert "card.json" in one_line(capsys.readouterr().err)
+    (tmp_path / "ingested").mkdir()
+    (tmp_path / "ingested" / "card.json").write_text("{}")
+    assert main(args + ["--forecaster", str(tmp_path / "no-model")]) == 2
+    assert "not a CLDM training output" in one_line(capsys.readouterr().err)
+
+
 def test_missing_pseudonym_secret_exits_2_with_one_line(tiny_cohort, tmp_path, capsys, monkeypatch):
     monkeypatch.delenv("COHORTCAST_PSEUDONYM_SECRET", raising=False)
     args = [

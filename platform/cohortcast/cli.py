@@ -76,12 +76,18 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_forecast(args: argparse.Namespace) -> int:
-    from cohortcast.inference.cohort_forecast import forecast_cohort
+    if args.job == "cldm":
+        from cohortcast.inference.cldm_cohort_forecast import forecast_cldm_cohort as run
 
+        section, model = "cldm.forecast", "model"
+    else:
+        from cohortcast.inference.cohort_forecast import forecast_cohort as run
+
+        section, model = "forecast", "forecaster"
     extra = [
-        f"forecast.{k}={v}"
+        f"{section}.{k}={v}"
         for k, v in (
-            ("forecaster", args.forecaster),
+            (model, args.forecaster),
             ("ingested", args.ingested),
             ("output", args.out),
             ("split", args.split),
@@ -90,7 +96,7 @@ def cmd_forecast(args: argparse.Namespace) -> int:
         )
         if v is not None
     ]
-    print(json.dumps(forecast_cohort(_load(args, extra)), indent=2))
+    print(json.dumps(run(_load(args, extra)), indent=2))
     return 0
 
 
@@ -185,11 +191,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "forecast",
-        help="forecast every case of a split with a trained Forecaster (Ray Data actor "
-        "pool); Parquet + NIfTI + DICOM per case, finished cases skipped",
+        help="forecast every case of a split with a trained model (Ray Data actor pool); "
+        "per case Parquet + NIfTI (+ DICOM for NAMD), finished cases skipped",
     )
     _add_config_args(p)
-    p.add_argument("--forecaster", metavar="DIR", help="Forecaster folder (forecast.forecaster)")
+    p.add_argument(
+        "--job",
+        choices=("namd", "cldm"),
+        default="namd",
+        help="namd: nodule crops with a Forecaster (the `forecast` section); cldm: whole follow-up studies "
+        "with a CLDM training output (`cldm.forecast`; the options below set its keys)",
+    )
+    p.add_argument(
+        "--forecaster", metavar="DIR", help="Forecaster folder (forecast.forecaster; cldm: cldm.forecast.model)"
+    )
     p.add_argument("--ingested", metavar="DIR", help="ingested cohort (forecast.ingested)")
     p.add_argument("--split", choices=("train", "val", "test"), help="which split's cases (forecast.split)")
     p.add_argument("--samples", type=int, help="seeded DDIM samples per case (forecast.num_samples)")

@@ -326,8 +326,10 @@ def _write_nifti_images(folder: Path, images: dict[str, np.ndarray | None], affi
         write_nifti(Volume(np.asarray(image), np.asarray(affine, np.float64)), folder / f"{name}.nii.gz", dtype=dtype)
 
 
-def run_cldm_cohort_forecast(job: CLDMForecastJobConfig) -> dict[str, Any]:
-    """Forecast every not-yet-finished case; returns the run summary (also summary.json)."""
+def run_cldm_cohort_forecast(job: CLDMForecastJobConfig, start_ray=None) -> dict[str, Any]:
+    """Forecast every not-yet-finished case; returns the run summary (also summary.json).
+    `start_ray`: called once the inputs are checked, before the Ray Data work (a user
+    error is reported without starting Ray)."""
     import pyarrow.dataset as pads
     import ray
 
@@ -363,6 +365,8 @@ def run_cldm_cohort_forecast(job: CLDMForecastJobConfig) -> dict[str, Any]:
     started = time.perf_counter()
     seconds, threads, kinds = [], [], []
     if todo:
+        if start_ray is not None:
+            start_ray()
         cpus = float(ray.cluster_resources().get("CPU", 1))
         results = (
             ray.data.from_items(todo)
@@ -417,8 +421,7 @@ def forecast_cldm_cohort(cfg) -> dict[str, Any]:
     from cohortcast.ray_runtime import ensure_ray
 
     cfg = resolve_paths(cfg)
-    ensure_ray(cfg.ray)
-    return run_cldm_cohort_forecast(cfg.cldm.forecast)
+    return run_cldm_cohort_forecast(cfg.cldm.forecast, start_ray=lambda: ensure_ray(cfg.ray))
 
 
 def read_cldm_forecasts(output: str | Path):
