@@ -1,5 +1,5 @@
 """Ray Tune sweeps: the grid as validated configs, shared upstreams, concurrency from the
-cluster, best-trial selection; and a 2x2 sweep on the tiny config end to end: one MLflow
+cluster, best-trial selection; and a 2x1 sweep (two keys, two trials) on the tiny config end to end: one MLflow
 child run per trial, the upstream trained once, a best config that loads, a rerun that
 resumes without training anything again."""
 
@@ -99,14 +99,16 @@ SWEEP = (
         "training.validation.samples=1",
         "training.validation.inference_steps=2",
         "mlflow.experiment=sweep-test",
-        "tune.grid={training.task_weight: [0.1, 1.0], training.ldm_cond.lr: [0.0001, 0.0005]}",
+        # two keys (a product grid), two trials: one wave at 2 concurrent trials (CI time; the
+        # product itself is tested above)
+        "tune.grid={training.task_weight: [0.1, 1.0], training.ldm_cond.lr: [0.0005]}",
     ]
 )
 
 
 @pytest.mark.ray
 @pytest.mark.timeout(1200)
-def test_a_2x2_sweep_end_to_end_and_resumed(ray_session, tmp_path, monkeypatch):
+def test_a_2x1_sweep_end_to_end_and_resumed(ray_session, tmp_path, monkeypatch):
     from mlflow.tracking import MlflowClient
 
     from cohortcast.tracking.job_runs import local_store
@@ -116,7 +118,7 @@ def test_a_2x2_sweep_end_to_end_and_resumed(ray_session, tmp_path, monkeypatch):
     cfg = load_config(ROOT / "jobs/configs/namd_debug.yaml", [f"workdir={tmp_path}", *SWEEP])
     report = run_sweep(cfg)
     print(format_sweep(report))
-    assert [r["status"] for r in report.rows] == ["finished"] * 4 and report.upstreams == 1
+    assert [r["status"] for r in report.rows] == ["finished"] * 2 and report.upstreams == 1
     assert report.max_concurrent_trials == 2  # 2 CPUs, 1 worker x 1 CPU per trial
     metric = cfg.tune.metric
     assert report.best[metric] == min(r[metric] for r in report.rows)
@@ -133,12 +135,12 @@ def test_a_2x2_sweep_end_to_end_and_resumed(ray_session, tmp_path, monkeypatch):
     trials = [r for r in children if "cohortcast.trial" in r.data.tags]
     assert sorted(r.data.tags["cohortcast.trial"] for r in trials) == sorted(r["trial"] for r in report.rows)
     assert all(metric in r.data.metrics and "trial.training.task_weight" in r.data.params for r in trials)
-    assert [r.data.tags["mlflow.runName"] for r in children].count("vae") == 1  # one upstream for 4 trials
+    assert [r.data.tags["mlflow.runName"] for r in children].count("vae") == 1  # one upstream for both trials
     artifacts = {a.path for a in client.list_artifacts(sweep[0].info.run_id, "sweep")}
     assert {"sweep/summary.csv", "sweep/summary.md", "sweep/best_config.yaml", "sweep/best.json"} <= artifacts
 
     markers = {r["trial"]: (Path(r["forecaster"]) / "stage.json").stat().st_mtime for r in report.rows}
     again = run_sweep(cfg)  # resumes: the same parent run, finished trials kept, nothing retrained
-    assert [r["status"] for r in again.rows] == ["finished"] * 4
+    assert [r["status"] for r in again.rows] == ["finished"] * 2
     assert {r["trial"]: (Path(r["forecaster"]) / "stage.json").stat().st_mtime for r in again.rows} == markers
     assert len(client.search_runs([experiment.experiment_id], "tags.`cohortcast.sweep` = 'namd-sweep'")) == 1
