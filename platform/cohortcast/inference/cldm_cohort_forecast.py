@@ -38,19 +38,18 @@ from typing import Any
 import numpy as np
 
 from cohortcast.config.cldm_forecast import CLDMForecastJobConfig
-from cohortcast.console import format_duration, format_rate
 from cohortcast.errors import CohortcastError, MissingInputError
 from cohortcast.inference.cohort_forecast import (
-    ForecastSettingsMismatch,
     case_key,
+    check_settings,
     finished_cases,
     tensor_column,
+    write_summary,
 )
 
 log = logging.getLogger(__name__)
 
 CASE_FILE = "forecast.parquet"  # the same name finished_cases looks for
-SETTINGS_FILE = "settings.json"
 CASE_FORMAT = 1
 KIND_DIMS = {"ct": 3, "radiograph": 2}
 IMAGE_COLUMN = {"ct": "volume", "radiograph": "radiograph"}
@@ -162,24 +161,6 @@ def forecast_settings(job: CLDMForecastJobConfig, card: dict[str, Any]) -> dict[
     }
 
 
-def check_settings(output: Path, settings: dict[str, Any]) -> None:
-    from cohortcast.io.atomic import write_text_atomic
-
-    path = output / SETTINGS_FILE
-    if path.is_file():
-        before = json.loads(path.read_text())
-        changed = sorted(k for k in settings if before.get(k) != settings[k])
-        if changed and finished_cases(output):
-            diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed if k != "model_digest")
-            if "model_digest" in changed:
-                diff = ", ".join(filter(None, [diff, "the model's weights changed"]))
-            raise ForecastSettingsMismatch(
-                f"{output} holds CLDM forecasts made with other settings ({diff}); forecast into another "
-                "cldm.forecast.output or delete it"
-            )
-    write_text_atomic(path, json.dumps(settings, indent=2))
-
-
 def _column_array(table, name: str, dtype) -> np.ndarray:
     return np.asarray(table.column(name).combine_chunks().to_numpy_ndarray(), dtype)
 
@@ -233,7 +214,7 @@ class CLDMCaseForecaster:
             targets = [str(batch["target_study"][i]) for i in picks]
             rows = self._read(kind, [s for p in priors_of for s in p] + targets)
             masks = [rows[p[-1]].get("mask") for p in priors_of]
-            anchor = kind == "ct" and self.bundle.info()["anchoring_kinds"] and any(m is not None for m in masks)
+            anchor = kind in self.bundle.info()["anchoring_kinds"] and any(m is not None for m in masks)
             voxel_ml = [_voxel_ml(rows[t].get("affine")) for t in targets]
             forecasts = self.bundle.forecast(
                 [[(rows[s]["image"], d) for s, d in zip(p, days)] for p, days in zip(priors_of, days_of)],
@@ -333,7 +314,7 @@ def run_cldm_cohort_forecast(job: CLDMForecastJobConfig, start_ray=None) -> dict
     import pyarrow.dataset as pads
     import ray
 
-    from cohortcast.io.atomic import clear_stale_temps, write_text_atomic
+    from cohortcast.io.atomic import clear_stale_temps
     from cohortcast.models.cldm_bundle import CLDMBundle
 
     card_path = Path(job.ingested) / "card.json"
@@ -352,7 +333,7 @@ def run_cldm_cohort_forecast(job: CLDMForecastJobConfig, start_ray=None) -> dict
 
     output = Path(job.output)
     (output / "cases").mkdir(parents=True, exist_ok=True)
-    check_settings(output, forecast_settings(job, card))
+    check_settings(output, forecast_settings(job, card), "cldm.forecast.output")
     for stale in (output / "cases").glob(".*.tmp-*"):  # an interrupted run's half-written cases
         shutil.rmtree(stale, ignore_errors=True)
     clear_stale_temps(output / "summary.json")
@@ -395,24 +376,8 @@ def run_cldm_cohort_forecast(job: CLDMForecastJobConfig, start_ray=None) -> dict
         "num_samples": job.num_samples,
         "inference_steps": job.inference_steps,
         "seed": job.seed,
-        "wall_seconds": wall,
-        "cases_per_s": len(seconds) / wall if seconds else 0.0,
-        "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0,
-        "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0,
-        "actor_torch_threads": threads,
     }
-    write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
-    log.info(
-        "CLDM forecast: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s",
-        len(seconds),
-        format_duration(wall),
-        format_rate(summary["cases_per_s"]),
-        format_rate(summary["samples_per_s"]),
-        summary["finished"],
-        len(cases),
-        output,
-    )
-    return summary
+    return write_summary(output, summary, seconds, threads, wall, "CLDM forecast")
 
 
 def forecast_cldm_cohort(cfg) -> dict[str, Any]:

@@ -122,7 +122,9 @@ def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str,
     }
 
 
-def check_settings(output: Path, settings: dict[str, Any]) -> None:
+def check_settings(output: Path, settings: dict[str, Any], output_setting: str = "forecast.output") -> None:
+    """Record `settings` in OUTPUT/settings.json; refuse (ForecastSettingsMismatch) when
+    the folder's finished cases were made with others."""
     from cohortcast.io.atomic import write_text_atomic
 
     path = output / SETTINGS_FILE
@@ -130,12 +132,50 @@ def check_settings(output: Path, settings: dict[str, Any]) -> None:
         before = json.loads(path.read_text())
         changed = sorted(k for k in settings if before.get(k) != settings[k])
         if changed and finished_cases(output):
-            diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings[k]!r}" for k in changed)
+            diff = ", ".join(_change(k, before.get(k), settings[k]) for k in changed)
             raise ForecastSettingsMismatch(
                 f"{output} holds forecasts made with other settings ({diff}); forecast "
-                "into another forecast.output or delete it"
+                f"into another {output_setting} or delete it"
             )
     write_text_atomic(path, json.dumps(settings, indent=2))
+
+
+def _change(key: str, before: Any, now: Any) -> str:
+    if isinstance(before, dict) or isinstance(now, dict):  # e.g. digests of a model's files
+        return f"{key} changed"
+    return f"{key}: {before!r} -> {now!r}"
+
+
+def write_summary(
+    output: Path, summary: dict[str, Any], seconds: list[float], threads: list, wall: float, what: str
+) -> dict:
+    """`summary` + the run's throughput -> OUTPUT/summary.json and one log line."""
+    from cohortcast.io.atomic import write_text_atomic
+
+    samples = summary["num_samples"]
+    summary = {
+        **summary,
+        "wall_seconds": wall,
+        "cases_per_s": len(seconds) / wall if seconds else 0.0,
+        "samples_per_s": len(seconds) * samples / wall if seconds else 0.0,
+        # time inside the actors (model + writes) per case: against wall * actors / cases
+        # it tells a slow model from a starved pipeline
+        "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0,
+        "actor_torch_threads": threads,
+    }
+    write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
+    log.info(
+        "%s: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s",
+        what,
+        len(seconds),
+        format_duration(wall),
+        format_rate(summary["cases_per_s"]),
+        format_rate(summary["samples_per_s"]),
+        summary["finished"],
+        summary["cases"],
+        output,
+    )
+    return summary
 
 
 def case_key(case_id: str) -> str:
@@ -335,7 +375,7 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
     """Forecast every not-yet-finished case; returns the run summary (also summary.json)."""
     import ray
 
-    from cohortcast.io.atomic import clear_stale_temps, write_text_atomic
+    from cohortcast.io.atomic import clear_stale_temps
 
     card = json.loads((Path(job.ingested) / "card.json").read_text())
     cohort_preprocessing(job.forecaster, card)  # before any work: a mismatch is a clear error
@@ -381,26 +421,8 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
         "num_samples": job.num_samples,
         "inference_steps": job.inference_steps,
         "seed": job.seed,
-        "wall_seconds": wall,
-        "cases_per_s": len(seconds) / wall if seconds else 0.0,
-        "samples_per_s": len(seconds) * job.num_samples / wall if seconds else 0.0,
-        # time inside the actors (model + writes) per case: against wall * actors / cases
-        # it tells a slow model from a starved pipeline
-        "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0,
-        "actor_torch_threads": threads,
     }
-    write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
-    log.info(
-        "forecast: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s",
-        len(seconds),
-        format_duration(wall),
-        format_rate(summary["cases_per_s"]),
-        format_rate(summary["samples_per_s"]),
-        summary["finished"],
-        total,
-        output,
-    )
-    return summary
+    return write_summary(output, summary, seconds, threads, wall, "forecast")
 
 
 def forecast_cohort(cfg) -> dict[str, Any]:
