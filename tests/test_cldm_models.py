@@ -15,7 +15,7 @@ from cohortcast.config.cldm_models import (
 from cohortcast.config.models import SchedulerConfig, TemporalConfig
 from cohortcast.models.cldm_forecaster import CLDMForecaster, random_prior_truncation
 from cohortcast.models.errors import ForecasterLoadError
-from cohortcast.models.sampler import ddim_loop
+from cohortcast.models.sampler import reverse_loop
 from cohortcast.models.study_regressor import StudyRegressor
 from cohortcast.models.token_denoiser import TokenDenoiser, group_tokens, ungroup_tokens
 
@@ -98,7 +98,7 @@ def test_null_context_differs_and_guidance_one_is_the_conditional_output():
     x, t = torch.randn_like(baseline), torch.tensor([300, 300])
     cond, uncond = den(x, t, baseline, context), den(x, t, baseline, den.null(2))
     assert (cond - uncond).abs().max() > 1e-3
-    guided = lambda scale: uncond + scale * (cond - uncond)  # noqa: E731 - ddim_loop's formula
+    guided = lambda scale: uncond + scale * (cond - uncond)  # noqa: E731 - reverse_loop's formula
     torch.testing.assert_close(guided(1.0), cond, rtol=0, atol=1e-6)
     torch.testing.assert_close(guided(0.0), uncond, rtol=0, atol=0)
     # Dropped rows get exactly the null tokens; the others keep theirs.
@@ -107,8 +107,8 @@ def test_null_context_differs_and_guidance_one_is_the_conditional_output():
     # Through the sampler: scale 1 is the conditional model alone, scale 3 moves the samples.
     sched = f.inference_scheduler()
     noise = torch.randn_like(baseline)
-    plain = ddim_loop(den, sched, noise, baseline, context, steps=3, guidance_scale=1.0)
-    assert not torch.allclose(plain, ddim_loop(den, sched, noise, baseline, context, steps=3, guidance_scale=3.0))
+    plain = reverse_loop(den, sched, noise, baseline, context, steps=3, guidance_scale=1.0)
+    assert not torch.allclose(plain, reverse_loop(den, sched, noise, baseline, context, steps=3, guidance_scale=3.0))
     # The temporal summary and the target date both reach the context.
     later, _ = f.context(tokens, days + 200, mask)
     assert not torch.allclose(later, context)

@@ -18,7 +18,7 @@ from cohortcast.config.models import (
 from cohortcast.models.denoiser import ConditionalDenoiser
 from cohortcast.models.ehr_prompt import render_ehr_prompt
 from cohortcast.models.forecaster import Forecaster, ForecasterLoadError
-from cohortcast.models.sampler import ddim_loop, forecast_latents, sample_seed
+from cohortcast.models.sampler import reverse_loop, forecast_latents, sample_seed
 from cohortcast.models.schedulers import training_target
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.tiny_llm import write_tiny_gemma3
@@ -115,7 +115,7 @@ def test_ddim_loop_equals_diffusers_loop(forecaster):
             )
 
     with torch.no_grad():
-        ours = ddim_loop(f.denoiser, f.inference_scheduler(), noise, baseline, ctx, steps=10)
+        ours = reverse_loop(f.denoiser, f.inference_scheduler(), noise, baseline, ctx, steps=10)
         ref = _reference_diffusers_loop(ConcatUNet(), f.inference_scheduler(), noise, {"context": ctx}, 10)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
 
@@ -127,9 +127,78 @@ def _forecast(f, case_ids, records, seed=3, **kw):
     return f.forecast(images, horizon, case_ids, ehr=records, num_samples=4, seed=seed, steps=6, **kw)
 
 
-@pytest.mark.parametrize("eta", [0.0, 0.5])
-def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
-    batch = _forecast(forecaster, ["c0", "c1", "c2"], RECORDS, eta=eta)
+def test_dpm_solver_loop_equals_diffusers_loop(forecaster):
+    """Our loop with DPM-Solver++ (a multistep solver: state between steps) is diffusers'."""
+    f = forecaster
+    torch.manual_seed(2)
+    baseline, noise, ctx = torch.randn(2, *LATENT), torch.randn(2, *LATENT), torch.randn(2, 3, 64)
+
+    class ConcatUNet(torch.nn.Module):
+        def forward(self, x, t, encoder_hidden_states, return_dict=False):
+            return (
+                f.denoiser.unet(torch.cat([x, baseline], 1), t, encoder_hidden_states=encoder_hidden_states).sample,
+            )
+
+    scheduler = f.inference_scheduler("dpmsolver++")
+    assert type(scheduler).__name__ == "DPMSolverMultistepScheduler"
+    with torch.no_grad():
+        ours = reverse_loop(f.denoiser, scheduler, noise, baseline, ctx, steps=7)
+        again = reverse_loop(f.denoiser, scheduler, noise, baseline, ctx, steps=7)  # no state left over
+        ref = _reference_diffusers_loop(ConcatUNet(), f.inference_scheduler("dpmsolver++"), noise, {"context": ctx}, 7)
+        ddim = reverse_loop(f.denoiser, f.inference_scheduler("ddim"), noise, baseline, ctx, steps=7)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    assert torch.equal(ours, again) and not torch.allclose(ours, ddim)
+    with pytest.raises(ValueError, match="takes no eta"):
+        reverse_loop(f.denoiser, scheduler, noise, baseline, ctx, steps=3, eta=0.5)
+    with pytest.raises(ValueError, match="unknown sampler"):
+        f.inference_scheduler("euler")
+
+
+class _GaussianDataDenoiser:
+    """The exact v-prediction for data x0 ~ N(mean, std^2) per element: the probability-flow
+    ODE then maps start noise z to mean + std * z, so a sampler's error is measurable."""
+
+    def __init__(self, alphas_cumprod, mean: float, std: float):
+        self.a, self.mean, self.var = alphas_cumprod, mean, std**2
+
+    def null(self, batch):
+        return torch.zeros(batch, 1, 1)
+
+    def __call__(self, noisy, t, baseline, context):
+        a = self.a[int(t)].double()
+        x = noisy.double()
+        x0 = self.mean + a.sqrt() * self.var / (a * self.var + 1 - a) * (x - a.sqrt() * self.mean)
+        eps = (x - a.sqrt() * x0) / (1 - a).sqrt()
+        return (a.sqrt() * eps - (1 - a).sqrt() * x0).float()
+
+
+def test_dpm_solver_reaches_the_ode_solution_in_fewer_steps_than_ddim():
+    """Why DPM-Solver++ is offered: on a denoiser whose ODE solution is known in closed
+    form, 10 DPM-Solver++ steps land closer to it than 10 DDIM steps, and as close as
+    50 DDIM steps."""
+    from cohortcast.config.models import SchedulerConfig
+    from cohortcast.models.schedulers import inference_scheduler
+
+    cfg = SchedulerConfig()
+    denoiser = _GaussianDataDenoiser(inference_scheduler(cfg).alphas_cumprod, mean=0.7, std=0.3)
+    z = torch.randn(256, 4, generator=torch.Generator().manual_seed(0))
+    exact = 0.7 + 0.3 * z
+    zeros, ctx = torch.zeros_like(z), torch.zeros(256, 1, 1)
+
+    def error(sampler, steps):
+        out = reverse_loop(denoiser, inference_scheduler(cfg, sampler), z, zeros, ctx, steps=steps)
+        return float((out - exact).abs().mean())
+
+    # Measured: DDIM 10/50 steps 0.087/0.020, DPM-Solver++ 10 steps 0.006.
+    dpm10, ddim10, ddim50 = error("dpmsolver++", 10), error("ddim", 10), error("ddim", 50)
+    assert dpm10 < 0.2 * ddim10, (dpm10, ddim10)
+    assert dpm10 < 0.5 * ddim50, (dpm10, ddim50)
+    assert error("dpmsolver++", 50) < 0.003
+
+
+@pytest.mark.parametrize(("sampler", "eta"), [("ddim", 0.0), ("ddim", 0.5), ("dpmsolver++", 0.0)])
+def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, sampler, eta):
+    batch = _forecast(forecaster, ["c0", "c1", "c2"], RECORDS, eta=eta, sampler=sampler)
     torch.manual_seed(999)
     alone = forecaster.forecast(
         torch.full((1, 1, 32, 32), 0.2),
@@ -140,6 +209,7 @@ def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
         seed=3,
         steps=6,
         eta=eta,
+        sampler=sampler,
     )
     assert torch.equal(alone.samples[0], batch.samples[1])
     # More cases than one micro-batch holds (scheduler.micro_batch = 20 rows, 4 samples each).
@@ -152,6 +222,7 @@ def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
         seed=3,
         steps=6,
         eta=eta,
+        sampler=sampler,
     )
     assert torch.equal(many.samples[6], alone.samples[0])
     # One seed per case (how the service batches requests with different seeds): each case
@@ -165,6 +236,7 @@ def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
         seed=[3, 8, 3],
         steps=6,
         eta=eta,
+        sampler=sampler,
     )
     other_seed = forecaster.forecast(
         torch.full((1, 1, 32, 32), 0.2),
@@ -175,6 +247,7 @@ def test_a_case_gives_the_same_forecast_alone_or_in_any_batch(forecaster, eta):
         seed=8,
         steps=6,
         eta=eta,
+        sampler=sampler,
     )
     assert torch.equal(mixed.samples[0], alone.samples[0]) and torch.equal(mixed.samples[1], other_seed.samples[0])
 

@@ -216,12 +216,14 @@ class CLDMBundle:
         voxel_ml: float | list[float | None] | None = None,
         method: str = "diffusion",
         prior_masks: list[np.ndarray | None] | None = None,
+        sampler: str | None = None,
     ) -> list[CaseForecast]:
         """Forecast each case's target study from its priors ((image, days before target)
         pairs); `seed` one for all or one per case; `voxel_ml` one voxel's volume on the
         study grid (per case or for all) for mL figures; `method` "diffusion" or
         "regressor" (the no-diffusion baseline, when the bundle has one); `prior_masks`
-        per case the most recent prior's mask on the study grid (or None) to anchor to."""
+        per case the most recent prior's mask on the study grid (or None) to anchor to;
+        `sampler` "ddim" | "dpmsolver++" (default: the forecaster's scheduler config)."""
         self._check(priors, case_ids, kind, prior_masks)
         model = {"diffusion": self.forecaster, "regressor": self.regressor}.get(method)
         if model is None:
@@ -246,6 +248,7 @@ class CLDMBundle:
             num_samples=num_samples,
             seed=seed,
             steps=steps,
+            sampler=sampler,
         )
         cases = [
             CaseForecast(kind, out.mean[i].float().cpu().numpy(), out.variance[i].float().cpu().numpy())

@@ -35,7 +35,13 @@ from cohortcast.config.cldm_models import CLDMModelsConfig
 from cohortcast.models.cldm_io import check_config, load_weights, read_model_meta, save_model_folder
 from cohortcast.models.denoiser import condition_dropout_mask
 from cohortcast.models.sampler import forecast_latents, run_fixed_chunks
-from cohortcast.models.schedulers import inference_scheduler, predicted_clean, train_scheduler, training_target
+from cohortcast.models.schedulers import (
+    default_eta,
+    inference_scheduler,
+    predicted_clean,
+    train_scheduler,
+    training_target,
+)
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.token_denoiser import TokenDenoiser
 
@@ -45,6 +51,7 @@ from cohortcast.models.token_denoiser import TokenDenoiser
 RUNTIME_FIELDS = (
     "scheduler.inference_steps",
     "scheduler.eta",
+    "scheduler.sampler",
     "scheduler.guidance_scale",
     "scheduler.num_samples",
     "scheduler.micro_batch",
@@ -159,8 +166,8 @@ class CLDMForecaster(nn.Module):
         self.denoiser = TokenDenoiser(cfg.latent, cfg.denoiser)
         self._train_scheduler = train_scheduler(cfg.scheduler)
 
-    def inference_scheduler(self):
-        return inference_scheduler(self.cfg.scheduler)
+    def inference_scheduler(self, sampler: str | None = None):
+        return inference_scheduler(self.cfg.scheduler, sampler)
 
     # ----- what is diffused: scaled change from the last prior, or scaled tokens --------
     def target_scale(self, dims: int) -> float:
@@ -291,15 +298,17 @@ class CLDMForecaster(nn.Module):
         steps: int | None = None,
         guidance_scale: float | None = None,
         eta: float | None = None,
+        sampler: str | None = None,
     ) -> TokenForecast:
         """N seeded samples of each case's target study tokens; `seed` one for all cases or
-        one per case. Sample k of a case depends only on (seed, case id, k) and its inputs."""
+        one per case. Sample k of a case depends only on (seed, case id, k) and its inputs.
+        `sampler`: "ddim" | "dpmsolver++" (default: the model's scheduler config)."""
         s = self.cfg.scheduler
         baseline, context = self._conditioning(prior_tokens, days_before_target, exam_mask)
         n = num_samples or s.num_samples
         generated = forecast_latents(
             self.denoiser,
-            self.inference_scheduler(),
+            self.inference_scheduler(sampler),
             baseline,
             context,
             case_ids,
@@ -307,7 +316,7 @@ class CLDMForecaster(nn.Module):
             seed,
             steps or s.inference_steps,
             s.guidance_scale if guidance_scale is None else guidance_scale,
-            s.eta if eta is None else eta,
+            default_eta(s, sampler) if eta is None else eta,
             s.micro_batch,
         ).samples
         return self._token_forecast(self.from_generated(generated, baseline[:, None]), baseline)

@@ -33,7 +33,7 @@ from cohortcast.models.ehr_structured import EHR_VECTOR_SIZE, StructuredEHREncod
 from cohortcast.models.errors import ForecasterLoadError  # noqa: F401 - re-exported
 from cohortcast.models.preprocessing import CropPreprocessing
 from cohortcast.models.sampler import forecast_latents, run_fixed_chunks
-from cohortcast.models.schedulers import inference_scheduler, train_scheduler
+from cohortcast.models.schedulers import default_eta, inference_scheduler, train_scheduler
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.vae import NoduleVAE
 
@@ -136,8 +136,8 @@ class Forecaster(nn.Module):
     def train_scheduler(self):
         return train_scheduler(self.cfg.scheduler)
 
-    def inference_scheduler(self):
-        return inference_scheduler(self.cfg.scheduler)
+    def inference_scheduler(self, sampler: str | None = None):
+        return inference_scheduler(self.cfg.scheduler, sampler)
 
     # ----- what the denoiser generates: the scaled change, or the follow-up latent ------
     @property
@@ -228,10 +228,12 @@ class Forecaster(nn.Module):
         steps: int | None = None,
         guidance_scale: float | None = None,
         eta: float | None = None,
+        sampler: str | None = None,
     ) -> Forecast:
         """Baseline crops (B, C, H, W) in the ingestion intensity range -> N forecasts each;
         `ehr`: one EHR record (manifest column names) per case, for a Forecaster with an
-        EHR encoder; `seed` for all cases or one per case.
+        EHR encoder; `seed` for all cases or one per case. `steps`, `guidance_scale`,
+        `eta` and `sampler` ("ddim" | "dpmsolver++") default to the model's scheduler config.
         Every network call runs in fixed micro-batches (scheduler.micro_batch), so a case's
         forecast is bit-identical whatever other cases share the call."""
         s = self.cfg.scheduler
@@ -272,7 +274,7 @@ class Forecaster(nn.Module):
         else:
             generated = forecast_latents(
                 self.denoiser,
-                self.inference_scheduler(),
+                self.inference_scheduler(sampler),
                 baseline,
                 context,
                 case_ids,
@@ -280,7 +282,7 @@ class Forecaster(nn.Module):
                 seed,
                 steps or s.inference_steps,
                 s.guidance_scale if guidance_scale is None else guidance_scale,
-                s.eta if eta is None else eta,
+                default_eta(s, sampler) if eta is None else eta,
                 s.micro_batch,
             ).samples
         latents = self.from_generated(generated, baseline[:, None])  # (B, N, c, h, w)

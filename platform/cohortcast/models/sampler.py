@@ -1,9 +1,9 @@
-"""Seeded multi-sample DDIM forecasting.
+"""Seeded multi-sample forecasting with DDIM or DPM-Solver++.
 
 B cases x N samples run as one batch of B*N (in micro-batches if asked). Sample k of
 case c starts from noise drawn from its own generator, seeded by a hash of
-(base seed, case id, k), on the CPU; with eta > 0 its per-step noise comes from its own
-generator too. So a sample's trajectory never depends on what else is in the batch:
+(base seed, case id, k), on the CPU; with DDIM's eta > 0 its per-step noise comes from
+its own generator too (DPM-Solver++ adds none: the start noise is the whole sample). So a sample's trajectory never depends on what else is in the batch:
 a case gives the same forecast alone or inside any batch.
 
 Latents may be any shape per case: (c, h, w) maps (NAMD's U-Net) or (1 + N, dim) study
@@ -60,7 +60,7 @@ def seeded_noise(seeds: list[int], shape: tuple[int, ...], device, dtype) -> tor
 
 
 @torch.no_grad()
-def ddim_loop(
+def reverse_loop(
     denoiser: Denoiser,
     scheduler: DDIMScheduler,
     noise: torch.Tensor,
@@ -71,8 +71,15 @@ def ddim_loop(
     eta: float = 0.0,
     generators: list[torch.Generator] | None = None,
 ) -> torch.Tensor:
-    """The DDIM reverse process for a batch; classifier-free guidance when scale != 1."""
+    """The reverse process for a batch with `scheduler` (DDIM, or any diffusers scheduler
+    with the same step API, such as DPM-Solver++); classifier-free guidance when scale != 1.
+    Multistep solvers keep state between steps: set_timesteps resets it, and each call
+    works on its own copy so concurrent calls never share it."""
+    scheduler = type(scheduler).from_config(scheduler.config)
     scheduler.set_timesteps(steps, device=noise.device)
+    is_ddim = isinstance(scheduler, DDIMScheduler)
+    if eta > 0 and not is_ddim:
+        raise ValueError(f"eta > 0 is DDIM's stochastic sampling; {type(scheduler).__name__} takes no eta")
     x = noise * scheduler.init_noise_sigma
     null = denoiser.null(x.shape[0])
     for t in scheduler.timesteps:
@@ -84,7 +91,10 @@ def ddim_loop(
             eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         else:
             eps = denoiser(model_in, t, baseline, context)
-        x = scheduler.step(eps, t, x, eta=eta, generator=generators if eta > 0 else None).prev_sample
+        if is_ddim:
+            x = scheduler.step(eps, t, x, eta=eta, generator=generators if eta > 0 else None).prev_sample
+        else:
+            x = scheduler.step(eps, t, x).prev_sample
     return x
 
 
@@ -127,7 +137,9 @@ def forecast_latents(
 
     def run(noise_part, base_part, ctx_part, seed_part):
         generators = [torch.Generator(device=noise.device).manual_seed(int(s) ^ 0x5EED) for s in seed_part[:, 0]]
-        return ddim_loop(denoiser, scheduler, noise_part, base_part, ctx_part, steps, guidance_scale, eta, generators)
+        return reverse_loop(
+            denoiser, scheduler, noise_part, base_part, ctx_part, steps, guidance_scale, eta, generators
+        )
 
     samples = run_fixed_chunks(run, [noise, base, ctx, seed_rows], micro_batch or len(seeds))
     samples = samples.view(baseline.shape[0], num_samples, *baseline.shape[1:])

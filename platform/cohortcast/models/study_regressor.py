@@ -61,8 +61,9 @@ class StudyRegressor(CLDMForecaster):
         steps: int | None = None,
         guidance_scale: float | None = None,
         eta: float | None = None,
+        sampler: str | None = None,
     ) -> TokenForecast:
-        """The forecaster's signature; deterministic, so the N "samples" are the one
+        """The forecaster's signature (the sampling arguments are ignored); deterministic, so the N "samples" are the one
         prediction (variance exactly 0) and seed, steps, guidance and eta are ignored."""
         if len(case_ids) != prior_tokens.shape[0]:
             raise ValueError(f"{len(case_ids)} case ids for {prior_tokens.shape[0]} cases")
