@@ -18,7 +18,7 @@ from cohortcast.config.models import (
 from cohortcast.models.denoiser import ConditionalDenoiser
 from cohortcast.models.ehr_prompt import render_ehr_prompt
 from cohortcast.models.forecaster import Forecaster, ForecasterLoadError
-from cohortcast.models.sampler import reverse_loop, forecast_latents, sample_seed
+from cohortcast.models.sampler import forecast_latents, reverse_loop, sample_seed
 from cohortcast.models.schedulers import training_target
 from cohortcast.models.temporal import TemporalContextEncoder
 from cohortcast.models.tiny_llm import write_tiny_gemma3
