@@ -55,6 +55,18 @@ def test_answers_do_not_depend_on_the_batch(model):
     assert alone["samples"].shape == (2, 32, 32)
 
 
+def test_a_request_names_its_sampler_and_batches_only_with_its_own(model):
+    """`sampler` picks DDIM or DPM-Solver++ (the service's default_sampler when unset);
+    a batch mixing both answers each as if it were alone."""
+    ddim, dpm = prepare(request(), (32, 32), CFG, True), prepare(request(sampler="dpmsolver++"), (32, 32), CFG, True)
+    assert (ddim.sampler, dpm.sampler) == ("ddim", "dpmsolver++") and ddim.case_id == dpm.case_id
+    assert prepare(request(), (32, 32), ServeConfig(default_sampler="dpmsolver++"), True).sampler == "dpmsolver++"
+    mixed = run_batch(model, [dpm, ddim])
+    np.testing.assert_array_equal(mixed[0]["samples"], run_batch(model, [dpm])[0]["samples"])
+    np.testing.assert_array_equal(mixed[1]["samples"], run_batch(model, [ddim])[0]["samples"])
+    assert not np.array_equal(mixed[0]["samples"], mixed[1]["samples"])  # another solver, another path
+
+
 def test_prepared_request_carries_the_validated_record():
     """PreparedRequest.ehr (a dict, for models with an EHR encoder) replaced ehr_text;
     equal records give equal case ids (they seed the samples)."""
@@ -71,6 +83,7 @@ def test_prepared_request_carries_the_validated_record():
         ({"crop_npy_b64": encode_npy(np.full((32, 32), 5.0))}, "crop_npy_b64"),
         ({"num_samples": 9}, "num_samples"),
         ({"steps": 0}, "steps"),
+        ({"sampler": "euler"}, "sampler"),
         ({"horizon_days": 99999}, "horizon_days"),
         ({"ehr": {"age": 300}}, "ehr.age"),
         ({"ehr": {"gender": "X"}}, "ehr.gender"),
@@ -79,8 +92,8 @@ def test_prepared_request_carries_the_validated_record():
 )
 def test_bad_requests_name_the_field(change, field):
     body = request().model_dump() | change
-    with pytest.raises(RequestError) as info:
-        prepare(ForecastRequest(**body), (32, 32), CFG, True)
+    with pytest.raises(RequestError) as info:  # model_construct: the service's own checks, not pydantic's
+        prepare(ForecastRequest.model_construct(**body), (32, 32), CFG, True)
     assert info.value.field == field
 
 

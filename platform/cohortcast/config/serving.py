@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cohortcast.config.loader import require as _require
+from cohortcast.config.models import SAMPLERS
 
 
 @dataclass
@@ -56,6 +57,9 @@ class ServeConfig:
     max_samples: int = 32
     default_steps: int = 50
     max_steps: int = 100
+    # The sampler a request gets when it names none ("ddim" | "dpmsolver++"); with it,
+    # default_steps (benchmarks/few_step_sampling.py compares them at equal quality).
+    default_sampler: str = "ddim"
     max_horizon_days: float = 3650.0
     max_ongoing_requests: int = 16  # per replica; beyond it requests queue...
     max_queued_requests: int = 64  # ...and beyond this the service answers 503
@@ -85,6 +89,7 @@ class ServeConfig:
     def validate(self) -> None:
         _require(1 <= self.default_samples <= self.max_samples, "default_samples", "must be in 1..max_samples")
         _require(1 <= self.default_steps <= self.max_steps, "default_steps", "must be in 1..max_steps")
+        _require(self.default_sampler in SAMPLERS, "default_sampler", f"must be one of {', '.join(SAMPLERS)}")
         _require(
             self.max_batch_size >= 1 and self.batch_wait_timeout_s >= 0,
             "max_batch_size",

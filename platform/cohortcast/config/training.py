@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cohortcast.config.loader import require as _require
+from cohortcast.config.models import SAMPLERS
 
 
 @dataclass
@@ -156,7 +157,8 @@ class MLflowConfig:
 class ForecastJobConfig:
     """Cohort forecasting (jobs/forecast_cohort.py): every (patient, nodule) of `split`
     with a follow-up, forecast from its first exam to its first follow-up's date (NAMD's
-    T0 -> T1), `num_samples` seeded DDIM samples each."""
+    T0 -> T1), `num_samples` seeded samples each, by `sampler` ("ddim" | "dpmsolver++";
+    None: the Forecaster's scheduler config) in `inference_steps` steps."""
 
     forecaster: str = "runs/demo/train/ldm_cond"
     ingested: str = "runs/demo/ingested"
@@ -164,6 +166,7 @@ class ForecastJobConfig:
     output: str = "runs/demo/forecasts"
     num_samples: int = 20
     inference_steps: int = 50
+    sampler: str | None = None  # None: the Forecaster's scheduler config
     seed: int = 0
     guidance_scale: float | None = None  # None: the Forecaster's scheduler config
     actors: int = 1
@@ -176,3 +179,4 @@ class ForecastJobConfig:
         _require(self.inference_steps >= 1, "inference_steps", "must be >= 1")
         _require(self.actors >= 1 and self.cases_per_batch >= 1, "actors", "actors and cases_per_batch must be >= 1")
         _require(self.split in ("train", "val", "test"), "split", "must be train, val or test")
+        _require(self.sampler in (None, *SAMPLERS), "sampler", f"must be null or one of {', '.join(SAMPLERS)}")

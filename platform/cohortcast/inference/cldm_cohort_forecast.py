@@ -158,6 +158,8 @@ def forecast_settings(job: CLDMForecastJobConfig, card: dict[str, Any]) -> dict[
         "inference_steps": job.inference_steps,
         "seed": job.seed,
         "ingest_fingerprint": card.get("fingerprint"),
+        # Only when set: folders finished before samplers were selectable stay resumable.
+        **({"sampler": job.sampler} if job.sampler else {}),
     }
 
 
@@ -222,6 +224,7 @@ class CLDMCaseForecaster:
                 num_samples=self.job.num_samples,
                 seed=self.job.seed,
                 steps=self.job.inference_steps,
+                sampler=self.job.sampler,
                 kind=kind,
                 voxel_ml=voxel_ml,
                 method=self.job.method,
@@ -375,6 +378,7 @@ def run_cldm_cohort_forecast(job: CLDMForecastJobConfig, start_ray=None) -> dict
         "method": job.method,
         "num_samples": job.num_samples,
         "inference_steps": job.inference_steps,
+        "sampler": job.sampler,
         "seed": job.seed,
     }
     return write_summary(output, summary, seconds, threads, wall, "CLDM forecast")

@@ -4,7 +4,7 @@ Cases: every (patient, nodule) of a split with at least one follow-up; the forec
 goes from its first exam (baseline crop + EHR) to the date of its first follow-up
 (NAMD's T0 -> T1), and the real follow-up crop is kept next to it for evaluation.
 An actor pool holds the Forecaster (loaded once per actor); each case gets N seeded
-DDIM samples (seeds from (seed, case id, k): a case's forecast does not depend on its
+samples (DDIM or DPM-Solver++; seeds from (seed, case id, k): a case's forecast does not depend on its
 batch or actor).
 
 Output, one folder per case, written under a temp name and renamed when complete, so a
@@ -119,6 +119,8 @@ def forecast_settings(job: ForecastJobConfig, card: dict[str, Any]) -> dict[str,
         "seed": job.seed,
         "guidance_scale": job.guidance_scale,
         "ingest_fingerprint": card.get("fingerprint"),
+        # Only when set: folders finished before samplers were selectable stay resumable.
+        **({"sampler": job.sampler} if job.sampler else {}),
     }
 
 
@@ -264,6 +266,7 @@ class CaseForecaster:
             seed=self.job.seed,
             steps=self.job.inference_steps,
             guidance_scale=self.job.guidance_scale,
+            sampler=self.job.sampler,
         )
         # For the evaluation's latent error and VAE floor: the real follow-up through the
         # same VAE (its latent, and that latent decoded).
@@ -323,6 +326,7 @@ class CaseForecaster:
                     "seed": [self.job.seed],
                     "num_samples": [self.job.num_samples],
                     "inference_steps": [self.job.inference_steps],
+                    "sampler": [self.job.sampler or self.model.cfg.scheduler.sampler],
                     "baseline": tensor_column(np.asarray(batch["baseline"][i : i + 1], np.float32)),
                     "target": tensor_column(np.asarray(batch["target"][i : i + 1], np.float32)),
                     "mean": tensor_column(mean[None]),
@@ -420,6 +424,7 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
         "finished": len(finished & _keys(cases)),
         "num_samples": job.num_samples,
         "inference_steps": job.inference_steps,
+        "sampler": job.sampler,
         "seed": job.seed,
     }
     return write_summary(output, summary, seconds, threads, wall, "forecast")

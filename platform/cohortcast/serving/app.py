@@ -73,6 +73,7 @@ class ForecastAnswer(BaseModel):
     seed: int
     num_samples: int
     steps: int
+    sampler: str
     mean_npy_b64: str
     variance_npy_b64: str
     samples_npy_b64: str
@@ -230,6 +231,7 @@ LIVE_SETTINGS = (
     "max_samples",
     "default_steps",
     "max_steps",
+    "default_sampler",
     "max_horizon_days",
     "max_upload_mb",
     "max_uncompressed_mb",

@@ -27,7 +27,7 @@ def run_cldm_batch(bundle, items: list[PreparedCLDMRequest]) -> list:
     for item in items:
         groups[item.group][(item.case_id, item.seed)] = item
     answers: dict[tuple, Any] = {}
-    for (kind, method, samples, steps), unique in groups.items():
+    for (kind, method, samples, steps, sampler), unique in groups.items():
         cases = list(unique.values())
         masks = [c.last_prior_mask for c in cases]
         forecasts = bundle.forecast(
@@ -36,6 +36,7 @@ def run_cldm_batch(bundle, items: list[PreparedCLDMRequest]) -> list:
             num_samples=samples,
             seed=[c.seed for c in cases],
             steps=steps,
+            sampler=sampler,
             kind=kind,
             voxel_ml=[c.voxel_ml for c in cases],
             method=method,

@@ -28,6 +28,7 @@ from cohortcast.serving.requests import (
     decode_npy,
     encode_npy,
     read_npy,
+    choose_sampler,
     sampling_limits,
     shown,
 )
@@ -66,7 +67,10 @@ class CLDMForecastRequest(BaseModel):
     num_samples: int | None = Field(
         default=None, description="seeded samples (default: the service's; 1..max_samples, see GET /v1/cldm/model)"
     )
-    steps: int | None = Field(default=None, description="DDIM steps (default: the service's; 1..max_steps)")
+    steps: int | None = Field(default=None, description="sampler steps (default: the service's; 1..max_steps)")
+    sampler: Literal["ddim", "dpmsolver++"] | None = Field(
+        default=None, description="ddim or dpmsolver++ (default: the service's serve.default_sampler)"
+    )
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="same request + seed = bit-identical answer")
 
 
@@ -77,6 +81,7 @@ class CLDMForecastAnswer(BaseModel):
     seed: int
     num_samples: int
     steps: int
+    sampler: str
     priors_used: int
     token_variance_mean: float = Field(description="mean over tokens and channels of the per-sample token variance")
     probability_npy_b64: str | None = Field(description="mean over samples of the ILD probability, study grid")
@@ -104,11 +109,12 @@ class PreparedCLDMRequest:
     num_samples: int
     steps: int
     seed: int
+    sampler: str
 
     @property
     def group(self) -> tuple:
         """Requests one bundle call can forecast together."""
-        return (self.kind, self.method, self.num_samples, self.steps)
+        return (self.kind, self.method, self.num_samples, self.steps, self.sampler)
 
 
 def decode_mask(text: str, field: str, shape: tuple[int, ...]) -> np.ndarray:
@@ -174,6 +180,7 @@ def prepare_cldm(request: CLDMForecastRequest, info: dict[str, Any], cfg) -> Pre
         samples,
         steps,
         request.seed,
+        choose_sampler(request.sampler, cfg),
     )
 
 
@@ -200,6 +207,7 @@ def cldm_answer(item: PreparedCLDMRequest, forecast) -> dict[str, Any]:
         "seed": item.seed,
         "num_samples": item.num_samples,
         "steps": item.steps,
+        "sampler": item.sampler,
         "priors_used": len(item.priors),
         "token_variance_mean": float(np.mean(forecast.token_variance)),
         "probability_npy_b64": _npy(forecast.probability),

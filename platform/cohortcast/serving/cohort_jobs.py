@@ -24,7 +24,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field
 
 from cohortcast.config.serving import ServeConfig
-from cohortcast.serving.requests import SEED_MAX, RequestError, sampling_limits, shown
+from cohortcast.serving.requests import SEED_MAX, RequestError, choose_sampler, sampling_limits, shown
 
 JOB_ID = re.compile(r"cohort-[0-9a-f]{12}")  # what submit_cohort issues; anything else is no cohort job
 
@@ -36,7 +36,10 @@ class CohortRequest(BaseModel):
     )
     split: Literal["train", "val", "test"] = "test"
     num_samples: int | None = Field(default=None, description="samples per case (default: the service's)")
-    steps: int | None = Field(default=None, description="DDIM steps (default: the service's)")
+    steps: int | None = Field(default=None, description="sampler steps (default: the service's)")
+    sampler: Literal["ddim", "dpmsolver++"] | None = Field(
+        default=None, description="ddim or dpmsolver++ (default: the service's serve.default_sampler)"
+    )
     seed: int = Field(default=0, ge=0, le=SEED_MAX)
 
 
@@ -109,6 +112,7 @@ def cohort_command(request: CohortRequest, cfg: ServeConfig, llm_path: str | Non
         "forecast.output": str(output),
         "forecast.num_samples": samples,
         "forecast.inference_steps": steps,
+        "forecast.sampler": choose_sampler(request.sampler, cfg),
         "forecast.seed": request.seed,
     }
     if llm_path:

@@ -31,9 +31,9 @@ def run_batch(model, items: list[PreparedRequest]) -> list[dict[str, Any]]:
 
     groups: dict[tuple, dict[tuple, PreparedRequest]] = defaultdict(dict)
     for item in items:  # equal requests (same content and seed) are computed once
-        groups[(item.num_samples, item.steps)][(item.case_id, item.seed)] = item
+        groups[(item.num_samples, item.steps, item.sampler)][(item.case_id, item.seed)] = item
     answers: dict[tuple, dict[str, Any]] = {}
-    for (samples, steps), unique in groups.items():
+    for (samples, steps, sampler), unique in groups.items():
         cases = list(unique.values())  # seeds may differ: each case's noise comes from its own seed
         records = [c.ehr for c in cases] if model.conditioner is not None else None
         forecast = model.forecast(
@@ -44,14 +44,15 @@ def run_batch(model, items: list[PreparedRequest]) -> list[dict[str, Any]]:
             num_samples=samples,
             seed=[c.seed for c in cases],
             steps=steps,
+            sampler=sampler,
         )
         for i, case in enumerate(cases):
-            answers[(samples, steps, case.case_id, case.seed)] = {
+            answers[(samples, steps, sampler, case.case_id, case.seed)] = {
                 "mean": forecast.mean[i, 0].numpy(),
                 "variance": forecast.variance[i, 0].numpy(),
                 "samples": forecast.samples[i, :, 0].numpy(),
             }
-    return [answers[(i.num_samples, i.steps, i.case_id, i.seed)] for i in items]
+    return [answers[(i.num_samples, i.steps, i.sampler, i.case_id, i.seed)] for i in items]
 
 
 def score_samples(evaluator, answers: list[dict[str, Any]], micro_batch: int = 64) -> None:

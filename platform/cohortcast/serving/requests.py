@@ -11,11 +11,12 @@ import hashlib
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, Field
 
+from cohortcast.config.models import SAMPLERS
 from cohortcast.errors import CohortcastError
 
 SEED_MAX = 2**63 - 1
@@ -36,7 +37,10 @@ class ForecastSettings(BaseModel):
     num_samples: int | None = Field(
         default=None, description="seeded DDIM samples (default: the service's; 1..max_samples, see GET /v1/model)"
     )
-    steps: int | None = Field(default=None, description="DDIM steps (default: the service's; 1..max_steps)")
+    steps: int | None = Field(default=None, description="sampler steps (default: the service's; 1..max_steps)")
+    sampler: Literal["ddim", "dpmsolver++"] | None = Field(
+        default=None, description="ddim or dpmsolver++ (default: the service's serve.default_sampler)"
+    )
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="same request + seed = bit-identical answer")
 
 
@@ -81,6 +85,7 @@ class PreparedRequest:
     num_samples: int
     steps: int
     seed: int
+    sampler: str
 
 
 def shown(value: Any, limit: int = 60) -> str:
@@ -170,6 +175,7 @@ def forecast_answer(item: PreparedRequest, result: dict[str, Any]) -> dict[str, 
         "seed": item.seed,
         "num_samples": item.num_samples,
         "steps": item.steps,
+        "sampler": item.sampler,
         "mean_npy_b64": encode_npy(result["mean"]),
         "variance_npy_b64": encode_npy(variance),
         "samples_npy_b64": encode_npy(result["samples"]),
@@ -234,6 +240,16 @@ def sampling_limits(num_samples: int | None, steps: int | None, cfg) -> tuple[in
     )
 
 
+def choose_sampler(sampler: Any, cfg) -> str:
+    """The request's sampler, or the service's default (pydantic checks JSON requests; a
+    request built in code gets the same answer)."""
+    if sampler is None:
+        return cfg.default_sampler
+    if sampler not in SAMPLERS:
+        raise RequestError("sampler", f"{shown(sampler)} is not one of {', '.join(SAMPLERS)}")
+    return sampler
+
+
 def prepare(request: ForecastRequest, crop_shape: tuple[int, int], cfg, uses_ehr: bool) -> PreparedRequest:
     """Validate against the model and the service limits; raises RequestError."""
     return prepare_crop(
@@ -278,4 +294,5 @@ def prepare_crop(
     # model sees: the crop, the horizon and the validated EHR record itself (the rendered
     # prompt rounds values that the structured encoder reads exactly).
     digest = hashlib.sha256(crop.tobytes() + json.dumps([horizon, ehr], sort_keys=True, default=str).encode())
-    return PreparedRequest(f"req-{digest.hexdigest()[:24]}", crop, horizon, ehr, samples, steps, request.seed)
+    sampler = choose_sampler(getattr(request, "sampler", None), cfg)
+    return PreparedRequest(f"req-{digest.hexdigest()[:24]}", crop, horizon, ehr, samples, steps, request.seed, sampler)
