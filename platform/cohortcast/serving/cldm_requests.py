@@ -25,10 +25,10 @@ from cohortcast.serving.requests import (
     SEED_MAX,
     RequestError,
     check_horizon,
+    choose_sampler,
     decode_npy,
     encode_npy,
     read_npy,
-    choose_sampler,
     sampling_limits,
     shown,
 )
