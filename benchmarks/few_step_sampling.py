@@ -1,0 +1,169 @@
+"""Few-step sampling at equal quality: the trained NAMD forecaster forecasts the whole
+evaluation cohort with DDIM and DPM-Solver++ at 50, 20, 10 and 5 steps, through the real
+cohort job (Ray Data actor pool, per-case Parquet), and each setting is scored with the
+trained evaluator like Table 1: AUROC (mean over sample runs), its paired patient-
+bootstrap difference against 50-step DDIM, mean-forecast MAE and the wall time.
+
+    cohortcast evaluate --config jobs/configs/namd_cpu.yaml      # trains what this reads
+    python benchmarks/few_step_sampling.py [--workdir runs/namd-cpu] [--samples 4]
+
+`--smoke` runs a tiny random forecaster on a synthetic cohort (no evaluator: MAE and
+wall time only), to check the script in seconds. Record the output in RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+SETTINGS = [
+    ("ddim", 50),
+    ("ddim", 20),
+    ("ddim", 10),
+    ("ddim", 5),
+    ("dpmsolver++", 20),
+    ("dpmsolver++", 10),
+    ("dpmsolver++", 5),
+]
+
+
+def _forecast(job, out: Path, sampler: str, steps: int, llm_path) -> float:
+    from dataclasses import replace
+
+    from cohortcast.inference.cohort_forecast import run_cohort_forecast
+
+    started = time.perf_counter()
+    run_cohort_forecast(
+        replace(job, output=str(out), sampler=sampler, inference_steps=steps, write_dicom=False), llm_path=llm_path
+    )
+    return time.perf_counter() - started
+
+
+def _score(cases, evaluator, reference) -> dict:
+    import numpy as np
+    import torch
+
+    from cohortcast.evaluation.feature_networks import batched
+    from cohortcast.evaluation.metrics import mean_auroc, paired_bootstrap
+
+    row = {"mae": float(np.abs(cases["mean"] - cases["target"]).mean())}
+    if evaluator is None:
+        return row
+    labels = cases["label"]
+    runs = np.stack(
+        [
+            batched(lambda x: torch.sigmoid(evaluator(x)), cases["samples"][:, k], 64)
+            for k in range(cases["samples"].shape[1])
+        ]
+    )
+    row["auroc"] = mean_auroc(labels, runs)
+    row["_runs"] = runs
+    if reference is not None:
+        ref = reference["_runs"]
+        ci = paired_bootstrap(
+            cases["patient"], lambda i: mean_auroc(labels[i], runs[:, i]), lambda i: mean_auroc(labels[i], ref[:, i])
+        )
+        row["auroc_minus_ddim50"] = row["auroc"] - reference["auroc"]
+        row["ci"] = [ci.low, ci.high]
+    return row
+
+
+def _smoke_job(root: Path):
+    import torch
+
+    from cohortcast.config import IngestConfig, SplitConfig, SynthConfig
+    from cohortcast.config.models import DenoiserConfig, ForecasterConfig, SchedulerConfig, VAEConfig
+    from cohortcast.config.training import ForecastJobConfig
+    from cohortcast.data.ingest import run_ingest
+    from cohortcast.data.synthetic import generate_cohort
+    from cohortcast.models.forecaster import Forecaster
+
+    generate_cohort(SynthConfig(patients=6, seed=0, image_size=32, num_slices=16), root / "cohort")
+    ingest = IngestConfig(
+        manifest=str(root / "cohort" / "manifest.csv"),
+        output=str(root / "ingested"),
+        crop_size=32,
+        split=SplitConfig(train=0.0, val=0.0, test=1.0),
+    )
+    run_ingest(ingest)
+    torch.manual_seed(0)
+    cfg = ForecasterConfig(
+        vae=VAEConfig(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4),
+        denoiser=DenoiserConfig(block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8),
+        scheduler=SchedulerConfig(micro_batch=4),
+    )
+    Forecaster(cfg).save(root / "forecaster")
+    return ForecastJobConfig(forecaster=str(root / "forecaster"), ingested=str(root / "ingested"), split="test")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", default="runs/namd-cpu", help="a finished `cohortcast evaluate` workdir")
+    parser.add_argument("--config", default="jobs/configs/namd_cpu.yaml", help="the config that trained it")
+    parser.add_argument("--samples", type=int, default=4, help="samples per case (Table 1 used 4)")
+    parser.add_argument("--smoke", action="store_true", help="tiny random forecaster, 2 settings, no evaluator")
+    parser.add_argument("--json", help="also write the rows here")
+    args = parser.parse_args()
+    import tempfile
+    from dataclasses import replace
+
+    import torch
+
+    from cohortcast.evaluation.namd_evaluation import load_cases
+    from cohortcast.ray_runtime import ensure_ray
+
+    settings = SETTINGS
+    if args.smoke:
+        from cohortcast.config import RayConfig
+
+        root = Path(tempfile.mkdtemp(prefix="few-step-"))
+        ensure_ray(RayConfig(num_cpus=2))
+        job, llm_path, evaluator, out_root = _smoke_job(root), None, None, root / "forecasts"
+        job, settings = replace(job, num_samples=2), [("ddim", 4), ("dpmsolver++", 2)]
+    else:
+        from cohortcast.config import load_config
+        from cohortcast.config.paths import resolve_paths
+        from cohortcast.models.evaluator import MalignancyEvaluator
+
+        cfg = resolve_paths(load_config(args.config, [f"workdir={args.workdir}"]))
+        ensure_ray(cfg.ray)
+        job, llm_path = replace(cfg.forecast, num_samples=args.samples), cfg.model.conditioner.llm_path
+        evaluator = MalignancyEvaluator.load(cfg.evaluation.evaluator_output)
+        out_root = Path(args.workdir) / "few_step"
+    rows, reference = [], None
+    for sampler, steps in settings:
+        out = out_root / f"{sampler}-{steps}"
+        wall = _forecast(job, out, sampler, steps, llm_path)
+        with torch.no_grad():
+            row = _score(load_cases(out), evaluator, reference)
+        reference = reference or row
+        row.update(sampler=sampler, steps=steps, wall_s=wall)
+        rows.append(row)
+        print(
+            f"{sampler:>12} {steps:>3} steps: wall {wall:7.1f}s  MAE {row['mae']:.4f}  AUROC {row.get('auroc', float('nan')):.3f}",
+            flush=True,
+        )
+    base = rows[0]
+    print(
+        f"\nmachine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads; "
+        f"cases {len(load_cases(out_root / f'{settings[0][0]}-{settings[0][1]}')['case_id'])}, samples {job.num_samples}"
+    )
+    print("| sampler | steps | wall (s) | speed-up vs DDIM-50 | mean-forecast MAE | AUROC | AUROC - DDIM-50 [95% CI] |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        diff = f"{r['auroc_minus_ddim50']:+.3f} [{r['ci'][0]:+.3f}, {r['ci'][1]:+.3f}]" if "ci" in r else "–"
+        auroc = f"{r['auroc']:.3f}" if "auroc" in r else "–"
+        print(
+            f"| {r['sampler']} | {r['steps']} | {r['wall_s']:.1f} | {base['wall_s'] / r['wall_s']:.1f}x | {r['mae']:.4f} | {auroc} | {diff} |"
+        )
+    if args.json:
+        Path(args.json).write_text(
+            json.dumps([{k: v for k, v in r.items() if not k.startswith("_")} for r in rows], indent=1)
+        )
+
+
+if __name__ == "__main__":
+    main()
