@@ -7,8 +7,7 @@ bootstrap difference against 50-step DDIM, mean-forecast MAE and the wall time.
     cohortcast evaluate --config jobs/configs/namd_cpu.yaml      # trains what this reads
     python benchmarks/few_step_sampling.py [--workdir runs/namd-cpu] [--samples 4]
 
-`--smoke` runs a tiny random forecaster on a synthetic cohort (no evaluator: MAE and
-wall time only), to check the script in seconds. Record the output in RESULTS.md.
+Record the output in RESULTS.md.
 """
 
 from __future__ import annotations
@@ -71,68 +70,29 @@ def _score(cases, evaluator, reference) -> dict:
     return row
 
 
-def _smoke_job(root: Path):
-    import torch
-
-    from cohortcast.config import IngestConfig, SplitConfig, SynthConfig
-    from cohortcast.config.models import DenoiserConfig, ForecasterConfig, SchedulerConfig, VAEConfig
-    from cohortcast.config.training import ForecastJobConfig
-    from cohortcast.data.ingest import run_ingest
-    from cohortcast.data.synthetic import generate_cohort
-    from cohortcast.models.forecaster import Forecaster
-
-    generate_cohort(SynthConfig(patients=6, seed=0, image_size=32, num_slices=16), root / "cohort")
-    ingest = IngestConfig(
-        manifest=str(root / "cohort" / "manifest.csv"),
-        output=str(root / "ingested"),
-        crop_size=32,
-        split=SplitConfig(train=0.0, val=0.0, test=1.0),
-    )
-    run_ingest(ingest)
-    torch.manual_seed(0)
-    cfg = ForecasterConfig(
-        vae=VAEConfig(block_out_channels=(8, 16), latent_channels=4, norm_num_groups=4),
-        denoiser=DenoiserConfig(block_out_channels=(16, 32), norm_num_groups=8, attention_head_dim=8),
-        scheduler=SchedulerConfig(micro_batch=4),
-    )
-    Forecaster(cfg).save(root / "forecaster")
-    return ForecastJobConfig(forecaster=str(root / "forecaster"), ingested=str(root / "ingested"), split="test")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", default="runs/namd-cpu", help="a finished `cohortcast evaluate` workdir")
     parser.add_argument("--config", default="jobs/configs/namd_cpu.yaml", help="the config that trained it")
     parser.add_argument("--samples", type=int, default=4, help="samples per case (Table 1 used 4)")
-    parser.add_argument("--smoke", action="store_true", help="tiny random forecaster, 2 settings, no evaluator")
     parser.add_argument("--json", help="also write the rows here")
     args = parser.parse_args()
-    import tempfile
     from dataclasses import replace
 
     import torch
 
+    from cohortcast.config import load_config
+    from cohortcast.config.paths import resolve_paths
     from cohortcast.evaluation.namd_evaluation import load_cases
+    from cohortcast.models.evaluator import MalignancyEvaluator
     from cohortcast.ray_runtime import ensure_ray
 
     settings = SETTINGS
-    if args.smoke:
-        from cohortcast.config import RayConfig
-
-        root = Path(tempfile.mkdtemp(prefix="few-step-"))
-        ensure_ray(RayConfig(num_cpus=2))
-        job, llm_path, evaluator, out_root = _smoke_job(root), None, None, root / "forecasts"
-        job, settings = replace(job, num_samples=2), [("ddim", 4), ("dpmsolver++", 2)]
-    else:
-        from cohortcast.config import load_config
-        from cohortcast.config.paths import resolve_paths
-        from cohortcast.models.evaluator import MalignancyEvaluator
-
-        cfg = resolve_paths(load_config(args.config, [f"workdir={args.workdir}"]))
-        ensure_ray(cfg.ray)
-        job, llm_path = replace(cfg.forecast, num_samples=args.samples), cfg.model.conditioner.llm_path
-        evaluator = MalignancyEvaluator.load(cfg.evaluation.evaluator_output)
-        out_root = Path(args.workdir) / "few_step"
+    cfg = resolve_paths(load_config(args.config, [f"workdir={args.workdir}"]))
+    ensure_ray(cfg.ray)
+    job, llm_path = replace(cfg.forecast, num_samples=args.samples), cfg.model.conditioner.llm_path
+    evaluator = MalignancyEvaluator.load(cfg.evaluation.evaluator_output)
+    out_root = Path(args.workdir) / "few_step"
     rows, reference = [], None
     for sampler, steps in settings:
         out = out_root / f"{sampler}-{steps}"
