@@ -32,7 +32,7 @@ class FakeForecaster:
         self.delay, self.threads = delay, []
         self.cfg = SimpleNamespace(vae=SimpleNamespace(sample_size=SIDE), scheduler=SimpleNamespace(micro_batch=4))
 
-    def forecast(self, crops, horizons, case_ids, ehr=None, num_samples=2, seed=0, steps=3):
+    def forecast(self, crops, horizons, case_ids, ehr=None, num_samples=2, seed=0, steps=3, sampler=None):
         self.threads.append(threading.get_ident())
         time.sleep(self.delay)
         base = crops.float()  # (B, 1, H, W)
