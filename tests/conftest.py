@@ -73,8 +73,15 @@ def ray_session():
 
     # The dashboard hosts the job server: the end-to-end test submits
     # jobs/train_namd.py to this same instance with `ray job submit`.
+    # address "local": a new instance even when another cluster runs on this machine (a
+    # `ray start`, or the multi-node test's Cluster), which ray.init() would otherwise join.
     context = ray.init(
-        num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False, configure_logging=False
+        address="local",
+        num_cpus=2,
+        include_dashboard=True,
+        dashboard_port=free_port(),
+        log_to_driver=False,
+        configure_logging=False,
     )
     ray.test_job_address = f"http://{context.dashboard_url}"
     yield ray

@@ -1,7 +1,12 @@
 """Stage c on Ray Train + DeepSpeed: unconditional pre-training on the latent cache."""
 
+import json
+import sys
+
 import pytest
+import ray.train
 import torch
+from ray import cloudpickle
 
 from cohortcast.config.models import ForecasterConfig, VAEConfig
 from cohortcast.config.training import ScalingSettings, StageConfig
@@ -14,7 +19,25 @@ from cohortcast.training.runner import run_stage
 pytestmark = pytest.mark.ray
 
 
+# Ray Train's controller unpickles the callback; it cannot import this test module.
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+class ReportRecorder(ray.train.UserCallback):
+    """Appends each Ray Train report's step to a file (it runs in the Train controller)."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def after_report(self, run_context, metrics, checkpoint):
+        with open(self.path, "a") as fh:
+            fh.write(json.dumps({"step": metrics[0]["step"], "checkpoint": checkpoint is not None}) + "\n")
+
+
 def test_unconditional_stage_trains_the_denoiser_from_the_cache(tiny_ingested, tmp_path):
+    """Stage c, 2 workers x 1 CPU on the session's 2 CPUs, the latents streamed (not
+    materialised) while the workers hold their CPUs: the deadlock case; the workers
+    report to Ray Train only at checkpoints (every 2 steps), not every logged step."""
     torch.manual_seed(0)
     vae = NoduleVAE(VAEConfig())
     vae.set_scaling_factor(1.0)
@@ -28,8 +51,12 @@ def test_unconditional_stage_trains_the_denoiser_from_the_cache(tiny_ingested, t
         {"stage": stage, "model": model},
         {"train": latent_dataset(cache["path"])},
         ScalingSettings(num_workers=2, storage_path=str(tmp_path / "runs")),
+        callbacks=[ReportRecorder(tmp_path / "reports.jsonl")],
+        report_every_log=False,
     )
     assert result.error is None and result.metrics["step"] == 4
+    reports = [json.loads(line) for line in (tmp_path / "reports.jsonl").read_text().splitlines()]
+    assert reports == [{"step": 2, "checkpoint": True}, {"step": 4, "checkpoint": True}]
     loss = result.metrics["loss/total"]
     assert 0 < loss < 10  # v-MSE (the default prediction type) of a fresh model is about 1
     denoiser = build_denoiser(model)

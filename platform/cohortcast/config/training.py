@@ -46,9 +46,20 @@ class StageConfig:
         _require(self.checkpoint_every >= 1 and self.log_every >= 1, "checkpoint_every", "must be >= 1")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
 @dataclass
 class ScalingSettings:
-    """Ray Train workers and where runs (checkpoints, results) are stored."""
+    """Ray Train workers and where runs (checkpoints, results) are stored.
+
+    `storage_path`: a folder every node sees (NFS, FSx, ...) or a URI pyarrow reads
+    (`s3://bucket/prefix`, `gs://...`), passed to Ray Train unchanged; on a multi-node
+    cluster a node-local folder loses the checkpoints of a node that goes away.
+    `placement_strategy`: the Ray placement group strategy of a stage's workers: "PACK"
+    (default: as few nodes as possible), "SPREAD" (one worker per node where it can,
+    a node lost takes one worker with it), "STRICT_PACK" (all on one node, or wait),
+    "STRICT_SPREAD" (each on its own node, or wait)."""
 
     num_workers: int = 2
     use_gpu: bool = False
@@ -56,11 +67,21 @@ class ScalingSettings:
     storage_path: str = "runs/demo/ray_results"
     max_failures: int = 1
     checkpoints_to_keep: int = 2
+    # CPUs of the cluster left free for Ray Data while a stage trains: the training data
+    # streams from read/decode tasks running in them (training/data_streaming.py).
+    data_cpus: float = 0.5
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = "PACK"
 
     def validate(self) -> None:
         _require(self.num_workers >= 1, "num_workers", "must be >= 1")
+        _require(
+            self.placement_strategy in PLACEMENT_STRATEGIES,
+            "placement_strategy",
+            f"must be one of {', '.join(PLACEMENT_STRATEGIES)}",
+        )
         _require(self.max_failures >= -1, "max_failures", "must be >= -1 (-1 = retry forever)")
         _require(self.checkpoints_to_keep >= 1, "checkpoints_to_keep", "must be >= 1")
+        _require(self.data_cpus >= 0, "data_cpus", "must be >= 0")
 
 
 @dataclass

@@ -51,10 +51,11 @@ def select_followups(batch: dict[str, np.ndarray], labels: dict[str, float], aug
     return {"image": images, "label": y}
 
 
-def followup_dataset(ingested: str | Path, split: str, augment: bool = False):
-    """Real follow-up crops of a split (8 orientations each with `augment`), materialised
-    (see ldm_stage.latent_dataset), or None when the split holds no follow-up."""
-    import ray.data
+def followup_dataset(ingested: str | Path, split: str, augment: bool = False, data_cpus: float = 0.5):
+    """Real follow-up crops of a split (8 orientations each with `augment`), streamed
+    while the workers train (training/data_streaming.py), or None when the split holds
+    no follow-up."""
+    from cohortcast.training.data_streaming import data_task_cpus, stream_parquet
 
     folder = Path(ingested) / "nodules" / f"split={split}"
     if not folder.is_dir():
@@ -62,10 +63,11 @@ def followup_dataset(ingested: str | Path, split: str, augment: bool = False):
     labels = followup_labels(folder)
     if not labels:
         return None
-    return (
-        ray.data.read_parquet(str(folder), columns=["patient", "nodule_id", "days_since_baseline", "crop"])
-        .map_batches(select_followups, fn_kwargs={"labels": labels, "augment": augment}, batch_format="numpy")
-        .materialize()
+    return stream_parquet(folder, ["patient", "nodule_id", "days_since_baseline", "crop"], data_cpus).map_batches(
+        select_followups,
+        fn_kwargs={"labels": labels, "augment": augment},
+        batch_format="numpy",
+        num_cpus=data_task_cpus(data_cpus),
     )
 
 

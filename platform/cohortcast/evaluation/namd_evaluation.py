@@ -139,10 +139,10 @@ class EvaluationJob:
             model.save(folder)
 
         def datasets() -> dict:
-            train = followup_dataset(ingested, "train", augment=True)
+            train = followup_dataset(ingested, "train", augment=True, data_cpus=scaling.data_cpus)
             if train is None:
                 raise ValueError(f"{ingested}: the train split has no follow-up crop to train the evaluator on")
-            return {"train": train, "val": followup_dataset(ingested, "val")}
+            return {"train": train, "val": followup_dataset(ingested, "val", data_cpus=scaling.data_cpus)}
 
         runner = StageRunner(self.cfg.training.output, scaling)
         folder = runner.train(

@@ -130,7 +130,7 @@ class CLDMJob:
             self.encoder_key(card),
             encoder_worker_loop,
             loop_config,
-            lambda: encoder_datasets(ingested, t.encoder, t.validation, workers),
+            lambda: encoder_datasets(ingested, t.encoder, t.validation, workers, self.cfg.training.scaling.data_cpus),
             export,
             flatten(t.encoder, "cldm.training.encoder")
             | flatten(encoder, "cldm.encoder")

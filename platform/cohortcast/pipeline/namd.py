@@ -77,7 +77,10 @@ class NAMDJob:
             key,
             vae_worker_loop,
             {"stage": t.vae, "model": m.vae, "validation": t.validation},
-            lambda: {split: vae_dataset(ingested, split, m.vae.loss.diameter_scale_mm) for split in ("train", "val")},
+            lambda: {
+                split: vae_dataset(ingested, split, m.vae.loss.diameter_scale_mm, t.scaling.data_cpus)
+                for split in ("train", "val")
+            },
             export,
             flatten(t.vae, "training.vae") | flatten(m.vae, "model.vae"),
         )
@@ -134,7 +137,7 @@ class NAMDJob:
             key,
             ldm_unconditional_worker_loop,
             {"stage": t.ldm_uncond, "model": m, "validation": t.validation},
-            lambda: {"train": latent_dataset(cache["path"], "train"), "val": latent_dataset(cache["path"], "val")},
+            lambda: {split: latent_dataset(cache["path"], split, t.scaling.data_cpus) for split in ("train", "val")},
             export,
             flatten(t.ldm_uncond, "training.ldm_uncond") | flatten(m.denoiser, "model.denoiser"),
         )
@@ -186,7 +189,7 @@ class NAMDJob:
         built: dict = {}
 
         def data() -> dict:
-            built.update(datasets or trajectory_datasets(cache, m.temporal.max_exams))
+            built.update(datasets or trajectory_datasets(cache, m.temporal.max_exams, t.scaling.data_cpus))
             if model.denoiser.target == "change" and model.denoiser.change_scale is None:
                 model.denoiser.change_scale = change_scale(built["train"])
                 log.info("change scale %.4f (1 / std of the train split's latent changes)", model.denoiser.change_scale)
@@ -213,7 +216,7 @@ class NAMDJob:
             "task_loss": t.task_loss,
             "task_weight": t.task_weight,
             "validation": t.validation,
-            "best_path": str(Path(t.scaling.storage_path).resolve() / f"{name}-{key}" / BEST_WEIGHTS),
+            "best_path": str(best_weights_path(t.scaling.storage_path, self.output, f"{name}-{key}")),
         }
         return self.runner.train(
             runs,
@@ -230,6 +233,18 @@ class NAMDJob:
 
 
 BEST_WEIGHTS = "best_validation.safetensors"
+
+
+def best_weights_path(storage_path: str, output: Path, run_name: str) -> Path:
+    """Where stage d's rank 0 keeps the best validation weights (plain file writes):
+    beside the Ray Train run under a local or mounted `storage_path`; under
+    `training.output` (which every node sees as well) when `storage_path` is a URI such
+    as s3://, which a file write cannot open."""
+    from cohortcast.training.runner import is_uri, storage_location
+
+    if is_uri(storage_path):
+        return Path(output) / f"{run_name}.{BEST_WEIGHTS}"
+    return Path(storage_location(storage_path)) / run_name / BEST_WEIGHTS
 
 
 def change_scale(trajectories) -> float:
@@ -253,11 +268,14 @@ def change_scale(trajectories) -> float:
     return float(1.0 / variance**0.5)
 
 
-def trajectory_datasets(cache: dict, max_exams: int) -> dict:
+def trajectory_datasets(cache: dict, max_exams: int, data_cpus: float = 0.5) -> dict:
     """The conditional stage's {"train", "val"} datasets from a latent cache."""
     from cohortcast.training.trajectories import trajectory_dataset
 
-    return {split: trajectory_dataset(cache["path"], split, max_exams) for split in ("train", "val")}
+    datasets = {split: trajectory_dataset(cache["path"], split, max_exams, data_cpus) for split in ("train", "val")}
+    if datasets["train"] is None:
+        raise ValueError(f"{cache['path']}: no trajectory with a follow-up in the train split: nothing to train on")
+    return datasets
 
 
 def run_namd(cfg: CohortcastConfig) -> NAMDReport:

@@ -46,23 +46,31 @@ def loss_weight(stage: EncoderStageConfig, dims: int) -> float:
     return stage.weight_3d if dims == 3 else stage.weight_2d
 
 
-def study_images(ingested: str | Path, split: str, dims: int, limit: int | None = None):
-    """The split's studies of one dimensionality as rows {"image": (D, H, W) | (H, W)},
-    materialised (the Train workers hold their CPUs: a lazy read could wait for one
-    forever on a small machine); None when there are none."""
-    import ray.data
-    from ray.data.expressions import col
+def study_count(ingested: str | Path, split: str, dims: int) -> int:
+    """Studies of one dimensionality in the split, from the `dims` column alone."""
+    import pyarrow.dataset as pads
 
     folder = Path(ingested) / "studies" / f"split={split}"
     if not folder.is_dir():
+        return 0
+    return pads.dataset(str(folder), format="parquet").count_rows(filter=pads.field("dims") == dims)
+
+
+def study_images(ingested: str | Path, split: str, dims: int, limit: int | None = None, data_cpus: float = 0.5):
+    """The split's studies of one dimensionality as rows {"image": (D, H, W) | (H, W)},
+    streamed while the workers train (training/data_streaming.py); None when there are
+    none (counted from the `dims` column alone, without reading any image)."""
+    import pyarrow.dataset as pads
+
+    from cohortcast.training.data_streaming import stream_parquet
+
+    if study_count(ingested, split, dims) == 0:
         return None
+    folder = Path(ingested) / "studies" / f"split={split}"
     column = IMAGE_COLUMN[dims]
-    # select_columns before the filter: Ray Data pushes both into the read
-    ds = ray.data.read_parquet(str(folder)).select_columns(["dims", column]).filter(expr=col("dims") == dims)
-    if limit is not None:
-        ds = ds.limit(limit)
-    ds = ds.select_columns([column]).rename_columns({column: "image"}).materialize()
-    return ds if ds.count() else None
+    # columns and the filter go into the read itself: no other column is loaded
+    ds = stream_parquet(folder, [column], data_cpus, row_filter=pads.field("dims") == dims, rename={column: "image"})
+    return ds.limit(limit) if limit is not None else ds
 
 
 def _require_cldm_columns(ingested: Path) -> None:
@@ -81,7 +89,11 @@ def _require_cldm_columns(ingested: Path) -> None:
 
 
 def encoder_datasets(
-    ingested: str | Path, stage: EncoderStageConfig, validation: EncoderValidationConfig, workers: int
+    ingested: str | Path,
+    stage: EncoderStageConfig,
+    validation: EncoderValidationConfig,
+    workers: int,
+    data_cpus: float = 0.5,
 ) -> dict[str, Any]:
     """{"train_3d", "train_2d", "val_3d", "val_2d"}: None where a kind is absent (or its
     micro-batch is 0). Raises EncoderDataError when nothing is left to train on or a kind
@@ -91,18 +103,21 @@ def encoder_datasets(
     out: dict[str, Any] = {}
     for dims in (3, 2):
         size = micro_batch(stage, dims)
-        train = study_images(ingested, "train", dims) if size else None
+        train = study_images(ingested, "train", dims, data_cpus=data_cpus) if size else None
         if size and train is None:
             log.warning(
                 "encoder stage: the train split has no %s (dims %d): training on the other kind alone", KIND[dims], dims
             )
-        if train is not None and train.count() < size * workers:
+        rows = study_count(ingested, "train", dims) if train is not None else 0
+        if train is not None and rows < size * workers:
             raise EncoderDataError(
-                f"{ingested}: the train split has {train.count()} {KIND[dims]}, fewer than "
+                f"{ingested}: the train split has {rows} {KIND[dims]}, fewer than "
                 f"micro_batch_{dims}d x workers ({size} x {workers}); lower cldm.training.encoder.micro_batch_{dims}d"
             )
         out[f"train_{dims}d"] = train
-        out[f"val_{dims}d"] = study_images(ingested, "val", dims, validation.max_rows) if train is not None else None
+        out[f"val_{dims}d"] = (
+            study_images(ingested, "val", dims, validation.max_rows, data_cpus) if train is not None else None
+        )
     if out["train_3d"] is None and out["train_2d"] is None:
         raise EncoderDataError(
             f"{ingested}: nothing to pre-train the encoder on: the train split has no volumes with "

@@ -16,17 +16,15 @@ from cohortcast.config.training import StageConfig
 DENOISER_FILE = "denoiser.safetensors"
 
 
-def latent_dataset(cache: str | Path, split: str = "train"):
-    """The split's latents, or None when the split has no rows."""
-    import ray.data
+def latent_dataset(cache: str | Path, split: str = "train", data_cpus: float = 0.5):
+    """The split's latents, streamed (lazy: read while the workers train, in the CPUs
+    `training.scaling.data_cpus` keeps free), or None when the split has no rows."""
+    from cohortcast.training.data_streaming import stream_parquet
 
     folder = Path(cache) / "nodules" / f"split={split}"
     if not folder.is_dir():
         return None
-    # Only numeric columns reach the workers' batches. Materialised before training: the
-    # Train workers hold their CPUs, and on a small machine the read tasks of a lazy
-    # dataset would then wait for a CPU forever (seen on 2 CPUs). Latents are small.
-    return ray.data.read_parquet(str(folder)).select_columns(["latent_d8"]).materialize()
+    return stream_parquet(folder, ["latent_d8"], data_cpus)  # only numeric columns reach the batches
 
 
 def random_orientation(batch: dict[str, np.ndarray], rng: np.random.Generator) -> dict[str, torch.Tensor]:

@@ -21,6 +21,7 @@ import torch
 
 from cohortcast.config.training import StageConfig
 from cohortcast.training.checkpoints import restore, save_and_report
+from cohortcast.training.data_streaming import torch_threads
 from cohortcast.training.deepspeed_setup import autocast_like, choose_precision, deepspeed_config, seed_everything
 from cohortcast.training.progress import StageProgress
 
@@ -98,6 +99,20 @@ def _keep_if_best(engine, value: float, best: dict, path: str) -> None:
     log.info("best %s so far (%.4f at step %d): weights kept in %s", "validation", value, best["step"], path)
 
 
+# Ray Train hears from the loop only at checkpoints (and the last step) unless this is
+# set: a report is a collective that cost about a second here, while the metrics reach
+# MLflow from world rank 0 every `log_every` steps anyway. runner.run_stage sets it on
+# each worker (through `with_report_policy`) for Tune trials, whose schedulers need them.
+report_between_checkpoints = False
+
+
+def with_report_policy(worker_loop: Callable[[dict], None], enabled: bool, config: dict) -> None:
+    """Ray Train's loop function: `worker_loop(config)` with the report policy set."""
+    global report_between_checkpoints
+    report_between_checkpoints = enabled
+    worker_loop(config)
+
+
 def run_stage_loop(
     stage: StageConfig,
     build_model: Callable[[], torch.nn.Module],
@@ -119,10 +134,11 @@ def run_stage_loop(
     precision = choose_precision(stage.precision, device)
     tracker = StageTracker.for_rank(hooks.tracking, rank)
     if device.type == "cpu":
-        # One intra-op thread per CPU this worker reserved: torch may have been imported
+        # One intra-op thread per CPU this worker reserved (rounded up: a worker may hold
+        # 0.75 of a CPU when the rest is left to Ray Data): torch may have been imported
         # before Ray set OMP_NUM_THREADS, and then it would use every core of the node.
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
-        torch.set_num_threads(max(1, int(cpus)))
+        torch.set_num_threads(torch_threads(cpus))
     if rank == 0:
         log.info(
             "precision %s (%s); ZeRO stage %d on %d worker(s); %d torch thread(s) per worker",
@@ -224,8 +240,8 @@ def run_stage_loop(
                     metrics,
                     {"epoch": epoch, "step": step, "best_value": best["value"], "best_step": best["step"]},
                 )
-            else:
-                ray.train.report(metrics)
+            elif report_between_checkpoints:
+                ray.train.report(metrics)  # a sweep's scheduler (ASHA) decides on these
             if final:
                 break
         if batches == 0:

@@ -49,19 +49,57 @@ def make_trajectory(group: dict[str, np.ndarray], max_exams: int) -> dict[str, n
     }
 
 
-def trajectory_dataset(cache: str | Path, split: str, max_exams: int):
-    """Materialised Ray Dataset of trajectories with at least one follow-up, or None if
-    the split has no rows (e.g. a tiny cohort with no validation patient)."""
-    import ray.data
+def trajectory_dataset(cache: str | Path, split: str, max_exams: int, data_cpus: float = 0.5):
+    """Ray Dataset of the split's trajectories with at least one follow-up, streamed from
+    the cache's trajectory table, or None if the split has none (e.g. a tiny cohort with
+    no validation patient).
+
+    Grouping exams into trajectories is a shuffle over the whole split: it runs once,
+    before any Train worker holds a CPU, and its result is written beside the latents
+    (`<cache>/trajectories/max_exams=K/split=S/`, atomically; the cache folder is keyed by
+    its content, so the table never goes stale). Training then streams it like any other
+    Parquet (training/data_streaming.py) instead of holding it in the object store."""
+    from cohortcast.training.data_streaming import stream_parquet
 
     folder = Path(cache) / "nodules" / f"split={split}"
     if not folder.is_dir():
         return None
-    ds = ray.data.read_parquet(str(folder))
-    trajectories = ds.groupby(["patient", "nodule_id"]).map_groups(
-        make_trajectory, fn_kwargs={"max_exams": max_exams}, batch_format="numpy"
+    table = Path(cache) / "trajectories" / f"max_exams={max_exams}" / f"split={split}"
+    if not (table / DONE).is_file():
+        _write_trajectory_table(folder, table, max_exams)
+    if not any(table.glob("*.parquet")):
+        return None
+    return stream_parquet(table, None, data_cpus)
+
+
+ROWS_PER_PARTITION = 5000
+DONE = "_COMPLETE"  # written last inside the table folder: its presence means complete
+
+
+def _write_trajectory_table(folder: Path, table: Path, max_exams: int) -> None:
+    import pyarrow.dataset as pads
+    import ray.data
+
+    from cohortcast.errors import OutputExistsError
+    from cohortcast.io.atomic import atomic_folder
+
+    # Ray's default of 200 shuffle partitions costs tiny cohorts seconds of empty tasks;
+    # ~5000 exam rows (~60 MB at the debug sizes) per partition, 1 to 200 of them.
+    rows = pads.dataset(str(folder), format="parquet").count_rows()
+    partitions = int(min(200, max(1, rows // ROWS_PER_PARTITION + 1)))
+    trajectories = (
+        ray.data.read_parquet(str(folder))
+        .groupby(["patient", "nodule_id"], num_partitions=partitions)
+        .map_groups(make_trajectory, fn_kwargs={"max_exams": max_exams}, batch_format="numpy")
+        .filter(lambda row: row["num_exams"] >= 2)
     )
-    return trajectories.filter(lambda row: row["num_exams"] >= 2).materialize()
+    try:
+        with atomic_folder(table) as tmp:
+            trajectories.write_parquet(str(tmp))
+            (tmp / DONE).write_text("")
+    except OutputExistsError:  # another process finished the same table first: use it
+        if not (table / DONE).is_file():
+            raise
 
 
 def sample_targets(batch: dict[str, np.ndarray], rng: np.random.Generator, augment: bool = True) -> dict:

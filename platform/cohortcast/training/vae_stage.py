@@ -23,19 +23,20 @@ def to_vae_batch(batch: dict[str, np.ndarray], diameter_scale_mm: float = 2.5) -
     }
 
 
-def vae_dataset(ingested: str | Path, split: str = "train", diameter_scale_mm: float = 2.5):
-    """The split's crops as VAE batches, or None when the split has no rows."""
-    import ray.data
+def vae_dataset(ingested: str | Path, split: str = "train", diameter_scale_mm: float = 2.5, data_cpus: float = 0.5):
+    """The split's crops as VAE batches, streamed (read and converted while the workers
+    train, see training/data_streaming.py), or None when the split has no rows."""
+    from cohortcast.training.data_streaming import data_task_cpus, stream_parquet
 
     folder = Path(ingested) / "nodules" / f"split={split}"
     if not folder.is_dir():
         return None
-    ds = ray.data.read_parquet(str(folder))
-    # Materialised before training, as in ldm_stage.latent_dataset: Train workers hold
-    # their CPUs and a lazy pipeline's read tasks could not be scheduled on a small machine.
-    return ds.map_batches(
-        to_vae_batch, fn_kwargs={"diameter_scale_mm": diameter_scale_mm}, batch_format="numpy"
-    ).materialize()
+    return stream_parquet(folder, None, data_cpus).map_batches(
+        to_vae_batch,
+        fn_kwargs={"diameter_scale_mm": diameter_scale_mm},
+        batch_format="numpy",
+        num_cpus=data_task_cpus(data_cpus),  # same as the read: the two fuse into one task
+    )
 
 
 def scaling_factor_from_crops(vae, ingested: str | Path, split: str = "train", batch_size: int = 256) -> float:

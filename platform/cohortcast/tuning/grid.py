@@ -5,6 +5,7 @@ names, and how many trials the cluster runs at once."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -92,3 +93,17 @@ def concurrent_trials(cfg: CohortcastConfig, resources: dict[str, float]) -> int
     else:
         need, have = scaling.num_workers * scaling.cpus_per_worker, resources.get("CPU", 0.0)
     return max(1, int(have // need))
+
+
+def trials_base(cfg: CohortcastConfig, concurrency: int, resources: dict[str, float]) -> CohortcastConfig:
+    """The base config the trials run from: a copy whose Ray Train workers leave
+    `training.scaling.data_cpus` free when `concurrency` trials run at once, as one stage
+    alone does (training/data_streaming.py): each trial's datasets stream while every
+    trial's workers hold their CPUs."""
+    from cohortcast.training.data_streaming import worker_cpus
+
+    out = copy.deepcopy(cfg)
+    scaling = out.training.scaling
+    together = dataclasses.replace(scaling, num_workers=scaling.num_workers * concurrency)
+    scaling.cpus_per_worker = worker_cpus(together, resources.get("CPU", 0.0))
+    return out

@@ -92,7 +92,7 @@ class NAMDSweep(SweepJob):
 
     def shared_datasets(self, trials: list[CohortcastConfig], upstream: dict[str, dict]) -> dict[tuple, dict]:
         """The trajectory datasets of every upstream that a not-yet-finished trial needs,
-        materialized once (a resumed sweep whose trials all finished builds none)."""
+        built once (a resumed sweep whose trials all finished builds none)."""
         from cohortcast.io import stage_outputs as outputs
         from cohortcast.pipeline.namd import NAMDJob, trajectory_datasets
 
@@ -103,7 +103,7 @@ class NAMDSweep(SweepJob):
             job = NAMDJob(trial)
             done = outputs.is_valid(job.output / "ldm_cond", job.ldm_cond_key(up["cache"], Path(up["denoiser"])))
             if key not in built and not done:
-                built[key] = trajectory_datasets(up["cache"], key[1])
+                built[key] = trajectory_datasets(up["cache"], key[1], trial.training.scaling.data_cpus)
         return built
 
     def train_trial(self, cfg: CohortcastConfig, runs, upstream: dict, context, callbacks: list):

@@ -30,6 +30,7 @@ from cohortcast.tuning.grid import (
     grid_points,
     trial_config,
     trial_name,
+    trials_base,
     upstream_config,
     upstream_key,
     with_values,
@@ -241,7 +242,8 @@ def run_sweep(user_cfg: CohortcastConfig) -> SweepReport:
         upstream = prepare_upstreams(cfg, runs, card, trials)
         log.info("%d trial(s), %d upstream(s), up to %d at once", len(points), len(upstream), concurrency)
         datasets = shared_datasets(trials, upstream)
-        context = SweepContext(copy.deepcopy(cfg), runs.parent_id, upstream, datasets, tracking_uri=runs.uri)
+        base = trials_base(cfg, concurrency, ray.cluster_resources())
+        context = SweepContext(base, runs.parent_id, upstream, datasets, tracking_uri=runs.uri)
         results = run_trials(cfg, context, concurrency)
         _close_stopped_trial_runs(runs)
         rows = summary_rows(results, cfg)
