@@ -30,8 +30,14 @@ def test_rayjob_runs_train_namd_with_a_loadable_config():
     assert cfg.training.scaling.use_gpu
     runtime_env = yaml.safe_load(job["spec"]["runtimeEnvYAML"])
     assert runtime_env["env_vars"]["PYTHONPATH"] == "platform"
-    workers = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
-    assert int(workers["resources"]["limits"]["nvidia.com/gpu"]) == cfg.training.scaling.num_workers
+    group = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    workers = group["template"]["spec"]["containers"][0]
+    gpus = int(workers["resources"]["limits"]["nvidia.com/gpu"])
+    assert group["replicas"] * gpus == cfg.training.scaling.num_workers  # one Train worker per GPU
+    assert group["replicas"] >= 2  # multi-node: everything shared lives on the RWX volume
+    mounts = {m["mountPath"] for m in workers["volumeMounts"]}
+    for path in (cfg.training.scaling.storage_path, cfg.training.output, cfg.workdir):
+        assert any(str(path).startswith(m + "/") for m in mounts), f"{path} is not on a mounted volume"
 
 
 def test_ray_up_yaml_has_a_head_and_a_gpu_worker_group():

@@ -62,6 +62,7 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(ray_session, tiny_in
     assert first["forecast_this_run"] == 2 and first["finished"] == 2 and first["cases"] > 2
     # the actors' own time per case and their threads, beside the wall time
     assert 0 < first["actor_seconds_per_case"] <= first["wall_seconds"] and first["actor_torch_threads"]
+    assert first["actor_nodes"] == 1  # the session's one-node instance (3 nodes: test_multinode.py)
     kept = {k: os.stat(tmp_path / "cases" / k / "forecast.parquet").st_mtime_ns for k in finished_cases(tmp_path)}
     # What an interrupted case leaves behind: a half-written temp folder, never a case.
     stale = tmp_path / "cases" / ".deadbeef.tmp-x1"

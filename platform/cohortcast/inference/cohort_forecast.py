@@ -252,9 +252,33 @@ class CaseForecaster:
         self.spacing = geometry.crop_spacing_mm
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Forecast and write the batch's cases; one row per case back: `seconds` (this
+        actor's time per case, NaN for a case it found written) and the actor's node."""
+        import ray
         import torch
 
-        started = time.perf_counter()
+        ids = [str(c) for c in batch["case_id"]]
+        # A batch Ray Data retries (its actor was lost with its node, or its output was)
+        # may find some of its cases written by the attempt that was lost: those stand,
+        # since this run's settings are the folder's (check_settings), and only the rest
+        # is forecast. A case is thus written once, whatever retries its batch had.
+        todo = [i for i, case_id in enumerate(ids) if not (self.cases / case_key(case_id) / CASE_FILE).is_file()]
+        seconds = np.full(len(ids), np.nan)
+        if todo:
+            started = time.perf_counter()
+            self._forecast(batch if len(todo) == len(ids) else {k: np.asarray(v)[todo] for k, v in batch.items()})
+            seconds[todo] = (time.perf_counter() - started) / len(todo)
+        node = ray.get_runtime_context().get_node_id()
+        return {
+            "case_id": np.asarray(ids),
+            "seconds": seconds,
+            "torch_threads": np.full(len(ids), torch.get_num_threads()),
+            "node_id": np.asarray([node if np.isfinite(s) else "" for s in seconds]),
+        }
+
+    def _forecast(self, batch: dict[str, np.ndarray]) -> None:
+        import torch
+
         ids = [str(c) for c in batch["case_id"]]
         records = [json.loads(str(t)) for t in batch["ehr_json"]] if self.model.conditioner is not None else None
         forecast = self.model.forecast(
@@ -289,12 +313,6 @@ class CaseForecaster:
                 forecast.samples[i, :, 0].numpy(),
                 {k: v[i] for k, v in latents.items()},
             )
-        seconds = (time.perf_counter() - started) / len(ids)
-        return {
-            "case_id": np.asarray(ids),
-            "seconds": np.full(len(ids), seconds),
-            "torch_threads": np.full(len(ids), torch.get_num_threads()),
-        }
 
     def _write(self, batch, i: int, case_id: str, mean, variance, samples, extra: dict[str, np.ndarray]) -> None:
         import pyarrow as pa
@@ -401,7 +419,7 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
         "%d cases in split %r: %d already forecast, %d to do", total, job.split, len(done & _keys(cases)), n_pending
     )
     started = time.perf_counter()
-    seconds, threads = [], []
+    seconds, threads, nodes, found = [], [], set(), 0
     if n_pending:
         cpus = float(ray.cluster_resources().get("CPU", 1))
         results = pending.map_batches(
@@ -412,20 +430,36 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
             batch_format="numpy",
             # leave a CPU for the read/filter tasks feeding the actors (see latent_cache)
             num_cpus=max(0.1, min(1.0, (cpus - 1.0) / job.actors)),
+            # Ray Data's defaults, stated because cohort forecasting relies on them: actors
+            # spread over the cluster's nodes, and an actor lost with its node is restarted
+            # on another and its unfinished batches retried there (a retried case rewrites
+            # only its own folder, under a temp name). Tested on a 3-node cluster.
+            scheduling_strategy="SPREAD",
+            max_restarts=-1,
+            max_task_retries=-1,
         )
         results = results.to_pandas()
-        seconds, threads = [float(s) for s in results["seconds"]], sorted(set(results["torch_threads"].tolist()))
+        forecast_here = results[results["seconds"].notna()]
+        seconds, threads = [float(s) for s in forecast_here["seconds"]], sorted(set(results["torch_threads"].tolist()))
+        nodes, found = set(forecast_here["node_id"]), len(results) - len(forecast_here)
+        # An actor lost mid-case (its node went away) leaves that case's temp folder; the
+        # case itself was retried elsewhere, so the temp is garbage now.
+        for stale in (output / "cases").glob(".*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
     wall = time.perf_counter() - started
     finished = finished_cases(output)
     summary = {
         "split": job.split,
         "cases": total,
-        "forecast_this_run": len(seconds),
+        "forecast_this_run": len(seconds) + found,
+        # cases a retried batch found written by its lost attempt (a node gone mid-job)
+        "found_on_retry": found,
         "finished": len(finished & _keys(cases)),
         "num_samples": job.num_samples,
         "inference_steps": job.inference_steps,
         "sampler": job.sampler,
         "seed": job.seed,
+        "actor_nodes": len(nodes),  # nodes whose actors forecast this run's cases
     }
     return write_summary(output, summary, seconds, threads, wall, "forecast")
 

@@ -117,6 +117,8 @@ class JobRuns:
     def log_params(self, run_id: str, values: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
+        if not (self.enabled and run_id):
+            return  # a sweep's trial logs its grid values whether MLflow is on or not
         # log_batch splits into requests of MLflow's per-batch limits itself.
         self.client.log_batch(run_id, params=[Param(k, v) for k, v in _params(values).items()])
 
