@@ -9,7 +9,7 @@ float32, 8 KiB each, in Parquet files of 100 rows) and each way of feeding it, s
 (`ldm_unconditional_worker_loop`, the debug U-Net) trains `steps` steps on 2 workers x 1
 CPU of a 2-CPU Ray instance (the workers fill it: the case that once deadlocked), while
 a thread polls the object store's used bytes (the raylet's store stats) every 0.02 s
-(the peak above what the store held before the run).
+(the peak above what the store held before the run, in a fresh Ray instance per run).
 The same training run (same steps) on both cohorts. Ray Data reads ahead of the
 workers up to its share of the object store, so the store is made small (`--store-mib`)
 for the cohorts to outgrow that share on this machine, as a real cohort outgrows a
@@ -119,20 +119,22 @@ def main() -> None:
 
     from cohortcast.training.ldm_stage import latent_dataset
 
-    ray.init(
-        address="local",
-        num_cpus=2,
-        object_store_memory=args.store_mib * 2**20,
-        include_dashboard=False,
-        log_to_driver=False,
-    )
     rows_out = []
     with tempfile.TemporaryDirectory() as tmp:
         for rows in (args.rows, args.rows * args.growth):
             cache = write_cache(Path(tmp) / f"cache-{rows}", rows)
-            for mode in ("materialised", "streamed"):
+            for mode in ("streamed", "materialised"):
+                # A fresh Ray instance per run: a materialised dataset's blocks can outlive
+                # the run (Ray Train keeps a reference), and a baseline holding them would
+                # hide the next run's use as they are freed.
                 gc.collect()
-                time.sleep(3)  # let the previous run's objects go
+                ray.init(
+                    address="local",
+                    num_cpus=2,
+                    object_store_memory=args.store_mib * 2**20,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
                 baseline = object_store_bytes()
                 with PeakSampler() as sampler:
                     dataset = latent_dataset(cache, "train")
@@ -140,6 +142,7 @@ def main() -> None:
                         dataset = dataset.materialize()
                     figures = train(dataset, args.steps, str(Path(tmp) / "ray_results"))
                 del dataset
+                ray.shutdown()
                 row = {
                     "rows": rows,
                     "dataset_mib": rows * int(np.prod(LATENT)) * 4 / 2**20,
