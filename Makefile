@@ -44,6 +44,8 @@ bench: install
 	$(PY) benchmarks/ingest_throughput.py
 	$(PY) benchmarks/ddim_batching.py
 	$(PY) benchmarks/training_throughput.py --steps 120
+	$(PY) benchmarks/training_overhead.py --steps 120
+	$(PY) benchmarks/streaming_object_store.py
 	$(PY) benchmarks/cohort_forecast_throughput.py
 	$(PY) benchmarks/serve_load.py
 

@@ -1,12 +1,13 @@
 """Training throughput: the Ray Train + DeepSpeed path vs a plain single-process
 PyTorch loop, same model (the stage-c denoiser), micro-batch, steps, loss and AdamW.
 
-    python benchmarks/training_throughput.py [--steps 30] [--batch 8] [--crop 64]
+    python benchmarks/training_throughput.py [--steps 30] [--batch 8] [--crop 64] [--repeats 3] [--json out.json]
 
 Ray path: `run_stage` + `ldm_unconditional_worker_loop` (ZeRO-2, gloo, fp32 on CPU) on a
 Ray Dataset of random latents, with 1 worker on all cores (same global batch as the
 plain loop) and one worker per core (data parallel: global batch x workers). samples/s is measured inside the
-loop (excluding start-up), and end to end (wall clock of `fit()`, start-up included).
+loop from its first batch (the wait for that batch, the dataset stream's start, is
+`first_batch_s`), and end to end (wall clock of `fit()`, start-up included).
 The plain loop uses every core for torch's intra-op threads; each Ray worker gets
 `cpus_per_worker` threads (Ray sets OMP_NUM_THREADS from it). Record the output in benchmarks/RESULTS.md.
 """
@@ -20,9 +21,15 @@ import platform
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
+
+# Seconds to wait after ray.init before timing: a new Ray instance starts its idle worker
+# processes (each imports Ray) for several seconds, which slowed a plain loop timed right
+# after it by up to a quarter on 2 cores.
+SETTLE_S = 15
 
 
 def plain_loop(model_cfg, steps: int, batch: int, latents: np.ndarray) -> float:
@@ -48,7 +55,7 @@ def plain_loop(model_cfg, steps: int, batch: int, latents: np.ndarray) -> float:
 
 def ray_path(
     model_cfg, steps: int, batch: int, latents: np.ndarray, workers: int, cpus: float, storage: str
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     import ray.data
 
     from cohortcast.config.training import ScalingSettings, StageConfig
@@ -64,7 +71,8 @@ def ray_path(
         checkpoint_every=10**6,
         log_every=steps,
     )
-    dataset = ray.data.from_items([{"latent_d8": np.repeat(x[None], 8, axis=0)} for x in latents]).materialize()
+    # Lazy, as the stages' datasets are (they stream: training/data_streaming.py).
+    dataset = ray.data.from_items([{"latent_d8": np.repeat(x[None], 8, axis=0)} for x in latents])
     started = time.perf_counter()
     result = run_stage(
         f"bench-{workers}w-{time.time_ns()}",
@@ -74,7 +82,11 @@ def ray_path(
         ScalingSettings(num_workers=workers, cpus_per_worker=cpus, storage_path=storage, max_failures=0),
     )
     wall = time.perf_counter() - started
-    return float(result.metrics["samples_per_s"]), steps * batch * workers / wall
+    return (
+        float(result.metrics["samples_per_s"]),
+        steps * batch * workers / wall,
+        float(result.metrics["first_batch_s"]),
+    )
 
 
 def main() -> None:
@@ -82,6 +94,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--crop", type=int, default=64, help="crop size; latents are crop/4 on a side (the tiny VAE)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of plain loop, 1 worker, N workers")
+    parser.add_argument("--json", type=Path, help="also write every measurement here")
     args = parser.parse_args()
     import ray
 
@@ -90,32 +104,47 @@ def main() -> None:
     model_cfg = ForecasterConfig(vae=VAEConfig(sample_size=args.crop))
     side = model_cfg.vae.latent_side
     latents = np.random.default_rng(0).standard_normal((args.steps * args.batch * 2, 4, side, side)).astype(np.float32)
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
-    rows = {"plain loop": (plain_loop(model_cfg, args.steps, args.batch, latents), None)}
+    cpus = os.cpu_count()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    time.sleep(SETTLE_S)
+    # Rounds of plain, 1 worker, N workers, and a last plain loop: each Ray figure's ratio
+    # is against the mean of the plain loops either side of it (this machine's speed drifts
+    # by 20-30% within minutes), and the table gives the median and range over rounds.
+    plain = [plain_loop(model_cfg, args.steps, args.batch, latents)]
+    runs: dict[str, list[dict]] = {}
     with tempfile.TemporaryDirectory() as storage:
-        cpus = os.cpu_count()
-        # Same cores as the plain loop: one worker with all of them (same global batch),
-        # then data parallel with one core per worker (global batch x workers).
-        for workers, per_worker in ((1, cpus), (cpus, 1)):
-            rows[f"Ray Train + DeepSpeed ZeRO-2, {workers}w x {per_worker} CPU"] = ray_path(
-                model_cfg, args.steps, args.batch, latents, workers, per_worker, storage
-            )
-    base = rows["plain loop"][0]
-    print(
-        json.dumps(
-            {
-                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, "
-                f"torch {torch.__version__}, Ray {ray.__version__}",
-                "steps": args.steps,
-                "micro_batch": args.batch,
-                "latent": [4, side, side],
-            }
-        )
+        for _ in range(args.repeats):
+            # Same cores as the plain loop: one worker with all of them (same global batch),
+            # then data parallel with one core per worker (global batch x workers).
+            for workers, per_worker in ((1, cpus), (cpus, 1)):
+                loop_rate, wall_rate, first_batch = ray_path(
+                    model_cfg, args.steps, args.batch, latents, workers, per_worker, storage
+                )
+                runs.setdefault(f"Ray Train + DeepSpeed ZeRO-2, {workers}w x {per_worker} CPU", []).append(
+                    {"loop": loop_rate, "wall": wall_rate, "first_batch_s": first_batch, "round": len(plain) - 1}
+                )
+            plain.append(plain_loop(model_cfg, args.steps, args.batch, latents))
+    for rows in runs.values():
+        for row in rows:
+            row["ratio"] = row["loop"] / ((plain[row["round"]] + plain[row["round"] + 1]) / 2)
+    machine = (
+        f"{platform.machine()}, {cpus} CPUs, Python {sys.version.split()[0]}, torch {torch.__version__}, "
+        f"Ray {ray.__version__}"
     )
-    print(f"{'path':<46} {'samples/s (loop)':>17} {'ratio':>7} {'samples/s (incl. start-up)':>27}")
-    for name, (loop_rate, wall_rate) in rows.items():
-        wall = f"{wall_rate:.1f}" if wall_rate is not None else "-"
-        print(f"{name:<46} {loop_rate:>17.1f} {loop_rate / base:>6.2f}x {wall:>27}")
+    print(json.dumps({"machine": machine, "steps": args.steps, "micro_batch": args.batch, "latent": [4, side, side]}))
+    print(f"plain loop samples/s, each round: {', '.join(f'{p:.1f}' for p in plain)}")
+    print(
+        f"{'path':<46} {'samples/s (loop)':>17} {'ratio (median, range)':>24} {'incl. start-up':>15} {'1st batch s':>12}"
+    )
+    for name, rows in runs.items():
+        ratios = [r["ratio"] for r in rows]
+        print(
+            f"{name:<46} {np.median([r['loop'] for r in rows]):>17.1f} "
+            f"{np.median(ratios):>7.2f}x [{min(ratios):.2f}-{max(ratios):.2f}] "
+            f"{np.median([r['wall'] for r in rows]):>15.1f} {np.median([r['first_batch_s'] for r in rows]):>12.1f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "plain": plain, "runs": runs}, indent=1))
 
 
 if __name__ == "__main__":

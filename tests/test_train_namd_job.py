@@ -118,6 +118,7 @@ def test_train_namd_job_end_to_end(ray_session, mlflow_server, tmp_path, monkeyp
         "loss/task",
         "lr",
         "samples_per_s",
+        "first_batch_s",
         "val/forecast_mae",
         "val/no_change_mae",
         "val/latent_error",

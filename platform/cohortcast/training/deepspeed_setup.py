@@ -36,13 +36,23 @@ def choose_precision(requested: str, device: torch.device) -> Precision:
     return Precision("fp16", f"{torch.cuda.get_device_name(device)} has no bf16: fp16 with loss scaling")
 
 
+def effective_zero_stage(requested: int, world_size: int) -> int:
+    """ZeRO-2 on one rank runs as ZeRO-1: gradient partitioning has no one to share with,
+    and its per-gradient hooks and bucket copies cost 5-10% of a step on one worker
+    (benchmarks/training_overhead.py). Both stages use the same optimizer class and
+    checkpoint files and give bitwise-identical weights on one rank
+    (tests/test_deepspeed_setup.py), so a run resumed on more ranks, or fewer, loads the
+    same checkpoints. ZeRO-3 stays (its checkpoints partition the parameters)."""
+    return 1 if requested == 2 and world_size == 1 else requested
+
+
 def deepspeed_config(cfg: StageConfig, precision: Precision, world_size: int) -> dict:
     return {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accumulation,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accumulation * world_size,
         "gradient_clipping": cfg.grad_clip,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": {"stage": effective_zero_stage(cfg.zero_stage, world_size)},
         "bf16": {"enabled": precision.name == "bf16"},
         "fp16": {"enabled": precision.name == "fp16"},
         "scheduler": {

@@ -22,7 +22,13 @@ import torch
 from cohortcast.config.training import StageConfig
 from cohortcast.training.checkpoints import restore, save_and_report
 from cohortcast.training.data_streaming import torch_threads
-from cohortcast.training.deepspeed_setup import autocast_like, choose_precision, deepspeed_config, seed_everything
+from cohortcast.training.deepspeed_setup import (
+    autocast_like,
+    choose_precision,
+    deepspeed_config,
+    effective_zero_stage,
+    seed_everything,
+)
 from cohortcast.training.progress import StageProgress
 
 log = logging.getLogger(__name__)
@@ -140,11 +146,13 @@ def run_stage_loop(
         cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0)
         torch.set_num_threads(torch_threads(cpus))
     if rank == 0:
+        zero = effective_zero_stage(stage.zero_stage, world)
         log.info(
-            "precision %s (%s); ZeRO stage %d on %d worker(s); %d torch thread(s) per worker",
+            "precision %s (%s); ZeRO stage %d%s on %d worker(s); %d torch thread(s) per worker",
             precision.name,
             precision.reason,
-            stage.zero_stage,
+            zero,
+            "" if zero == stage.zero_stage else f" (configured {stage.zero_stage}: nothing to partition on one rank)",
             world,
             torch.get_num_threads(),
         )
@@ -200,13 +208,21 @@ def run_stage_loop(
         start = validation()
         if tracker and start:
             tracker.log_metrics({**start, "epoch": epoch}, 0)
-    samples, started = 0, time.perf_counter()
+    # samples/s counts from the first batch: the wait for it (the Ray Data stream's start:
+    # read tasks scheduled, first blocks read) is a one-off, logged apart as first_batch_s,
+    # that would otherwise dominate a short stage's rate.
+    samples, asked, started, first_batch_s = 0, time.perf_counter(), None, None
     progress = StageProgress.for_rank(rank, context.get_experiment_name(), stage.max_steps, resumed_from)
     while engine.global_steps < stage.max_steps:
         batches = 0
         rng = np.random.default_rng([stage.seed, epoch, rank])  # fresh draws every epoch
         for batch in _batches(shard, stage, hooks, device, rng):
             batches += 1
+            if started is None:
+                started = time.perf_counter()
+                first_batch_s = started - asked
+                if rank == 0:
+                    log.info("first batch after %.1f s (data stream start-up)", first_batch_s)
             before = engine.global_steps
             with autocast_like(engine.module):
                 terms = loss_fn(engine, batch)
@@ -226,6 +242,7 @@ def run_stage_loop(
                 epoch=epoch,
                 lr=float(scheduler.get_last_lr()[0]),
                 samples_per_s=samples * world / max(elapsed, 1e-9),
+                first_batch_s=first_batch_s,
                 resumed_from=resumed_from,
             )
             if progress and (step % stage.log_every == 0 or final):
