@@ -228,6 +228,8 @@ def train(cfg, args, device: torch.device, peak: float | None) -> dict:
 
     result = {
         "backend": backend,
+        # one rank: a requested ZeRO-2 runs as ZeRO-1, as the stages run it (same math)
+        "zero_stage_requested": args.zero_stage,
         "deepspeed_config": {k: ds_config[k] for k in ("zero_optimization", "bf16", "fp16", "gradient_clipping")},
         "optimizer": f"torch.optim.AdamW (fused={optimizer.defaults.get('fused')})",
         "attention_processors": processors,

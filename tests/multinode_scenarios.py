@@ -332,7 +332,7 @@ def scenario_forecast(cluster, nodes: dict, workdir: Path, ingested: str, foreca
         split="train",
         output=str(output),
         num_samples=2,
-        inference_steps=20,
+        inference_steps=60,  # ~1.7 s a case: room to remove a node between cases
         seed=3,
         actors=2,
         cases_per_batch=1,
@@ -347,6 +347,13 @@ def scenario_forecast(cluster, nodes: dict, workdir: Path, ingested: str, foreca
         except BaseException as exc:
             outcome["error"] = repr(exc)
 
+    # The pool dispatches only once both actors are up (the job alone starts on the first
+    # ready one): on a busy 2-core machine the second actor once came up after a single
+    # one had forecast all 5 cases, and there was no second node to lose.
+    import ray.data
+
+    data_context = ray.data.DataContext.get_current()
+    data_context.wait_for_min_actors_s = 120
     started = time.monotonic()
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -369,6 +376,7 @@ def scenario_forecast(cluster, nodes: dict, workdir: Path, ingested: str, foreca
     killed_at = time.monotonic() - started
     detect_s = remove(cluster, nodes, victim)
     thread.join(timeout=300)
+    data_context.wait_for_min_actors_s = -1  # Ray Data's default again, for the next scenario
     if thread.is_alive():
         raise TimeoutError("the forecast did not finish within 300 s of the node removal")
     if "error" in outcome:
