@@ -14,6 +14,7 @@ from cohortcast.config.models import ConditionerConfig, SchedulerConfig
 from cohortcast.config.training import ForecastJobConfig
 from cohortcast.data.nifti_reader import read_nifti
 from cohortcast.data.readers import read_study
+from cohortcast.errors import MissingInputError
 from cohortcast.inference.cohort_forecast import (
     ForecastSettingsMismatch,
     case_key,
@@ -63,6 +64,12 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(ray_session, tiny_in
     # the actors' own time per case and their threads, beside the wall time
     assert 0 < first["actor_seconds_per_case"] <= first["wall_seconds"] and first["actor_torch_threads"]
     assert first["actor_nodes"] == 1  # the session's one-node instance (3 nodes: test_multinode.py)
+    # where the time went: models + writing make up the actors' time per case
+    assert 0 < first["model_seconds_per_case"] < first["actor_seconds_per_case"]
+    assert first["write_seconds_per_case"] == pytest.approx(
+        first["actor_seconds_per_case"] - first["model_seconds_per_case"]
+    )
+    assert first["actor_load_seconds"] > 0 and first["prepare_seconds"] > 0
     kept = {k: os.stat(tmp_path / "cases" / k / "forecast.parquet").st_mtime_ns for k in finished_cases(tmp_path)}
     # What an interrupted case leaves behind: a half-written temp folder, never a case.
     stale = tmp_path / "cases" / ".deadbeef.tmp-x1"
@@ -77,6 +84,47 @@ def test_interrupted_run_resumes_without_duplicates_or_gaps(ray_session, tiny_in
     assert {k: os.stat(tmp_path / "cases" / k / "forecast.parquet").st_mtime_ns for k in kept} == kept  # untouched
     third = run_cohort_forecast(job(forecaster_folder, tiny_ingested, tmp_path))
     assert third["forecast_this_run"] == 0 and third["actor_seconds_per_case"] == 0.0
+
+
+def test_cases_match_ray_data_grouping_the_nodules_table(ray_session, tiny_ingested):
+    """read_cases builds the case table on the driver: the same rows as grouping the
+    nodules table per (patient, nodule) on Ray Data and applying make_case."""
+    import ray.data
+
+    from cohortcast.inference.cohort_forecast import make_case, read_cases
+
+    mine = read_cases(tiny_ingested, "train")
+    reference = (
+        ray.data.read_parquet(str(tiny_ingested / "nodules" / "split=train"))
+        .drop_columns(["patch"])
+        .groupby(["patient", "nodule_id"])
+        .map_groups(make_case, batch_format="numpy")
+        .to_pandas()
+        .sort_values("case_id")
+    )
+    order = np.argsort(mine["case_id"])
+    assert len(order) == len(reference) >= 3 and set(mine) == set(reference.columns)
+    for column, values in mine.items():
+        expected = np.stack(reference[column].to_numpy()) if values.ndim > 1 else reference[column].to_numpy()
+        np.testing.assert_array_equal(values[order], expected.astype(values.dtype), err_msg=column)
+
+
+def test_a_split_without_follow_ups_has_no_cases(tiny_ingested, tmp_path):
+    """Nodules seen once give no case; the columns are still there to count (0)."""
+    import pyarrow.dataset as pads
+
+    from cohortcast.inference.cohort_forecast import read_cases
+
+    table = pads.dataset(str(tiny_ingested / "nodules" / "split=train"), format="parquet").to_table()
+    nodules = list(zip(table.column("patient").to_pylist(), table.column("nodule_id").to_pylist()))
+    first_rows = sorted({nodule: i for i, nodule in reversed(list(enumerate(nodules)))}.values())
+    first_exams = table.take(first_rows)  # every nodule once
+    folder = tmp_path / "nodules" / "split=train"
+    folder.mkdir(parents=True)
+    pq.write_table(first_exams, folder / "part.parquet")
+    assert len(read_cases(tmp_path, "train")["case_id"]) == 0
+    with pytest.raises(MissingInputError, match="no 'val' split"):
+        read_cases(tmp_path, "val")
 
 
 def test_forecasts_reproducible_by_seed_whatever_the_batching(ray_session, tiny_ingested, forecaster_folder, tmp_path):

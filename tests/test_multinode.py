@@ -115,7 +115,7 @@ def test_a_retried_forecast_batch_keeps_the_cases_its_lost_attempt_wrote(
     """Ray Data retries a batch whose actor died with its node: cases that attempt
     already wrote are not forecast (or written) again, the rest are."""
     from cohortcast.config.training import ForecastJobConfig
-    from cohortcast.inference.cohort_forecast import CASE_FILE, CaseForecaster, case_dataset, case_key
+    from cohortcast.inference.cohort_forecast import CASE_FILE, CaseForecaster, case_key, read_cases
 
     job = ForecastJobConfig(
         forecaster=str(structured_forecaster),
@@ -128,7 +128,7 @@ def test_a_retried_forecast_batch_keeps_the_cases_its_lost_attempt_wrote(
     )
     card = json.loads((tiny_ingested / "card.json").read_text())
     actor = CaseForecaster(job.forecaster, job, card, None)
-    batch = case_dataset(tiny_ingested, "train").take_batch(2, batch_format="numpy")
+    batch = {k: v[:2] for k, v in read_cases(tiny_ingested, "train").items()}
     lost_attempt = actor({k: v[:1] for k, v in batch.items()})  # wrote the first case, then its node went
     first = tmp_path / "cases" / case_key(str(batch["case_id"][0])) / CASE_FILE
     written = first.stat().st_mtime_ns

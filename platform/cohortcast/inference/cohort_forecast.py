@@ -149,9 +149,16 @@ def _change(key: str, before: Any, now: Any) -> str:
 
 
 def write_summary(
-    output: Path, summary: dict[str, Any], seconds: list[float], threads: list, wall: float, what: str
+    output: Path,
+    summary: dict[str, Any],
+    seconds: list[float],
+    threads: list,
+    wall: float,
+    what: str,
+    phases: dict[str, float] | None = None,
 ) -> dict:
-    """`summary` + the run's throughput -> OUTPUT/summary.json and one log line."""
+    """`summary` + the run's throughput -> OUTPUT/summary.json and one log line;
+    `phases`: where the time went (seconds), recorded and logged as given."""
     from cohortcast.io.atomic import write_text_atomic
 
     samples = summary["num_samples"]
@@ -164,8 +171,11 @@ def write_summary(
         # it tells a slow model from a starved pipeline
         "actor_seconds_per_case": float(np.mean(seconds)) if seconds else 0.0,
         "actor_torch_threads": threads,
+        **(phases or {}),
     }
     write_text_atomic(output / "summary.json", json.dumps(summary, indent=2))
+    if phases:
+        log.info("%s time: %s", what, ", ".join(f"{k} {v:.3g}" for k, v in phases.items()))
     log.info(
         "%s: %d cases in %s (%s cases/s, %s samples/s); %d of %d finished in %s",
         what,
@@ -244,7 +254,9 @@ class CaseForecaster:
     def __init__(self, forecaster: str, job: ForecastJobConfig, ingest_card: dict[str, Any], llm_path: str | None):
         from cohortcast.models.forecaster import Forecaster
 
+        started = time.perf_counter()
         self.model = Forecaster.load(forecaster, llm_path=llm_path)
+        self.load_seconds = time.perf_counter() - started
         self.job, self.cases = job, Path(job.output) / "cases"
         # The model's preprocessing (run_cohort_forecast checked the cohort matches it).
         geometry = cohort_preprocessing(forecaster, ingest_card)
@@ -253,7 +265,9 @@ class CaseForecaster:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Forecast and write the batch's cases; one row per case back: `seconds` (this
-        actor's time per case, NaN for a case it found written) and the actor's node."""
+        actor's time per case, NaN for a case it found written), its split into sampling
+        (the Forecaster and the follow-up's VAE reference) and writing, the actor's
+        model-load time and its node."""
         import ray
         import torch
 
@@ -263,22 +277,30 @@ class CaseForecaster:
         # since this run's settings are the folder's (check_settings), and only the rest
         # is forecast. A case is thus written once, whatever retries its batch had.
         todo = [i for i, case_id in enumerate(ids) if not (self.cases / case_key(case_id) / CASE_FILE).is_file()]
-        seconds = np.full(len(ids), np.nan)
+        seconds, model_seconds = np.full(len(ids), np.nan), np.full(len(ids), np.nan)
         if todo:
             started = time.perf_counter()
-            self._forecast(batch if len(todo) == len(ids) else {k: np.asarray(v)[todo] for k, v in batch.items()})
+            model = self._forecast(
+                batch if len(todo) == len(ids) else {k: np.asarray(v)[todo] for k, v in batch.items()}
+            )
             seconds[todo] = (time.perf_counter() - started) / len(todo)
+            model_seconds[todo] = model / len(todo)
         node = ray.get_runtime_context().get_node_id()
         return {
             "case_id": np.asarray(ids),
             "seconds": seconds,
+            "model_seconds": model_seconds,
+            "load_seconds": np.full(len(ids), self.load_seconds),
             "torch_threads": np.full(len(ids), torch.get_num_threads()),
             "node_id": np.asarray([node if np.isfinite(s) else "" for s in seconds]),
         }
 
-    def _forecast(self, batch: dict[str, np.ndarray]) -> None:
+    def _forecast(self, batch: dict[str, np.ndarray]) -> float:
+        """Forecast and write the batch; returns the seconds spent in the models (the rest
+        of the batch's time is writing)."""
         import torch
 
+        started = time.perf_counter()
         ids = [str(c) for c in batch["case_id"]]
         records = [json.loads(str(t)) for t in batch["ehr_json"]] if self.model.conditioner is not None else None
         forecast = self.model.forecast(
@@ -303,6 +325,7 @@ class CaseForecaster:
             "target_latent": target_latent.numpy(),
             "target_reconstruction": floor[:, 0].numpy(),
         }
+        model_seconds = time.perf_counter() - started
         for i, case_id in enumerate(ids):
             self._write(
                 batch,
@@ -313,6 +336,7 @@ class CaseForecaster:
                 forecast.samples[i, :, 0].numpy(),
                 {k: v[i] for k, v in latents.items()},
             )
+        return model_seconds
 
     def _write(self, batch, i: int, case_id: str, mean, variance, samples, extra: dict[str, np.ndarray]) -> None:
         import pyarrow as pa
@@ -376,21 +400,48 @@ def finished_cases(output: str | Path) -> set[str]:
     return {p.name for p in cases.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / CASE_FILE).is_file()}
 
 
-def case_dataset(ingested: str | Path, split: str):
-    import ray.data
+def read_cases(ingested: str | Path, split: str) -> dict[str, np.ndarray]:
+    """The split's cases as numpy columns, one row per (patient, nodule) with a follow-up
+    (make_case on each nodule's rows). Built on the driver from the nodules table
+    (pyarrow, without the patches): a case row is two crops and a few ids, and a shuffle
+    on Ray Data cost ~10 s of fixed time on 2 cores for the same table. The driver holds
+    the split's crops once (an NLST-sized test split: ~45k crops, under 1 GiB at 64x64)."""
+    import pyarrow.dataset as pads
+    import ray.data  # noqa: F401  registers Ray Data's tensor type, in which ingestion wrote the crops
+    from ray.data.block import BlockAccessor
 
     folder = Path(ingested) / "nodules" / f"split={split}"
     if not folder.is_dir():
         raise MissingInputError(f"{folder}: the ingested cohort has no {split!r} split")
-    ds = ray.data.read_parquet(str(folder)).drop_columns(["patch"])
-    if "crop_affine" not in ds.schema().names:
+    dataset = pads.dataset(str(folder), format="parquet")
+    names = [n for n in dataset.schema.names if n != "patch"]
+    if "crop_affine" not in names:
         log.warning(
             "%s was ingested before crops kept their affine: forecast images are written on the axial "
             "grid around each centre, which is wrong for radiographs and other single-plane images; "
             "re-ingest (ingest.overwrite) to write them on the crops' own grids",
             ingested,
         )
-    return ds.groupby(["patient", "nodule_id"]).map_groups(make_case, batch_format="numpy")
+    # Ray Data's own table -> numpy conversion: make_case sees what a map_groups batch holds.
+    rows = BlockAccessor.for_block(dataset.to_table(columns=names)).to_numpy()
+    patient, nodule = rows["patient"].astype(str), rows["nodule_id"].astype(str)
+    order = np.lexsort((nodule, patient))
+    boundaries = np.flatnonzero((patient[order][1:] != patient[order][:-1]) | (nodule[order][1:] != nodule[order][:-1]))
+    groups = np.split(order, boundaries + 1) if len(order) else []
+    # make_case gives a nodule seen once the columns without a row, so these concatenate.
+    cases = [make_case({k: v[group] for k, v in rows.items()}) for group in groups]
+    return {k: np.concatenate([c[k] for c in cases]) for k in cases[0]} if cases else {"case_id": np.asarray([], str)}
+
+
+def case_blocks(cases: dict[str, np.ndarray], rows: np.ndarray, cases_per_batch: int, actors: int):
+    """The `rows` of `cases` as a Ray Data dataset in blocks of whole batches, ~16 a pool
+    actor: small enough to balance the pool and to redo little when a node is lost."""
+    import math
+
+    import ray.data
+
+    blocks = max(1, min(math.ceil(len(rows) / cases_per_batch), 16 * actors))
+    return ray.data.from_items([{k: v[i] for k, v in cases.items()} for i in rows], override_num_blocks=blocks)
 
 
 def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> dict[str, Any]:
@@ -407,41 +458,46 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
     for stale in (output / "cases").glob(".*.tmp-*"):  # an interrupted run's half-written cases
         shutil.rmtree(stale, ignore_errors=True)
     clear_stale_temps(output / "summary.json")
-    cases = case_dataset(job.ingested, job.split).materialize()
-    total = cases.count()
-    done = finished_cases(output)
-    todo = cases.filter(lambda row: case_key(str(row["case_id"])) not in done)
+    preparing = time.perf_counter()
+    cases = read_cases(job.ingested, job.split)
+    keys = [case_key(str(c)) for c in cases["case_id"]]
+    done = finished_cases(output) & set(keys)
+    pending = np.asarray([i for i, key in enumerate(keys) if key not in done], np.int64)
     if job.max_cases is not None:
-        todo = todo.limit(job.max_cases)
-    pending = todo.materialize()
-    n_pending = pending.count()
-    log.info(
-        "%d cases in split %r: %d already forecast, %d to do", total, job.split, len(done & _keys(cases)), n_pending
-    )
+        pending = pending[: job.max_cases]
+    log.info("%d cases in split %r: %d already forecast, %d to do", len(keys), job.split, len(done), len(pending))
     started = time.perf_counter()
+    phases = {"prepare_seconds": started - preparing}
     seconds, threads, nodes, found = [], [], set(), 0
-    if n_pending:
+    if len(pending):
         cpus = float(ray.cluster_resources().get("CPU", 1))
-        results = pending.map_batches(
+        results = case_blocks(cases, pending, job.cases_per_batch, job.actors).map_batches(
             CaseForecaster,
             fn_constructor_args=(job.forecaster, job, card, llm_path),
             batch_size=job.cases_per_batch,
             compute=ray.data.ActorPoolStrategy(size=job.actors),
             batch_format="numpy",
-            # leave a CPU for the read/filter tasks feeding the actors (see latent_cache)
+            # leave a CPU for the driver and Ray Data's own tasks (the cases are in the object store)
             num_cpus=max(0.1, min(1.0, (cpus - 1.0) / job.actors)),
-            # Ray Data's defaults, stated because cohort forecasting relies on them: actors
-            # spread over the cluster's nodes, and an actor lost with its node is restarted
-            # on another and its unfinished batches retried there (a retried case rewrites
-            # only its own folder, under a temp name). Tested on a 3-node cluster.
-            scheduling_strategy="SPREAD",
-            max_restarts=-1,
-            max_task_retries=-1,
+            # Cohort forecasting relies on Ray Data's actor defaults (DataContext's SPREAD
+            # scheduling, max_restarts=-1, max_task_retries=-1; not restated, since passing
+            # them is a deprecated ray_remote_args): actors spread over the cluster's nodes,
+            # and an actor lost with its node is restarted on another and its unfinished
+            # batches retried there (a retried case rewrites only its own folder, under a
+            # temp name). Tested on a 3-node cluster.
         )
         results = results.to_pandas()
         forecast_here = results[results["seconds"].notna()]
         seconds, threads = [float(s) for s in forecast_here["seconds"]], sorted(set(results["torch_threads"].tolist()))
         nodes, found = set(forecast_here["node_id"]), len(results) - len(forecast_here)
+        if len(forecast_here):
+            model = float(forecast_here["model_seconds"].mean())
+            phases.update(
+                # the slowest actor's Forecaster load: the pool waits for it once per run
+                actor_load_seconds=float(results["load_seconds"].max()),
+                model_seconds_per_case=model,
+                write_seconds_per_case=float(np.mean(seconds)) - model,
+            )
         # An actor lost mid-case (its node went away) leaves that case's temp folder; the
         # case itself was retried elsewhere, so the temp is garbage now.
         for stale in (output / "cases").glob(".*.tmp-*"):
@@ -450,18 +506,18 @@ def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> 
     finished = finished_cases(output)
     summary = {
         "split": job.split,
-        "cases": total,
+        "cases": len(keys),
         "forecast_this_run": len(seconds) + found,
         # cases a retried batch found written by its lost attempt (a node gone mid-job)
         "found_on_retry": found,
-        "finished": len(finished & _keys(cases)),
+        "finished": len(finished & set(keys)),
         "num_samples": job.num_samples,
         "inference_steps": job.inference_steps,
         "sampler": job.sampler,
         "seed": job.seed,
         "actor_nodes": len(nodes),  # nodes whose actors forecast this run's cases
     }
-    return write_summary(output, summary, seconds, threads, wall, "forecast")
+    return write_summary(output, summary, seconds, threads, wall, "forecast", phases)
 
 
 def forecast_cohort(cfg) -> dict[str, Any]:
@@ -479,10 +535,6 @@ def forecast_cohort(cfg) -> dict[str, Any]:
 
         run_ingest(ingest_for_forecaster(cfg.ingest, cfg.forecast.forecaster), cfg.privacy, cfg.ray)
     return run_cohort_forecast(cfg.forecast, llm_path=cfg.model.conditioner.llm_path)
-
-
-def _keys(cases) -> set[str]:
-    return {case_key(str(c)) for c in cases.select_columns(["case_id"]).to_pandas()["case_id"]}
 
 
 def read_forecasts(output: str | Path):
