@@ -53,7 +53,7 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def bodies_for(count: int, shape: tuple[int, int], samples: int, steps: int) -> list[dict]:
+def bodies_for(count: int, shape: tuple[int, int], samples: int, steps: int, sampler: str | None = None) -> list[dict]:
     from cohortcast.serving.requests import encode_npy
 
     rng = np.random.default_rng(0)
@@ -64,6 +64,7 @@ def bodies_for(count: int, shape: tuple[int, int], samples: int, steps: int) -> 
             "num_samples": samples,
             "steps": steps,
             "seed": i,
+            **({"sampler": sampler} if sampler else {}),
         }
         for i in range(count)
     ]
@@ -129,7 +130,7 @@ def machine(args) -> str:
     return (
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {sys.version.split()[0]}, torch "
         f"{torch.__version__}; {args.requests} requests, {args.concurrency} concurrent, "
-        f"{args.samples} samples x {args.steps} DDIM steps each"
+        f"{args.samples} samples x {args.steps} {args.sampler or 'default-sampler'} steps each"
     )
 
 
@@ -142,7 +143,7 @@ def against_url(args) -> list[tuple[str, Run]]:
     info = requests.get(f"{base}/v1/model", headers=headers, timeout=60)
     info.raise_for_status()
     shape = tuple(info.json()["crop_shape"])
-    bodies = bodies_for(args.requests, shape, args.samples, args.steps)
+    bodies = bodies_for(args.requests, shape, args.samples, args.steps, args.sampler)
     return [(base, load(f"{base}/v1/forecast", bodies, args.concurrency, headers))]
 
 
@@ -258,7 +259,10 @@ def main() -> int:
     parser.add_argument("--requests", type=int, help="requests to send (default 1000; 64 with --compare-batching)")
     parser.add_argument("--concurrency", type=int, help="client threads (default 32; 16 with --compare-batching)")
     parser.add_argument("--samples", type=int, default=4, help="samples per request")
-    parser.add_argument("--steps", type=int, default=10, help="DDIM steps per request")
+    parser.add_argument("--steps", type=int, default=10, help="sampler steps per request")
+    parser.add_argument(
+        "--sampler", choices=["ddim", "dpmsolver++"], help="request field sampler (default: the service's)"
+    )
     parser.add_argument("--token-env", help="environment variable holding the service's bearer token")
     args = parser.parse_args()
     args.compare_batching = not (args.url or args.in_process)

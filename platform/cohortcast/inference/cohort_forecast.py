@@ -303,9 +303,11 @@ class CaseForecaster:
         started = time.perf_counter()
         ids = [str(c) for c in batch["case_id"]]
         records = [json.loads(str(t)) for t in batch["ehr_json"]] if self.model.conditioner is not None else None
+        # np.array, not asarray: a copy, since the batch's arrays are read-only views of
+        # Ray Data's blocks (torch warns on those).
         forecast = self.model.forecast(
-            torch.from_numpy(np.asarray(batch["baseline"], np.float32))[:, None],
-            torch.from_numpy(np.asarray(batch["horizon_days"], np.float32)),
+            torch.from_numpy(np.array(batch["baseline"], np.float32))[:, None],
+            torch.from_numpy(np.array(batch["horizon_days"], np.float32)),
             ids,
             ehr=records,
             num_samples=self.job.num_samples,
@@ -316,7 +318,7 @@ class CaseForecaster:
         )
         # For the evaluation's latent error and VAE floor: the real follow-up through the
         # same VAE (its latent, and that latent decoded).
-        target = torch.from_numpy(np.asarray(batch["target"], np.float32))[:, None]
+        target = torch.from_numpy(np.array(batch["target"], np.float32))[:, None]
         target_latent = self.model.vae.encode_for_diffusion(target)
         floor = self.model.vae.decode_from_diffusion(target_latent)
         latents = {
