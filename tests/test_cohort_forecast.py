@@ -109,6 +109,28 @@ def test_cases_match_ray_data_grouping_the_nodules_table(ray_session, tiny_inges
         np.testing.assert_array_equal(values[order], expected.astype(values.dtype), err_msg=column)
 
 
+def test_case_blocks_carry_every_column_whatever_its_width(ray_session):
+    """Blocks whose string columns differ in length still combine (numpy string scalars
+    would give each block its own fixed-width Arrow type), and values round-trip."""
+    from cohortcast.inference.cohort_forecast import case_blocks
+
+    cases = {
+        "case_id": np.asarray(["p1/n1", "p2/n1", "a-much-longer-patient-pseudonym/n2", "p4/n3"]),
+        "ehr_json": np.asarray(['{"age": 61}', '{"age": 7, "gender": "Female", "famfather": "Yes"}', "{}", '{"a": 1}']),
+        "horizon_days": np.asarray([365.0, 30.5, 1.0, 700.0]),
+        "malignant": np.asarray([0, 1, 0, 1]),
+        "baseline": np.arange(4 * 3 * 3, dtype=np.float32).reshape(4, 3, 3),
+    }
+    blocks = case_blocks(cases, np.asarray([3, 0, 2, 1]), cases_per_batch=2, actors=1)
+    assert blocks.num_blocks() == 2
+    # one batch of both two-case blocks: Ray Data combines them, as it does for the actor pool
+    table = blocks.map_batches(lambda batch: batch, batch_size=4, batch_format="numpy").to_pandas()
+    assert list(table["case_id"]) == ["p4/n3", "p1/n1", "a-much-longer-patient-pseudonym/n2", "p2/n1"]
+    assert list(table["ehr_json"]) == list(cases["ehr_json"][[3, 0, 2, 1]])
+    np.testing.assert_array_equal(table["horizon_days"], cases["horizon_days"][[3, 0, 2, 1]])
+    np.testing.assert_array_equal(np.stack(table["baseline"]), cases["baseline"][[3, 0, 2, 1]])
+
+
 def test_a_split_without_follow_ups_has_no_cases(tiny_ingested, tmp_path):
     """Nodules seen once give no case; the columns are still there to count (0)."""
     import pyarrow.dataset as pads

@@ -58,9 +58,10 @@ def test_answers_do_not_depend_on_the_batch(model):
 def test_a_request_names_its_sampler_and_batches_only_with_its_own(model):
     """`sampler` picks DDIM or DPM-Solver++ (the service's default_sampler when unset);
     a batch mixing both answers each as if it were alone."""
-    ddim, dpm = prepare(request(), (32, 32), CFG, True), prepare(request(sampler="dpmsolver++"), (32, 32), CFG, True)
-    assert (ddim.sampler, dpm.sampler) == ("ddim", "dpmsolver++") and ddim.case_id == dpm.case_id
-    assert prepare(request(), (32, 32), ServeConfig(default_sampler="dpmsolver++"), True).sampler == "dpmsolver++"
+    ddim, dpm = prepare(request(sampler="ddim"), (32, 32), CFG, True), prepare(request(), (32, 32), CFG, True)
+    assert (ddim.sampler, dpm.sampler) == ("ddim", "dpmsolver++") and ddim.case_id == dpm.case_id  # the default
+    assert prepare(request(), (32, 32), ServeConfig(default_sampler="ddim"), True).sampler == "ddim"
+    assert prepare(request(steps=None), (32, 32), ServeConfig(), True).steps == 5  # the measured few-step default
     mixed = run_batch(model, [dpm, ddim])
     np.testing.assert_array_equal(mixed[0]["samples"], run_batch(model, [dpm])[0]["samples"])
     np.testing.assert_array_equal(mixed[1]["samples"], run_batch(model, [ddim])[0]["samples"])

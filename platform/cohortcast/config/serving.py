@@ -55,11 +55,13 @@ class ServeConfig:
     batch_wait_timeout_s: float = 0.05
     default_samples: int = 20
     max_samples: int = 32
-    default_steps: int = 50
+    # A request that names no sampler or steps gets 5 DPM-Solver++ steps: on the trained
+    # namd_cpu Forecaster within 0.01 AUROC of 50 DDIM steps and 5.3-6.8x the requests/s
+    # of a warm replica (benchmarks/RESULTS.md, "Few-step sampling"); a request can still
+    # ask for sampler "ddim" and up to max_steps.
+    default_steps: int = 5
     max_steps: int = 100
-    # The sampler a request gets when it names none ("ddim" | "dpmsolver++"); with it,
-    # default_steps (benchmarks/few_step_sampling.py compares them at equal quality).
-    default_sampler: str = "ddim"
+    default_sampler: str = "dpmsolver++"  # "ddim" | "dpmsolver++"
     max_horizon_days: float = 3650.0
     max_ongoing_requests: int = 16  # per replica; beyond it requests queue...
     max_queued_requests: int = 64  # ...and beyond this the service answers 503

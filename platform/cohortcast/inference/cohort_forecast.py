@@ -443,7 +443,10 @@ def case_blocks(cases: dict[str, np.ndarray], rows: np.ndarray, cases_per_batch:
     import ray.data
 
     blocks = max(1, min(math.ceil(len(rows) / cases_per_batch), 16 * actors))
-    return ray.data.from_items([{k: v[i] for k, v in cases.items()} for i in rows], override_num_blocks=blocks)
+    # Scalars as Python values: a numpy string scalar would become a fixed-width Arrow
+    # type per block (its own length), and blocks of other widths then fail to combine.
+    items = [{k: v[i].item() if v.ndim == 1 else v[i] for k, v in cases.items()} for i in rows]
+    return ray.data.from_items(items, override_num_blocks=blocks)
 
 
 def run_cohort_forecast(job: ForecastJobConfig, llm_path: str | None = None) -> dict[str, Any]:
