@@ -56,7 +56,7 @@ class ServeConfig:
     default_samples: int = 20
     max_samples: int = 32
     # A request that names no sampler or steps gets 5 DPM-Solver++ steps: on the trained
-    # namd_cpu Forecaster within 0.01 AUROC of 50 DDIM steps and 5.3-6.8x the requests/s
+    # namd_cpu Forecaster within 0.01 AUROC of 50 DDIM steps and 5.3-6.6x the requests/s
     # of a warm replica (benchmarks/RESULTS.md, "Few-step sampling"); a request can still
     # ask for sampler "ddim" and up to max_steps.
     default_steps: int = 5
