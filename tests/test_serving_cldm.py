@@ -114,6 +114,21 @@ def test_radiograph_forecast_carries_a_report_and_the_regressor_answers(api):
     assert regressor.status_code == 200 and regressor.json()["method"] == "regressor"
 
 
+def test_cldm_requests_default_to_ddim_50_not_the_namd_few_step_default(bundle):
+    """The service's 5-step DPM-Solver++ default was measured on NAMD only: a CLDM request
+    naming no sampler or steps gets serve.cldm_default_sampler / cldm_default_steps."""
+    from cohortcast.config.serving import ServeConfig
+
+    plain = {k: v for k, v in body("ct").items() if k != "steps"}
+    cfg = ServeConfig()
+    item = prepare_cldm(CLDMForecastRequest.model_validate(plain), bundle.info(), cfg)
+    assert (item.sampler, item.steps) == ("ddim", 50) != (cfg.default_sampler, cfg.default_steps)
+    chosen = prepare_cldm(
+        CLDMForecastRequest.model_validate({**plain, "steps": 7, "sampler": "dpmsolver++"}), bundle.info(), cfg
+    )
+    assert (chosen.sampler, chosen.steps) == ("dpmsolver++", 7)
+
+
 def test_a_batch_answers_each_request_as_alone(bundle):
     requests = [body("ct", k=k, seed=s) for k, s in ((1, 0), (3, 1), (2, 2))] + [body("radiograph", seed=3)]
     info = bundle.info()

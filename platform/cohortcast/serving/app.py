@@ -232,6 +232,8 @@ LIVE_SETTINGS = (
     "default_steps",
     "max_steps",
     "default_sampler",
+    "cldm_default_steps",
+    "cldm_default_sampler",
     "max_horizon_days",
     "max_upload_mb",
     "max_uncompressed_mb",

@@ -69,7 +69,7 @@ class CLDMForecastRequest(BaseModel):
     )
     steps: int | None = Field(default=None, description="sampler steps (default: the service's; 1..max_steps)")
     sampler: Literal["ddim", "dpmsolver++"] | None = Field(
-        default=None, description="ddim or dpmsolver++ (default: the service's serve.default_sampler)"
+        default=None, description="ddim or dpmsolver++ (default: the service's serve.cldm_default_sampler)"
     )
     seed: int = Field(default=0, ge=0, le=SEED_MAX, description="same request + seed = bit-identical answer")
 
@@ -163,7 +163,7 @@ def prepare_cldm(request: CLDMForecastRequest, info: dict[str, Any], cfg) -> Pre
         if request.kind not in info["anchoring_kinds"]:
             raise RequestError("last_prior_mask_npy_b64", f"this model cannot anchor {request.kind} forecasts")
         mask = decode_mask(request.last_prior_mask_npy_b64, "last_prior_mask_npy_b64", shape)
-    samples, steps = sampling_limits(request.num_samples, request.steps, cfg)
+    samples, steps = sampling_limits(request.num_samples, request.steps, cfg, cfg.cldm_default_steps)
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= SEED_MAX:
         raise RequestError("seed", f"{shown(request.seed)} is outside 0..{SEED_MAX}")
     digest = hashlib.sha256(json.dumps([request.kind, request.method, request.voxel_ml]).encode())
@@ -180,7 +180,7 @@ def prepare_cldm(request: CLDMForecastRequest, info: dict[str, Any], cfg) -> Pre
         samples,
         steps,
         request.seed,
-        choose_sampler(request.sampler, cfg),
+        choose_sampler(request.sampler, cfg, cfg.cldm_default_sampler),
     )
 
 

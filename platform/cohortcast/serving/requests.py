@@ -232,19 +232,23 @@ def _count(value: Any, default: int, limit: int, field: str) -> int:
     return value
 
 
-def sampling_limits(num_samples: int | None, steps: int | None, cfg) -> tuple[int, int]:
-    """(samples, steps) with the service's defaults filled in, within its limits."""
+def sampling_limits(
+    num_samples: int | None, steps: int | None, cfg, default_steps: int | None = None
+) -> tuple[int, int]:
+    """(samples, steps) with the service's defaults filled in (`default_steps`: another
+    default than serve.default_steps), within its limits."""
     return (
         _count(num_samples, cfg.default_samples, cfg.max_samples, "num_samples"),
-        _count(steps, cfg.default_steps, cfg.max_steps, "steps"),
+        _count(steps, default_steps or cfg.default_steps, cfg.max_steps, "steps"),
     )
 
 
-def choose_sampler(sampler: Any, cfg) -> str:
-    """The request's sampler, or the service's default (pydantic checks JSON requests; a
-    request built in code gets the same answer)."""
+def choose_sampler(sampler: Any, cfg, default: str | None = None) -> str:
+    """The request's sampler, or the service's default (`default`: another than
+    serve.default_sampler); pydantic checks JSON requests, a request built in code gets
+    the same answer."""
     if sampler is None:
-        return cfg.default_sampler
+        return default or cfg.default_sampler
     if sampler not in SAMPLERS:
         raise RequestError("sampler", f"{shown(sampler)} is not one of {', '.join(SAMPLERS)}")
     return sampler
