@@ -127,6 +127,8 @@ def test_cldm_requests_default_to_ddim_50_not_the_namd_few_step_default(bundle):
         CLDMForecastRequest.model_validate({**plain, "steps": 7, "sampler": "dpmsolver++"}), bundle.info(), cfg
     )
     assert (chosen.sampler, chosen.steps) == ("dpmsolver++", 7)
+    capped = prepare_cldm(CLDMForecastRequest.model_validate(plain), bundle.info(), ServeConfig(max_steps=20))
+    assert capped.steps == 20  # a service that lowers max_steps caps the CLDM default with it
 
 
 def test_a_batch_answers_each_request_as_alone(bundle):

@@ -163,7 +163,9 @@ def prepare_cldm(request: CLDMForecastRequest, info: dict[str, Any], cfg) -> Pre
         if request.kind not in info["anchoring_kinds"]:
             raise RequestError("last_prior_mask_npy_b64", f"this model cannot anchor {request.kind} forecasts")
         mask = decode_mask(request.last_prior_mask_npy_b64, "last_prior_mask_npy_b64", shape)
-    samples, steps = sampling_limits(request.num_samples, request.steps, cfg, cfg.cldm_default_steps)
+    samples, steps = sampling_limits(
+        request.num_samples, request.steps, cfg, min(cfg.cldm_default_steps, cfg.max_steps)
+    )
     if isinstance(request.seed, bool) or not isinstance(request.seed, int) or not 0 <= request.seed <= SEED_MAX:
         raise RequestError("seed", f"{shown(request.seed)} is outside 0..{SEED_MAX}")
     digest = hashlib.sha256(json.dumps([request.kind, request.method, request.voxel_ml]).encode())
