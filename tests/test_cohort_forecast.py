@@ -145,6 +145,9 @@ def test_a_split_without_follow_ups_has_no_cases(tiny_ingested, tmp_path):
     folder.mkdir(parents=True)
     pq.write_table(first_exams, folder / "part.parquet")
     assert len(read_cases(tmp_path, "train")["case_id"]) == 0
+    empty = tmp_path / "nodules" / "split=test"
+    empty.mkdir()
+    assert len(read_cases(tmp_path, "test")["case_id"]) == 0  # a split folder without files
     with pytest.raises(MissingInputError, match="no 'val' split"):
         read_cases(tmp_path, "val")
 
